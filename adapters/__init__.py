@@ -1,0 +1,27 @@
+"""Identity adapters: attention processors, projection models and checkpoint loading."""
+
+from .attention import IDAttnProcessor
+from .loading import (
+    AdapterSpec,
+    build_processors,
+    build_projection,
+    check_adapter,
+    detect_format,
+    faceid_lora_state_dict,
+    load_adapter_state_dict,
+    resolve_checkpoint_file,
+)
+from .projection import FaceIDProjection
+
+__all__ = [
+    "AdapterSpec",
+    "FaceIDProjection",
+    "IDAttnProcessor",
+    "build_processors",
+    "build_projection",
+    "check_adapter",
+    "detect_format",
+    "faceid_lora_state_dict",
+    "load_adapter_state_dict",
+    "resolve_checkpoint_file",
+]

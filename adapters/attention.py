@@ -1,0 +1,94 @@
+"""Decoupled cross-attention: text and identity tokens share the query, not the keys.
+
+``out = Attn(q, K_text, V_text) + id_scale * Attn(q, to_k_id(id), to_v_id(id))``
+
+The identity tokens travel as the last ``num_tokens`` tokens of ``encoder_hidden_states``
+(the layout of IP-Adapter, IP-Adapter-FaceID and InstantID), so a UNet with these
+processors runs with any diffusers pipeline loop, ControlNet, offload or compile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class IDAttnProcessor(nn.Module):
+    """Attention processor for a UNet cross-attention layer with an identity branch.
+
+    Args:
+        hidden_size: the attention layer's width (``to_out`` output size).
+        cross_attention_dim: width of the text and identity tokens.
+        num_tokens: how many identity tokens close ``encoder_hidden_states``.
+        scale: weight of the identity branch (``id_scale``) for this layer.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        self.num_tokens = num_tokens
+        self.scale = scale
+        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    @staticmethod
+    def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
+        batch = query.shape[0]
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= self.num_tokens:
+            raise ValueError(
+                f"identity attention expects text tokens followed by {self.num_tokens} identity tokens; "
+                "call the pipeline with face_image= or id_embeds="
+            )
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        text, identity = encoder_hidden_states[:, : -self.num_tokens], encoder_hidden_states[:, -self.num_tokens :]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+
+        query = attn.to_q(hidden_states)
+        hidden_states = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
+        if self.scale != 0:
+            id_states = self._attend(attn, query, self.to_k_id(identity), self.to_v_id(identity))
+            hidden_states = hidden_states + self.scale * id_states
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,251 @@
+"""Identity adapter checkpoints: find the file, read it safely, recognise its format, check it
+against the UNet it goes into, and build the modules it describes.
+
+The official container (IP-Adapter, IP-Adapter-FaceID, InstantID) is
+``{"image_proj": {...}, "ip_adapter": {...}}`` in a ``.bin`` pickle, or the same keys flattened
+as ``image_proj.*`` / ``ip_adapter.*`` in ``.safetensors``. ``ip_adapter.N.*`` numbers every
+attention processor of the UNet in ``unet.attn_processors`` order; cross-attention layers
+carry ``N.to_k_ip`` / ``N.to_v_ip``; FaceID adds a LoRA (``N.to_{q,k,v,out}_lora.{down,up}``)
+on every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from idgen.errors import CheckpointError, ModelNotFoundError
+
+from .attention import IDAttnProcessor
+from .projection import FaceIDProjection
+
+StateDict = dict[str, torch.Tensor]
+
+#: Base model family by UNet cross-attention width, for error messages.
+BASE_BY_CROSS_DIM = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
+
+_FACEID_PROJ_KEYS = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
+_IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip|to_q_lora|to_k_lora|to_v_lora|to_out_lora)(?:\.(down|up))?\.weight$")
+_LORA_NAMES = ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora")
+
+
+def _base_name(cross_attention_dim: int) -> str:
+    return BASE_BY_CROSS_DIM.get(cross_attention_dim, f"a UNet with cross_attention_dim {cross_attention_dim}")
+
+
+def resolve_checkpoint_file(
+    pretrained_model_name_or_path_or_file: str | os.PathLike,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs,
+) -> str:
+    """Local path of an adapter checkpoint given a file, a folder (+ weight_name) or a hub repo id."""
+    source = os.fspath(pretrained_model_name_or_path_or_file)
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        folder = os.path.join(source, subfolder or "")
+        if weight_name:
+            path = os.path.join(folder, weight_name)
+            if not os.path.isfile(path):
+                raise ModelNotFoundError(f"{path} does not exist: check weight_name and subfolder")
+            return path
+        candidates = sorted(
+            name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin", ".pth"))
+        ) if os.path.isdir(folder) else []
+        if len(candidates) != 1:
+            found = ", ".join(candidates) or "no .safetensors/.bin file"
+            raise ModelNotFoundError(f"{folder} holds {found}: pass weight_name= to choose the adapter file")
+        return os.path.join(folder, candidates[0])
+    looks_local = source.startswith((".", "/", "~")) or source.endswith((".bin", ".safetensors", ".pth"))
+    if looks_local or source.count("/") != 1:
+        raise ModelNotFoundError(f"adapter {source} is neither an existing file or folder nor a hub repo id: check the path")
+    if not weight_name:
+        raise ModelNotFoundError(
+            f"{source} is a hub repo: pass weight_name= (e.g. ip-adapter-faceid_sd15.bin) to choose the file"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(source, weight_name, subfolder=subfolder or None, **hub_kwargs)
+    except Exception as err:  # offline, missing repo or file, auth
+        raise ModelNotFoundError(
+            f"could not get {weight_name} from hub repo {source} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+            "check the names, or download the file and pass its local path"
+        ) from None
+
+
+def _nest(flat: StateDict) -> dict[str, StateDict]:
+    nested: dict[str, StateDict] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        group, _, rest = key.partition(".")
+        if group not in nested or not rest:
+            raise CheckpointError(f"unexpected key {key!r}")
+        nested[group][rest] = value
+    return nested
+
+
+def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
+    """Read an adapter checkpoint into ``{"image_proj": ..., "ip_adapter": ...}``.
+
+    ``.safetensors`` is read as such; any other file only with ``torch.load(weights_only=True)``,
+    which refuses pickles that carry code.
+    """
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            raw = load_file(path, device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}): "
+            "the file is truncated, corrupt or not a weights file; download it again"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict: pass an identity adapter checkpoint")
+    if "image_proj" in raw or "ip_adapter" in raw:
+        if not all(isinstance(raw.get(k), dict) for k in ("image_proj", "ip_adapter")):
+            raise CheckpointError(f"{path} lacks 'image_proj' or 'ip_adapter': pass a complete adapter checkpoint")
+        return {"image_proj": dict(raw["image_proj"]), "ip_adapter": dict(raw["ip_adapter"])}
+    try:
+        return _nest(raw)
+    except CheckpointError as err:
+        keys = ", ".join(list(raw)[:4])
+        raise CheckpointError(
+            f"{path} is not an identity adapter checkpoint ({err}; first keys: {keys}): expected "
+            "'image_proj.*' and 'ip_adapter.*' entries as in IP-Adapter-FaceID or InstantID files"
+        ) from None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a checkpoint describes, read from its keys and shapes."""
+
+    format: str  # "faceid", "faceid_plus" or "instantid"
+    cross_attention_dim: int
+    num_tokens: int
+    lora_rank: int | None
+
+
+def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") -> AdapterSpec:
+    """Recognise the checkpoint format from its ``image_proj`` keys."""
+    proj = state_dict["image_proj"]
+    keys = set(proj)
+    lora = state_dict["ip_adapter"].get("0.to_q_lora.down.weight")
+    rank = None if lora is None else int(lora.shape[0])
+    if "latents" in keys and "proj_in.weight" in keys:
+        latents = proj["latents"]
+        return AdapterSpec("instantid", int(proj["proj_out.weight"].shape[0]), int(latents.shape[1]), rank)
+    if "perceiver_resampler.proj_in.weight" in keys:
+        return AdapterSpec("faceid_plus", int(proj["norm.weight"].shape[0]), 4, rank)
+    if keys == _FACEID_PROJ_KEYS:
+        dim = int(proj["norm.weight"].shape[0])
+        return AdapterSpec("faceid", dim, int(proj["proj.2.weight"].shape[0]) // dim, rank)
+    raise CheckpointError(
+        f"{path}: unknown image_proj layout (keys: {', '.join(sorted(keys)[:6])}): expected an "
+        "IP-Adapter-FaceID (proj.0, proj.2, norm) or InstantID (latents, proj_in, layers, proj_out) checkpoint"
+    )
+
+
+def _hidden_size(unet, name: str) -> int:
+    channels = unet.config.block_out_channels
+    if name.startswith("mid_block"):
+        return channels[-1]
+    block = int(name.split(".")[1])
+    return list(reversed(channels))[block] if name.startswith("up_blocks") else channels[block]
+
+
+def _is_cross_attention(name: str) -> bool:
+    return not name.endswith("attn1.processor")
+
+
+def check_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec, path: str) -> None:
+    """Raise a CheckpointError naming the file when the checkpoint does not fit ``unet``."""
+    unet_dim = unet.config.cross_attention_dim
+    if spec.cross_attention_dim != unet_dim:
+        raise CheckpointError(
+            f"{path} is an adapter for {_base_name(spec.cross_attention_dim)} (cross-attention width "
+            f"{spec.cross_attention_dim}) but the pipeline's UNet is {_base_name(unet_dim)} ({unet_dim}): "
+            f"use an adapter made for {_base_name(unet_dim)} or the pipeline for {_base_name(spec.cross_attention_dim)}"
+        )
+    names = list(unet.attn_processors)
+    found: dict[int, set[str]] = {}
+    for key, tensor in state_dict["ip_adapter"].items():
+        match = _IP_KEY.match(key)
+        if not match:
+            raise CheckpointError(f"{path}: unexpected key ip_adapter.{key}; this is not an identity adapter layout")
+        index = int(match.group(1))
+        if index >= len(names):
+            raise CheckpointError(
+                f"{path} has weights for attention layer {index} but the UNet has {len(names)} attention layers: "
+                "the adapter was made for a different UNet"
+            )
+        found.setdefault(index, set()).add(key.split(".", 1)[1])
+    for index, name in enumerate(names):
+        has = found.get(index, set())
+        hidden = _hidden_size(unet, name)
+        wants_ip = _is_cross_attention(name)
+        if wants_ip != ("to_k_ip.weight" in has and "to_v_ip.weight" in has):
+            what = "lacks" if wants_ip else "has unexpected"
+            raise CheckpointError(
+                f"{path} {what} identity weights for layer {index} ({name}): the adapter was made for a different UNet"
+            )
+        if wants_ip:
+            for part in ("to_k_ip", "to_v_ip"):
+                shape = tuple(state_dict["ip_adapter"][f"{index}.{part}.weight"].shape)
+                if shape != (hidden, unet_dim):
+                    raise CheckpointError(
+                        f"{path}: ip_adapter.{index}.{part}.weight has shape {shape}, the UNet needs "
+                        f"{(hidden, unet_dim)}: the adapter was made for a different UNet"
+                    )
+        lora_parts = {k for k in has if k.split(".")[0] in _LORA_NAMES}
+        if spec.lora_rank is not None and len(lora_parts) != 8:
+            raise CheckpointError(f"{path}: layer {index} ({name}) has an incomplete LoRA ({sorted(lora_parts)})")
+
+
+def build_projection(state_dict: dict[str, StateDict], spec: AdapterSpec) -> FaceIDProjection:
+    """The FaceID projection model with the checkpoint's weights."""
+    proj = state_dict["image_proj"]
+    model = FaceIDProjection(
+        id_embed_dim=int(proj["proj.0.weight"].shape[1]),
+        hidden_dim=int(proj["proj.0.weight"].shape[0]),
+        cross_attention_dim=spec.cross_attention_dim,
+        num_tokens=spec.num_tokens,
+    )
+    model.load_state_dict(proj, strict=True)
+    return model
+
+
+def build_processors(unet, state_dict: dict[str, StateDict], spec: AdapterSpec) -> dict:
+    """Attention processors for every UNet layer: identity attention on cross-attention layers."""
+    processors = {}
+    for index, (name, current) in enumerate(unet.attn_processors.items()):
+        if not _is_cross_attention(name):
+            processors[name] = current
+            continue
+        processor = IDAttnProcessor(_hidden_size(unet, name), spec.cross_attention_dim, spec.num_tokens)
+        processor.load_state_dict(
+            {
+                "to_k_id.weight": state_dict["ip_adapter"][f"{index}.to_k_ip.weight"],
+                "to_v_id.weight": state_dict["ip_adapter"][f"{index}.to_v_ip.weight"],
+            }
+        )
+        processors[name] = processor.to(device=unet.device, dtype=unet.dtype)
+    return processors
+
+
+def faceid_lora_state_dict(unet, state_dict: dict[str, StateDict]) -> StateDict:
+    """The FaceID LoRA in diffusers' attention-processor LoRA naming, for ``load_lora_weights``."""
+    lora: StateDict = {}
+    for index, name in enumerate(unet.attn_processors):
+        for part in _LORA_NAMES:
+            for side in ("down", "up"):
+                key = f"{index}.{part}.{side}.weight"
+                if key in state_dict["ip_adapter"]:
+                    lora[f"unet.{name}.{part}.{side}.weight"] = state_dict["ip_adapter"][key]
+    return lora
