@@ -10,6 +10,7 @@ from .loading import (
     faceid_lora_state_dict,
     load_adapter_state_dict,
     resolve_checkpoint_file,
+    save_adapter_checkpoint,
 )
 from .projection import FaceIDProjection
 
@@ -24,4 +25,5 @@ __all__ = [
     "faceid_lora_state_dict",
     "load_adapter_state_dict",
     "resolve_checkpoint_file",
+    "save_adapter_checkpoint",
 ]

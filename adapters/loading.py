@@ -249,3 +249,29 @@ def faceid_lora_state_dict(unet, state_dict: dict[str, StateDict]) -> StateDict:
                 if key in state_dict["ip_adapter"]:
                     lora[f"unet.{name}.{part}.{side}.weight"] = state_dict["ip_adapter"][key]
     return lora
+
+
+def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None:
+    """Write ``{"image_proj", "ip_adapter"}`` in the official layout, atomically.
+
+    ``.safetensors`` gets the flattened keys (``image_proj.*``, ``ip_adapter.*``); ``.bin``
+    the nested torch pickle of the reference repos.
+    """
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            flat = {f"{group}.{key}": value.contiguous() for group, part in state_dict.items() for key, value in part.items()}
+            save_file(flat, staging)
+        else:
+            torch.save(state_dict, staging)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)

@@ -315,3 +315,19 @@ class FaceAnalyzer:
                 f"face_index={face_index} but {name} has {len(faces)} face(s): choose an index below {len(faces)}"
             )
         return faces[face_index]
+
+    def identity(self, images: Sequence[ImageInput], face_index: int = 0) -> np.ndarray:
+        """One L2-normalised identity embedding from one or several photos of the same person.
+
+        A photo with no face raises, naming its index: it is never silently dropped.
+        """
+        embeddings = []
+        for i, image in enumerate(images):
+            try:
+                embeddings.append(self.get_face(image, face_index).embedding)
+            except NoFaceError as err:
+                if len(images) == 1:
+                    raise
+                raise NoFaceError(f"face image {i}: {err}") from None
+        mean = np.mean(embeddings, axis=0)
+        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)

@@ -21,7 +21,7 @@ from idgen.adapters import (
     load_adapter_state_dict,
     resolve_checkpoint_file,
 )
-from idgen.errors import CheckpointError, NoFaceError
+from idgen.errors import CheckpointError
 from idgen.faces import FaceAnalyzer
 from idgen.images import ImageInput
 
@@ -110,19 +110,6 @@ class IdentityPipelineMixin:
     def set_face_analyzer(self, analyzer: FaceAnalyzer) -> None:
         self._face_analyzer = analyzer
 
-    def _embed_faces(self, images: Sequence[ImageInput], face_index: int) -> np.ndarray:
-        """One L2-normalised identity from one or several photos of the same person."""
-        embeddings = []
-        for i, image in enumerate(images):
-            try:
-                embeddings.append(self.face_analyzer.get_face(image, face_index).embedding)
-            except NoFaceError as err:
-                if len(images) == 1:
-                    raise
-                raise NoFaceError(f"face_image[{i}]: {err}") from None
-        mean = np.mean(embeddings, axis=0)
-        return mean / max(float(np.linalg.norm(mean)), 1e-12)
-
     def encode_identity(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0) -> torch.Tensor:
         """ArcFace ``id_embeds`` (N, 512) from face photos.
 
@@ -139,7 +126,7 @@ class IdentityPipelineMixin:
                 groups = [list(face_image)]
         else:
             groups = [[face_image]]
-        return torch.from_numpy(np.stack([self._embed_faces(group, face_index) for group in groups]))
+        return torch.from_numpy(np.stack([self.face_analyzer.identity(group, face_index) for group in groups]))
 
     @staticmethod
     def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:

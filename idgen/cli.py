@@ -1,0 +1,208 @@
+"""The ``idgen`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+from .errors import IDGenError, ModelNotFoundError
+
+DEFAULT_ADAPTER = "h94/IP-Adapter-FaceID"
+DEFAULT_WEIGHT_NAME = "ip-adapter-faceid_sd15.bin"
+DEFAULT_FACE_PACK = "buffalo_l"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _dimension(text: str) -> int:
+    value = int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
+    parser = argparse.ArgumentParser(prog="idgen", description="Identity-preserving image generation.")
+    parser.add_argument("--version", action="version", version=f"idgen {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="make images of the person in a face photo",
+        description="Make images of the person in --face. With no --base, runs the offline tiny preset "
+        "(random weights: it checks the stack, its images are noise).",
+    )
+    gen.add_argument("--face", action="append", required=True, metavar="PHOTO",
+                     help="face photo; repeat for several photos of the same person")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
+    gen.add_argument("--base", default="tiny",
+                     help="base model: 'tiny' (offline preset), a hub id or a local diffusers folder")
+    gen.add_argument("--adapter", default=None,
+                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER}; the preset's for tiny)")
+    gen.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
+    gen.add_argument("--subfolder", default=None, help="subfolder of --adapter")
+    gen.add_argument("--face-model", default=None,
+                     help=f"insightface pack name or folder (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
+    gen.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    gen.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=_positive_int, default=30)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--id-scale", type=float, default=1.0)
+    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--height", type=_dimension, default=None)
+    gen.add_argument("--width", type=_dimension, default=None)
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    gen.set_defaults(run=run_generate)
+    return parser
+
+
+def _output_paths(out: str, count: int) -> list[str]:
+    if not out.lower().endswith(".png"):
+        raise IDGenError(f"--out {out} must end in .png: images are written as PNG with their settings as metadata")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise IDGenError(f"the folder of --out ({folder}) does not exist: create it or choose another path")
+    if count == 1:
+        return [out]
+    stem = out[: -len(".png")]
+    return [f"{stem}-{i}.png" for i in range(count)]
+
+
+def _save_png(image, path: str, metadata: dict[str, str]) -> None:
+    """Write ``image`` with text metadata, atomically: a reader never sees a partial file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value)
+    fd, staging = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        image.save(staging, format="PNG", pnginfo=info)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _load_pipeline(base: str, dtype):
+    from .pipelines import IDStableDiffusionPipeline
+
+    try:
+        return IDStableDiffusionPipeline.from_pretrained(base, dtype=dtype)
+    except Exception as err:  # offline, missing repo, bad folder
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ModelNotFoundError(
+            f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
+            "a reachable hub id, or leave --base out for the offline tiny preset"
+        ) from None
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .faces import FaceAnalyzer
+    from .presets import TINY_PRESETS, get_preset
+    from .version import __version__
+
+    paths = _output_paths(args.out, args.num_images)
+    adapter, weight_name = args.adapter, args.weight_name
+    face_model, base = args.face_model, args.base
+    random_parts = []
+    if args.base in TINY_PRESETS:
+        preset = get_preset(args.base)
+        base = preset.base
+        if adapter is None:
+            adapter, random_parts = preset.adapter, ["base", "adapter"]
+        face_model = face_model or preset.face_pack
+    adapter = adapter or DEFAULT_ADAPTER
+    if adapter == DEFAULT_ADAPTER and weight_name is None:
+        weight_name = DEFAULT_WEIGHT_NAME
+
+    # Faces first: a bad photo fails in a second, before any model is loaded.
+    analyzer = FaceAnalyzer(face_model or DEFAULT_FACE_PACK, detector=args.detector)
+    if analyzer.recognizer_random:
+        random_parts.append("face recognizer")
+    id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipe = _load_pipeline(base, dtype)
+    pipe.load_identity_adapter(adapter, weight_name=weight_name, subfolder=args.subfolder)
+    pipe.set_face_analyzer(analyzer)
+    pipe.to(device)
+    pipe.set_progress_bar_config(desc="denoising")
+
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    result = pipe(
+        args.prompt,
+        id_embeds=id_embeds,
+        id_scale=args.id_scale,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    )
+    metadata = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt or "",
+        "seed": str(args.seed),
+        "steps": str(args.steps),
+        "guidance": str(args.guidance),
+        "id_scale": str(args.id_scale),
+        "base_model": args.base,
+        "adapter": f"{adapter}" + (f" ({weight_name})" if weight_name else ""),
+        "face_model": f"{analyzer.info['recognizer']} via {analyzer.info['detector']}",
+        "idgen_version": __version__,
+    }
+    if random_parts:
+        metadata["random_weights"] = ", ".join(random_parts) + " (offline preset: images carry no likeness)"
+    for image, path in zip(result.images, paths):
+        _save_png(image, path, metadata)
+        print(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Quiet the libraries' own notices; the progress bar and errors are what a user needs.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except IDGenError as err:
+        print(f"idgen: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("idgen: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

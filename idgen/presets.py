@@ -1,0 +1,223 @@
+"""The offline tiny preset: a randomly initialised SD1.5-shaped pipeline, a random FaceID
+checkpoint in the official format and a random ArcFace-format recognizer, all built
+deterministically from a seed into a cache folder.
+
+It exists so that the whole stack (face analysis, adapter loading, pipeline, CLI) runs with
+no download; its images are noise-like and its identity embeddings carry no meaning. Real
+weights come from the hub.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .faces import RANDOM_WEIGHTS_KEY
+
+#: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
+PRESET_FORMAT = 1
+TINY_PRESETS = ("tiny",)
+ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
+
+
+def cache_dir() -> str:
+    """Where presets are built: ``$IDGEN_CACHE``, else ``~/.cache/idgen``."""
+    return os.path.expanduser(os.environ.get("IDGEN_CACHE", os.path.join("~", ".cache", "idgen")))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Paths of a built preset, used exactly like real model locations."""
+
+    name: str
+    seed: int
+    base: str  # diffusers pipeline folder
+    adapter: str  # adapter checkpoint file
+    face_pack: str  # insightface-style pack folder (recognition model only)
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def _byte_symbols() -> list[str]:
+    """CLIP's byte-level BPE alphabet: one printable character per byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def tiny_clip_tokenizer():
+    """A CLIP tokenizer over single characters (plus the word "id"), built with no download."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    merges = [("i", "d</w>")]  # keeps "id" one token, as in CLIP's real vocabulary
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# ------------------------------------------------------------------------------ models
+def tiny_sd15_pipeline(seed: int = 0):
+    """A tiny random ``IDStableDiffusionPipeline`` shaped like SD1.5 (8x VAE, cross-attention UNet)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from idgen.pipelines import IDStableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return IDStableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim: int = 1024) -> dict:
+    """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``.
+
+    Weights are scaled so each part (tokens, identity K/V, LoRA) visibly changes the output.
+    """
+    from idgen.adapters.loading import _hidden_size, _is_cross_attention
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    dim, tokens = unet.config.cross_attention_dim, 4
+    image_proj = {
+        "proj.0.weight": randn(hidden_dim, 512, std=512**-0.5 * 4),
+        "proj.0.bias": randn(hidden_dim, std=0.1),
+        "proj.2.weight": randn(dim * tokens, hidden_dim, std=hidden_dim**-0.5),
+        "proj.2.bias": randn(dim * tokens, std=0.1),
+        "norm.weight": 1 + randn(dim, std=0.1),
+        "norm.bias": randn(dim, std=0.1),
+    }
+    ip_adapter = {}
+    for index, name in enumerate(unet.attn_processors):
+        hidden = _hidden_size(unet, name)
+        context = dim if _is_cross_attention(name) else hidden
+        for part, width in (("to_q_lora", hidden), ("to_k_lora", context), ("to_v_lora", context), ("to_out_lora", hidden)):
+            ip_adapter[f"{index}.{part}.down.weight"] = randn(lora_rank, width, std=width**-0.5)
+            ip_adapter[f"{index}.{part}.up.weight"] = randn(hidden, lora_rank, std=0.05 * lora_rank**-0.5)
+        if _is_cross_attention(name):
+            ip_adapter[f"{index}.to_k_ip.weight"] = randn(hidden, dim, std=dim**-0.5)
+            ip_adapter[f"{index}.to_v_ip.weight"] = randn(hidden, dim, std=dim**-0.5)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def write_random_recognizer(path: str, seed: int = 0) -> None:
+    """An ONNX face recognizer with the inputs and outputs of insightface's ``w600k_r50.onnx``
+    (``input.1``: N x 3 x 112 x 112, one N x 512 output) and random weights, marked as such."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    widths = [3, 16, 32, 64, 64]
+    nodes, inits, current = [], [], "input.1"
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        weight = rng.normal(0, (2.0 / (cin * 9)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"conv_{i}.weight"),
+                  numpy_helper.from_array(np.full((cout, 1, 1), 0.25, np.float32), f"prelu_{i}.slope")]
+        nodes += [
+            helper.make_node("Conv", [current, f"conv_{i}.weight"], [f"conv_{i}"], name=f"Conv_{i}",
+                             strides=[2, 2], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+            helper.make_node("PRelu", [f"conv_{i}", f"prelu_{i}.slope"], [f"prelu_{i}"], name=f"PRelu_{i}"),
+        ]
+        current = f"prelu_{i}"
+    features = widths[-1] * 7 * 7
+    inits.append(numpy_helper.from_array(rng.normal(0, features**-0.5, (512, features)).astype(np.float32), "fc.weight"))
+    inits.append(numpy_helper.from_array(np.zeros(512, np.float32), "fc.bias"))
+    nodes += [
+        helper.make_node("Flatten", [current], ["flat"], name="Flatten_0", axis=1),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["embedding"], name="Gemm_0", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "random_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["None", 512])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="idgen")
+    model.ir_version = 8
+    helper.set_model_props(model, {RANDOM_WEIGHTS_KEY: "true", "idgen.seed": str(seed)})
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+# ------------------------------------------------------------------------------ building
+def _build_tiny(folder: str, seed: int) -> None:
+    from idgen.adapters.loading import save_adapter_checkpoint
+
+    pipe = tiny_sd15_pipeline(seed)
+    pipe.save_pretrained(os.path.join(folder, "base"))
+    save_adapter_checkpoint(random_faceid_state_dict(pipe.unet, seed), os.path.join(folder, "adapter", ADAPTER_FILE))
+    os.makedirs(os.path.join(folder, "faces"))
+    write_random_recognizer(os.path.join(folder, "faces", "arcface_random.onnx"), seed)
+
+
+def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Preset:
+    """Build (once, atomically) and return a tiny preset."""
+    if name not in TINY_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
+    folder = os.path.join(root or cache_dir(), f"{name}-v{PRESET_FORMAT}-seed{seed}")
+    if not os.path.isdir(folder):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=os.path.dirname(folder))
+        try:
+            _build_tiny(staging, seed)
+            os.rename(staging, folder)
+        except OSError:
+            if not os.path.isdir(folder):  # not merely lost a race with another builder
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return Preset(
+        name=name,
+        seed=seed,
+        base=os.path.join(folder, "base"),
+        adapter=os.path.join(folder, "adapter", ADAPTER_FILE),
+        face_pack=os.path.join(folder, "faces"),
+    )
