@@ -1,0 +1,119 @@
+import os
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from idgen import CheckpointError, ModelNotFoundError
+from idgen.adapters import (
+    FaceIDProjection,
+    IDAttnProcessor,
+    detect_format,
+    load_adapter_state_dict,
+    resolve_checkpoint_file,
+    save_adapter_checkpoint,
+)
+from idgen.presets import random_faceid_state_dict
+
+
+class Payload:
+    """Any class: a pickle of it needs code, which weights_only loading refuses."""
+
+
+@pytest.fixture(scope="module")
+def unet(preset):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(preset.base, subfolder="unet")
+
+
+def test_identity_branch_adds_to_plain_attention():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    processor = IDAttnProcessor(hidden_size=32, cross_attention_dim=24, num_tokens=4)
+    hidden, text, identity = torch.randn(2, 10, 32), torch.randn(2, 7, 24), torch.randn(2, 4, 24)
+    both = torch.cat([text, identity], dim=1)
+    plain = AttnProcessor2_0()(attn, hidden, text)
+    processor.scale = 0.0
+    assert torch.allclose(processor(attn, hidden, both), plain, atol=1e-6)
+    # With a scale, the difference is exactly scale x (identity attention through to_out's linear part).
+    processor.scale = 0.5
+    half = processor(attn, hidden, both)
+    processor.scale = 1.0
+    full = processor(attn, hidden, both)
+    assert torch.allclose(full - plain, 2 * (half - plain), atol=1e-5)
+    assert (full - plain).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="identity tokens"):
+        processor(attn, hidden, identity)
+
+
+def test_projection_matches_the_reference_computation():
+    torch.manual_seed(0)
+    model = FaceIDProjection(cross_attention_dim=16, num_tokens=4).eval()
+    x = torch.randn(3, 512)
+    expected = model.proj[2](torch.nn.functional.gelu(model.proj[0](x))).reshape(3, 4, 16)
+    expected = torch.nn.functional.layer_norm(expected, (16,), model.norm.weight, model.norm.bias)
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    assert set(model.state_dict()) == {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
+
+
+def test_bin_and_safetensors_forms_load_the_same_tensors(tmp_path, unet):
+    state = random_faceid_state_dict(unet, seed=3)
+    save_adapter_checkpoint(state, str(tmp_path / "a.safetensors"))
+    save_adapter_checkpoint(state, str(tmp_path / "a.bin"))
+    for name in ("a.safetensors", "a.bin"):
+        loaded = load_adapter_state_dict(str(tmp_path / name))
+        for group in ("image_proj", "ip_adapter"):
+            assert loaded[group].keys() == state[group].keys()
+            assert all(torch.equal(loaded[group][k], state[group][k]) for k in state[group])
+    spec = detect_format(state)
+    assert (spec.format, spec.cross_attention_dim, spec.num_tokens, spec.lora_rank) == ("faceid", 32, 4, 8)
+
+
+def test_format_detection():
+    faceid_plus = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(1), "norm.weight": torch.zeros(768)}, "ip_adapter": {}}
+    instantid = {
+        "image_proj": {"latents": torch.zeros(1, 16, 1280), "proj_in.weight": torch.zeros(1280, 512), "proj_out.weight": torch.zeros(2048, 1280)},
+        "ip_adapter": {},
+    }
+    assert detect_format(faceid_plus).format == "faceid_plus"
+    spec = detect_format(instantid)
+    assert (spec.format, spec.cross_attention_dim, spec.num_tokens) == ("instantid", 2048, 16)
+    with pytest.raises(CheckpointError, match="unknown image_proj layout"):
+        detect_format({"image_proj": {"weird": torch.zeros(1)}, "ip_adapter": {}}, "x.bin")
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path, unet):
+    good = tmp_path / "good.safetensors"
+    save_adapter_checkpoint(random_faceid_state_dict(unet), str(good))
+    for suffix in (".safetensors", ".bin"):
+        source = tmp_path / f"src{suffix}"
+        save_adapter_checkpoint(random_faceid_state_dict(unet), str(source))
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+        with pytest.raises(CheckpointError, match=f"cut{suffix}.*truncated"):
+            load_adapter_state_dict(str(cut))
+    pickled = tmp_path / "code.bin"
+    torch.save({"image_proj": Payload()}, pickled)
+    with pytest.raises(CheckpointError, match="code.bin"):
+        load_adapter_state_dict(str(pickled))
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"text_model.weight": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not an identity adapter checkpoint"):
+        load_adapter_state_dict(str(other))
+
+
+def test_resolve_checkpoint_file(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "x.safetensors").write_bytes(b"")
+    assert resolve_checkpoint_file(tmp_path / "one").endswith("x.safetensors")
+    (tmp_path / "one" / "y.bin").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="weight_name"):
+        resolve_checkpoint_file(tmp_path / "one")
+    assert resolve_checkpoint_file(tmp_path, "y.bin", "one").endswith(os.path.join("one", "y.bin"))
+    with pytest.raises(ModelNotFoundError, match="weight_name"):
+        resolve_checkpoint_file("h94/IP-Adapter-FaceID")
+    with pytest.raises(ModelNotFoundError, match="neither an existing file"):
+        resolve_checkpoint_file("./nowhere/adapter.bin")
