@@ -143,7 +143,11 @@ def run_generate(args: argparse.Namespace) -> None:
     if adapter == DEFAULT_ADAPTER and weight_name is None:
         weight_name = DEFAULT_WEIGHT_NAME
 
-    # Faces first: a bad photo fails in a second, before any model is loaded.
+    # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
+    from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
+
+    adapter_file = resolve_checkpoint_file(adapter, weight_name, args.subfolder)
+    detect_format(load_adapter_state_dict(adapter_file), adapter_file)
     analyzer = FaceAnalyzer(face_model or DEFAULT_FACE_PACK, detector=args.detector)
     if analyzer.recognizer_random:
         random_parts.append("face recognizer")
@@ -151,7 +155,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe = _load_pipeline(base, dtype)
-    pipe.load_identity_adapter(adapter, weight_name=weight_name, subfolder=args.subfolder)
+    pipe.load_identity_adapter(adapter_file)
     pipe.set_face_analyzer(analyzer)
     pipe.to(device)
     pipe.set_progress_bar_config(desc="denoising")
@@ -182,7 +186,7 @@ def run_generate(args: argparse.Namespace) -> None:
         "idgen_version": __version__,
     }
     if random_parts:
-        metadata["random_weights"] = ", ".join(random_parts) + " (offline preset: images carry no likeness)"
+        metadata["random_weights"] = "random weights in: " + ", ".join(random_parts) + " (offline preset; images carry no likeness)"
     for image, path in zip(result.images, paths):
         _save_png(image, path, metadata)
         print(path)
@@ -192,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Quiet the libraries' own notices; the progress bar and errors are what a user needs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; the denoising bar stays
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
