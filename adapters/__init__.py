@@ -1,6 +1,6 @@
 """Identity adapters: attention processors, projection models and checkpoint loading."""
 
-from .attention import IDAttnProcessor
+from .attention import IDAttnProcessor, cache_identity_kv
 from .loading import (
     AdapterSpec,
     build_processors,
@@ -19,6 +19,7 @@ __all__ = [
     "FaceIDProjection",
     "IDAttnProcessor",
     "build_processors",
+    "cache_identity_kv",
     "build_projection",
     "check_adapter",
     "detect_format",

@@ -5,9 +5,16 @@
 The identity tokens travel as the last ``num_tokens`` tokens of ``encoder_hidden_states``
 (the layout of IP-Adapter, IP-Adapter-FaceID and InstantID), so a UNet with these
 processors runs with any diffusers pipeline loop, ControlNet, offload or compile.
+
+The identity keys and values do not change across denoising steps. Inside
+``cache_identity_kv(unet)`` each processor computes them once per identity-token tensor
+and reuses them at every later step.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,17 @@ class IDAttnProcessor(nn.Module):
         self.scale = scale
         self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.cache_kv = False
+        self._cached: tuple | None = None
+
+    def identity_kv(self, identity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity keys and values; with ``cache_kv``, computed once per identity tensor."""
+        if not self.cache_kv:
+            return self.to_k_id(identity), self.to_v_id(identity)
+        tag = (identity.data_ptr(), tuple(identity.shape), identity.dtype, identity.device)
+        if self._cached is None or self._cached[0] != tag:
+            self._cached = (tag, self.to_k_id(identity), self.to_v_id(identity))
+        return self._cached[1], self._cached[2]
 
     @staticmethod
     def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
@@ -83,7 +101,7 @@ class IDAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         hidden_states = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
         if self.scale != 0:
-            id_states = self._attend(attn, query, self.to_k_id(identity), self.to_v_id(identity))
+            id_states = self._attend(attn, query, *self.identity_kv(identity))
             hidden_states = hidden_states + self.scale * id_states
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -92,3 +110,20 @@ class IDAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def cache_identity_kv(unet) -> Iterator[None]:
+    """Compute each layer's identity K/V once for the duration of one generation call.
+
+    Valid while the identity tokens stay the same tensor, as in a denoising loop; the
+    cache is dropped on exit so no tensor outlives the call.
+    """
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, IDAttnProcessor)]
+    for processor in processors:
+        processor.cache_kv, processor._cached = True, None
+    try:
+        yield
+    finally:
+        for processor in processors:
+            processor.cache_kv, processor._cached = False, None

@@ -29,6 +29,30 @@ def _dimension(text: str) -> int:
     return value
 
 
+def _id_scale(text: str) -> float | dict[str, float]:
+    """``0.8`` or ``down=0,mid=1,up=0.8`` (keys: down, mid, up or a layer-name prefix)."""
+    if "=" not in text:
+        return float(text)
+    scales = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            scales[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        block = key.strip().split(".")[0]
+        if not sep or block not in ("down", "mid", "up", "down_blocks", "mid_block", "up_blocks"):
+            raise argparse.ArgumentTypeError(f"expected a number or down=..,mid=..,up=.., got {text!r}")
+    return scales
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the schedule between 0 and 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -44,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--face", action="append", required=True, metavar="PHOTO",
                      help="face photo; repeat for several photos of the same person")
+    gen.add_argument("--negative-face", action="append", default=None, metavar="PHOTO",
+                     help="a face to steer away from (through the unconditional branch); repeatable")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
@@ -60,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=_positive_int, default=30)
     gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--id-scale", type=float, default=1.0)
+    gen.add_argument("--id-scale", type=_id_scale, default=1.0,
+                     help="identity strength: a number, or per block as down=0,mid=1,up=0.8")
+    gen.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
+    gen.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--height", type=_dimension, default=None)
     gen.add_argument("--width", type=_dimension, default=None)
@@ -152,6 +181,11 @@ def run_generate(args: argparse.Namespace) -> None:
     if analyzer.recognizer_random:
         random_parts.append("face recognizer")
     id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))
+    negative_id_embeds = None
+    if args.negative_face:
+        negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index))
+    if not args.id_start < args.id_end:
+        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe = _load_pipeline(base, dtype)
@@ -165,6 +199,9 @@ def run_generate(args: argparse.Namespace) -> None:
         args.prompt,
         id_embeds=id_embeds,
         id_scale=args.id_scale,
+        negative_id_embeds=negative_id_embeds,
+        id_guidance_start=args.id_start,
+        id_guidance_end=args.id_end,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -180,6 +217,9 @@ def run_generate(args: argparse.Namespace) -> None:
         "steps": str(args.steps),
         "guidance": str(args.guidance),
         "id_scale": str(args.id_scale),
+        "id_window": f"{args.id_start}-{args.id_end}",
+        "negative_faces": ", ".join(args.negative_face or []),
+        "faces": ", ".join(args.face),
         "base_model": args.base,
         "adapter": f"{adapter}" + (f" ({weight_name})" if weight_name else ""),
         "face_model": f"{analyzer.info['recognizer']} via {analyzer.info['detector']}",

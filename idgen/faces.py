@@ -316,11 +316,16 @@ class FaceAnalyzer:
             )
         return faces[face_index]
 
-    def identity(self, images: Sequence[ImageInput], face_index: int = 0) -> np.ndarray:
-        """One L2-normalised identity embedding from one or several photos of the same person.
+    def identity(
+        self, images: Sequence[ImageInput], face_index: int = 0, weights: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """One L2-normalised identity from one or several photos of the same person: the
+        (optionally weighted) mean of their normalised embeddings, normalised again.
 
         A photo with no face raises, naming its index: it is never silently dropped.
         """
+        if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
         embeddings = []
         for i, image in enumerate(images):
             try:
@@ -329,5 +334,5 @@ class FaceAnalyzer:
                 if len(images) == 1:
                     raise
                 raise NoFaceError(f"face image {i}: {err}") from None
-        mean = np.mean(embeddings, axis=0)
+        mean = np.average(embeddings, axis=0, weights=weights)
         return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)

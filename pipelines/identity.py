@@ -11,6 +11,7 @@ import torch
 
 from idgen.adapters import (
     AdapterSpec,
+    cache_identity_kv,
     FaceIDProjection,
     IDAttnProcessor,
     build_processors,
@@ -31,14 +32,104 @@ FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInpu
 ID_LORA_NAME = "faceid"
 
 
-class IdentityPipelineMixin:
+IDScale = Union[float, dict]
+
+#: Short block names accepted in an ``id_scale`` dict.
+_BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+
+
+def layer_id_scales(names: Sequence[str], id_scale: IDScale) -> dict[str, float]:
+    """Scale of each identity layer from a float or a dict of name prefixes.
+
+    Dict keys are ``"down"``, ``"mid"``, ``"up"`` or any prefix of a layer name
+    (``"up_blocks.1"``, ``"up_blocks.1.attentions.0"``, ...); the longest matching prefix wins,
+    and layers no key matches get 0 (as diffusers' ``set_ip_adapter_scale`` does).
+    """
+    if not isinstance(id_scale, dict):
+        return {name: float(id_scale) for name in names}
+    prefixes = {_BLOCK_ALIASES.get(key, key): float(value) for key, value in id_scale.items()}
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ValueError(
+                f"id_scale key {prefix!r} matches no identity layer: use down, mid, up or a layer prefix "
+                f"such as {names[0].rsplit('.', 2)[0]}"
+            )
+    scales = {}
+    for name in names:
+        matches = [p for p in prefixes if name == p or name.startswith(p + ".")]
+        scales[name] = prefixes[max(matches, key=len)] if matches else 0.0
+    return scales
+
+
+class FaceInputMixin:
+    """Face photos -> ArcFace ``id_embeds``: shared by every idgen pipeline."""
+
+    _face_analyzer: FaceAnalyzer | None = None
+
+    @property
+    def face_analyzer(self) -> FaceAnalyzer:
+        """The analyzer used for ``face_image=``; insightface's ``buffalo_l`` pack unless set."""
+        if self._face_analyzer is None:
+            self._face_analyzer = FaceAnalyzer()
+        return self._face_analyzer
+
+    def set_face_analyzer(self, analyzer: FaceAnalyzer) -> None:
+        self._face_analyzer = analyzer
+
+    def encode_identity(
+        self,
+        face_image: FaceImages,
+        batch_size: int = 1,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """ArcFace ``id_embeds`` (N, 512) from face photos.
+
+        One image gives one identity. A list of ``batch_size`` (> 1) images, or a list of
+        lists, gives one identity per prompt; any other list is several photos of one
+        person, whose embeddings are averaged (weighted by ``face_weights``).
+        """
+        if isinstance(face_image, (list, tuple)):
+            if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
+                groups = [list(item) for item in face_image]
+            elif batch_size > 1 and len(face_image) == batch_size:
+                groups = [[item] for item in face_image]
+            else:
+                groups = [list(face_image)]
+        else:
+            groups = [[face_image]]
+        weights = face_weights if len(groups) == 1 else None
+        return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights) for g in groups]))
+
+    def prepare_id_embeds(
+        self,
+        face_image: FaceImages | None,
+        id_embeds: torch.Tensor | None,
+        negative_face_image: FaceImages | None,
+        negative_id_embeds: torch.Tensor | None,
+        batch_size: int,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check the identity arguments and return (id_embeds, negative_id_embeds or None)."""
+        if (face_image is None) == (id_embeds is None):
+            raise ValueError("pass exactly one of face_image= and id_embeds=")
+        if negative_face_image is not None and negative_id_embeds is not None:
+            raise ValueError("pass at most one of negative_face_image= and negative_id_embeds=")
+        if face_image is not None:
+            id_embeds = self.encode_identity(face_image, batch_size, face_index, face_weights)
+        if negative_face_image is not None:
+            negative_id_embeds = self.encode_identity(negative_face_image, batch_size, face_index)
+        return id_embeds, negative_id_embeds
+
+
+class IdentityPipelineMixin(FaceInputMixin):
     """Identity-adapter methods shared by the SD1.5 and SDXL pipelines."""
 
     #: Adapter formats this pipeline runs.
     supported_adapter_formats: tuple[str, ...] = ("faceid",)
     id_projection: FaceIDProjection | None = None
     adapter_spec: AdapterSpec | None = None
-    _face_analyzer: FaceAnalyzer | None = None
 
     # ---------------------------------------------------------------- loading
     def load_identity_adapter(
@@ -93,40 +184,42 @@ class IdentityPipelineMixin:
             )
         return self.id_projection
 
-    def set_id_scale(self, id_scale: float) -> None:
-        """Weight of the identity branch in every identity attention layer."""
-        for processor in self.unet.attn_processors.values():
-            if isinstance(processor, IDAttnProcessor):
-                processor.scale = float(id_scale)
+    def _id_processors(self) -> dict[str, IDAttnProcessor]:
+        return {
+            name.rsplit(".processor", 1)[0]: processor
+            for name, processor in self.unet.attn_processors.items()
+            if isinstance(processor, IDAttnProcessor)
+        }
 
-    # ---------------------------------------------------------------- faces
-    @property
-    def face_analyzer(self) -> FaceAnalyzer:
-        """The analyzer used for ``face_image=``; insightface's ``buffalo_l`` pack unless set."""
-        if self._face_analyzer is None:
-            self._face_analyzer = FaceAnalyzer()
-        return self._face_analyzer
+    def set_id_scale(self, id_scale: IDScale) -> None:
+        """Weight of the identity branch: a float for every layer, or a dict per block or layer
+        (``{"down": 0.0, "mid": 1.0, "up": 0.8}``; see ``layer_id_scales``)."""
+        processors = self._id_processors()
+        for name, scale in layer_id_scales(list(processors), id_scale).items():
+            processors[name].scale = scale
 
-    def set_face_analyzer(self, analyzer: FaceAnalyzer) -> None:
-        self._face_analyzer = analyzer
+    def id_guidance_callback(self, id_scale: IDScale, start: float, end: float, num_inference_steps: int, callback=None):
+        """Apply ``id_scale`` and return a step-end callback that keeps identity attention on
+        only for steps ``i`` with ``start <= i/N`` and ``(i+1)/N <= end`` (ControlNet's rule)."""
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {start} and {end}")
+        processors = self._id_processors()
+        scales = layer_id_scales(list(processors), id_scale)
 
-    def encode_identity(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0) -> torch.Tensor:
-        """ArcFace ``id_embeds`` (N, 512) from face photos.
+        def apply(step: int, total: int) -> None:
+            keep = not (step / total < start or (step + 1) / total > end)
+            for name, processor in processors.items():
+                processor.scale = scales[name] if keep else 0.0
 
-        One image gives one identity. A list of ``batch_size`` (> 1) images, or a list of
-        lists, gives one identity per prompt; any other list is several photos of one
-        person, whose embeddings are averaged.
-        """
-        if isinstance(face_image, (list, tuple)):
-            if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
-                groups = [list(item) for item in face_image]
-            elif batch_size > 1 and len(face_image) == batch_size:
-                groups = [[item] for item in face_image]
-            else:
-                groups = [list(face_image)]
-        else:
-            groups = [[face_image]]
-        return torch.from_numpy(np.stack([self.face_analyzer.identity(group, face_index) for group in groups]))
+        apply(0, num_inference_steps)
+        if start == 0.0 and end == 1.0:
+            return callback
+
+        def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            apply(step + 1, pipe.num_timesteps)
+            return callback(pipe, step, timestep, tensors) if callback is not None else tensors
+
+        return on_step_end
 
     @staticmethod
     def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from .identity import FaceImages, IdentityPipelineMixin
+from idgen.adapters import cache_identity_kv
+
+from .identity import FaceImages, IDScale, IdentityPipelineMixin
 
 
 class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
@@ -24,32 +27,41 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         face_image: FaceImages | None = None,
         id_embeds: torch.Tensor | None = None,
-        id_scale: float = 1.0,
+        id_scale: IDScale = 1.0,
+        negative_face_image: FaceImages | None = None,
         negative_id_embeds: torch.Tensor | None = None,
         face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         **kwargs,
     ):
         """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
 
         Args:
             face_image: a photo (path, PIL, RGB array or bytes); a list of photos of one
-                person (averaged); or one photo per prompt.
+                person (averaged, weighted by ``face_weights``); or one photo per prompt.
             id_embeds: ArcFace embeddings, (512,) or (N, 512) with N = 1 or one per prompt.
-            id_scale: weight of the identity attention (1.0 as trained; lower for more prompt freedom).
-            negative_id_embeds: identity for the unconditional branch (zeros by default).
+            id_scale: weight of the identity attention: a float (1.0 as trained), or a dict
+                per block or layer such as ``{"down": 0.0, "mid": 1.0, "up": 0.8}``.
+            negative_face_image / negative_id_embeds: an identity to steer away from, through
+                the unconditional branch (default: zeros, as the reference does).
             face_index: which face of each photo, largest first.
+            id_guidance_start / id_guidance_end: fractions of the schedule during which the
+                identity is applied, like ControlNet's ``control_guidance_start/end``.
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
         # 1. Check inputs
         self._require_adapter()
-        if (face_image is None) == (id_embeds is None):
-            raise ValueError("pass exactly one of face_image= and id_embeds=")
         if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
             raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
         device = self._execution_device
@@ -63,17 +75,26 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         batch_size = prompt_embeds.shape[0]
 
         # 3. Encode the identity and append its tokens to the text tokens
-        if face_image is not None:
-            id_embeds = self.encode_identity(face_image, batch_size, face_index)
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        )
         id_tokens, negative_id_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
         prompt_embeds = torch.cat([prompt_embeds, id_tokens.to(prompt_embeds.dtype)], dim=1)
         negative_prompt_embeds = torch.cat([negative_prompt_embeds, negative_id_tokens.to(prompt_embeds.dtype)], dim=1)
-        self.set_id_scale(id_scale)
-
-        # 4. Denoise and decode: the parent's loop, unchanged
-        return super().__call__(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            cross_attention_kwargs=cross_attention_kwargs,
-            **kwargs,
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback = self.id_guidance_callback(
+            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end
         )
+
+        # 4. Denoise and decode: the parent's loop, with identity K/V computed once
+        with cache_identity_kv(self.unet):
+            return super().__call__(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                num_inference_steps=num_inference_steps,
+                cross_attention_kwargs=cross_attention_kwargs,
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                **kwargs,
+            )

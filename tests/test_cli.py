@@ -104,3 +104,23 @@ def test_help_lists_the_flags():
     result = subprocess.run([sys.executable, "-m", "idgen.cli", "generate", "--help"], capture_output=True, text=True)
     for flag in ("--seed", "--steps", "--guidance", "--id-scale", "--num-images", "--height", "--width", "--device", "--dtype", "--out"):
         assert flag in result.stdout
+
+
+def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
+    mirrored = tmp_path / "mirrored.jpg"
+    Image.open(astronaut).transpose(Image.FLIP_LEFT_RIGHT).save(mirrored)
+    out = tmp_path / "ctl.png"
+    code = main(["generate", "--face", str(astronaut), "--face", str(mirrored), "--negative-face", str(mirrored),
+                 "--prompt", "p", "--out", str(out), "--steps", "3", "--height", "64", "--width", "64",
+                 "--id-scale", "down=0,mid=1,up=0.8", "--id-start", "0.2", "--id-end", "0.9"])
+    assert code == 0, capsys.readouterr().err
+    meta = Image.open(out).text
+    assert meta["id_scale"] == str({"down": 0.0, "mid": 1.0, "up": 0.8}) and meta["id_window"] == "0.2-0.9"
+    assert meta["faces"] == f"{astronaut}, {mirrored}" and meta["negative_faces"] == str(mirrored)
+    for bad in (["--id-scale", "side=1"], ["--id-start", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--face", str(astronaut), "--prompt", "p", *bad])
+        assert exit_info.value.code == 2
+    assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out),
+                 "--id-start", "0.6", "--id-end", "0.5"]) == 2
+    assert "--id-start (0.6) must be below --id-end (0.5)" in capsys.readouterr().err
