@@ -9,7 +9,7 @@ from .version import __version__
 def __getattr__(name: str):
     # Pipelines import diffusers and torch: load them on first use so `idgen --help`
     # and face analysis stay fast.
-    if name in ("IDStableDiffusionPipeline",):
+    if name in ("IDStableDiffusionPipeline", "IDArc2FacePipeline"):
         from . import pipelines
 
         return getattr(pipelines, name)
@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "Face",
     "FaceAnalyzer",
+    "IDArc2FacePipeline",
     "IDGenError",
     "IDStableDiffusionPipeline",
     "ImageError",

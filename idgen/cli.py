@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import IDGenError, ModelNotFoundError
@@ -13,6 +14,7 @@ from .errors import IDGenError, ModelNotFoundError
 DEFAULT_ADAPTER = "h94/IP-Adapter-FaceID"
 DEFAULT_WEIGHT_NAME = "ip-adapter-faceid_sd15.bin"
 DEFAULT_FACE_PACK = "buffalo_l"
+ARC2FACE_FACE_PACK = "antelopev2"  # with arcface.onnx added, as Arc2Face asks
 
 
 def _positive_int(text: str) -> int:
@@ -70,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="face photo; repeat for several photos of the same person")
     gen.add_argument("--negative-face", action="append", default=None, metavar="PHOTO",
                      help="a face to steer away from (through the unconditional branch); repeatable")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default=None, help="what to make (required, except for Arc2Face)")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
     gen.add_argument("--base", default="tiny",
-                     help="base model: 'tiny' (offline preset), a hub id or a local diffusers folder")
+                     help="base model: 'tiny' or 'tiny-arc2face' (offline presets), a hub id or a local diffusers folder")
     gen.add_argument("--adapter", default=None,
-                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER}; the preset's for tiny)")
+                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER}; the preset's for tiny); "
+                     "an Arc2Face repo or folder (FoivosPar/Arc2Face) selects Arc2Face")
     gen.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
     gen.add_argument("--subfolder", default=None, help="subfolder of --adapter")
     gen.add_argument("--face-model", default=None,
@@ -84,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
     gen.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=_positive_int, default=30)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
     gen.add_argument("--id-scale", type=_id_scale, default=1.0,
                      help="identity strength: a number, or per block as down=0,mid=1,up=0.8")
     gen.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
@@ -138,95 +141,132 @@ def _device_and_dtype(device: str, dtype: str):
     return device, getattr(torch, dtype)
 
 
-def _load_pipeline(base: str, dtype):
-    from .pipelines import IDStableDiffusionPipeline
+#: Sampling defaults of each method's reference (steps, guidance).
+DEFAULTS = {"faceid": (30, 7.5), "arc2face": (25, 3.0)}
+
+
+@dataclass
+class Models:
+    """What ``idgen generate`` runs, resolved from the flags."""
+
+    kind: str  # "faceid" or "arc2face"
+    base: str
+    adapter: str
+    weight_name: str | None
+    face_model: str
+    random_parts: list[str]
+
+
+def _is_arc2face(adapter: str | None) -> bool:
+    return adapter is not None and (os.path.isdir(os.path.join(adapter, "arc2face")) or "arc2face" in adapter.lower())
+
+
+def _resolve_models(args: argparse.Namespace) -> Models:
+    from .presets import TINY_PRESETS, get_preset
+
+    base, adapter, weight_name, face_model, random_parts = args.base, args.adapter, args.weight_name, args.face_model, []
+    if base in TINY_PRESETS:
+        preset = get_preset(base)
+        if adapter is None:
+            adapter, random_parts = preset.adapter, ["base", "adapter"]
+        elif _is_arc2face(adapter):
+            raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
+                             "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
+        base, face_model = preset.base, face_model or preset.face_pack
+    kind = "arc2face" if _is_arc2face(adapter) or args.base == "tiny-arc2face" else "faceid"
+    if kind == "faceid" and adapter is None:
+        adapter, weight_name = DEFAULT_ADAPTER, weight_name or DEFAULT_WEIGHT_NAME
+    if kind == "faceid" and not args.prompt:
+        raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
+    face_model = face_model or (ARC2FACE_FACE_PACK if kind == "arc2face" else DEFAULT_FACE_PACK)
+    return Models(kind, base, adapter, weight_name, face_model, random_parts)
+
+
+def _load_pipeline(models: Models, adapter_file: str | None, dtype):
+    from .pipelines import IDArc2FacePipeline, IDStableDiffusionPipeline
 
     try:
-        return IDStableDiffusionPipeline.from_pretrained(base, dtype=dtype)
+        if models.kind == "arc2face":
+            return IDArc2FacePipeline.from_arc2face(models.adapter, base_model=models.base, dtype=dtype)
+        pipe = IDStableDiffusionPipeline.from_pretrained(models.base, dtype=dtype)
     except Exception as err:  # offline, missing repo, bad folder
         first_line = str(err).splitlines()[0][:200] if str(err) else ""
         raise ModelNotFoundError(
-            f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
+            f"could not load base model {models.base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
             "a reachable hub id, or leave --base out for the offline tiny preset"
         ) from None
+    pipe.load_identity_adapter(adapter_file)
+    return pipe
 
 
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from .faces import FaceAnalyzer
-    from .presets import TINY_PRESETS, get_preset
     from .version import __version__
 
     paths = _output_paths(args.out, args.num_images)
-    adapter, weight_name = args.adapter, args.weight_name
-    face_model, base = args.face_model, args.base
-    random_parts = []
-    if args.base in TINY_PRESETS:
-        preset = get_preset(args.base)
-        base = preset.base
-        if adapter is None:
-            adapter, random_parts = preset.adapter, ["base", "adapter"]
-        face_model = face_model or preset.face_pack
-    adapter = adapter or DEFAULT_ADAPTER
-    if adapter == DEFAULT_ADAPTER and weight_name is None:
-        weight_name = DEFAULT_WEIGHT_NAME
+    models = _resolve_models(args)
+    steps, guidance = DEFAULTS[models.kind]
+    steps, guidance = args.steps or steps, guidance if args.guidance is None else args.guidance
+    if not args.id_start < args.id_end:
+        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
 
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
-    from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
+    adapter_file = None
+    if models.kind == "faceid":
+        from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
 
-    adapter_file = resolve_checkpoint_file(adapter, weight_name, args.subfolder)
-    detect_format(load_adapter_state_dict(adapter_file), adapter_file)
-    analyzer = FaceAnalyzer(face_model or DEFAULT_FACE_PACK, detector=args.detector)
+        adapter_file = resolve_checkpoint_file(models.adapter, models.weight_name, args.subfolder)
+        detect_format(load_adapter_state_dict(adapter_file), adapter_file)
+    analyzer = FaceAnalyzer(models.face_model, detector=args.detector)
     if analyzer.recognizer_random:
-        random_parts.append("face recognizer")
+        models.random_parts.append("face recognizer")
     id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))
     negative_id_embeds = None
     if args.negative_face:
         negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index))
-    if not args.id_start < args.id_end:
-        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe = _load_pipeline(base, dtype)
-    pipe.load_identity_adapter(adapter_file)
+    pipe = _load_pipeline(models, adapter_file, dtype)
     pipe.set_face_analyzer(analyzer)
     pipe.to(device)
     pipe.set_progress_bar_config(desc="denoising")
 
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(
-        args.prompt,
+    call = dict(
         id_embeds=id_embeds,
-        id_scale=args.id_scale,
         negative_id_embeds=negative_id_embeds,
-        id_guidance_start=args.id_start,
-        id_guidance_end=args.id_end,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         num_images_per_prompt=args.num_images,
         height=args.height,
         width=args.width,
-        generator=generator,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
+    if models.kind == "faceid":
+        call.update(prompt=args.prompt, negative_prompt=args.negative_prompt, id_scale=args.id_scale,
+                    id_guidance_start=args.id_start, id_guidance_end=args.id_end)
+    result = pipe(**call)
     metadata = {
-        "prompt": args.prompt,
+        "prompt": args.prompt or "",
         "negative_prompt": args.negative_prompt or "",
         "seed": str(args.seed),
-        "steps": str(args.steps),
-        "guidance": str(args.guidance),
+        "steps": str(steps),
+        "guidance": str(guidance),
         "id_scale": str(args.id_scale),
         "id_window": f"{args.id_start}-{args.id_end}",
         "negative_faces": ", ".join(args.negative_face or []),
         "faces": ", ".join(args.face),
+        "method": models.kind,
         "base_model": args.base,
-        "adapter": f"{adapter}" + (f" ({weight_name})" if weight_name else ""),
+        "adapter": f"{models.adapter}" + (f" ({models.weight_name})" if models.weight_name else ""),
         "face_model": f"{analyzer.info['recognizer']} via {analyzer.info['detector']}",
         "idgen_version": __version__,
     }
-    if random_parts:
-        metadata["random_weights"] = "random weights in: " + ", ".join(random_parts) + " (offline preset; images carry no likeness)"
+    if models.random_parts:
+        metadata["random_weights"] = (
+            "random weights in: " + ", ".join(models.random_parts) + " (offline preset; images carry no likeness)"
+        )
     for image, path in zip(result.images, paths):
         _save_png(image, path, metadata)
         print(path)

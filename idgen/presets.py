@@ -20,8 +20,8 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 1
-TINY_PRESETS = ("tiny",)
+PRESET_FORMAT = 2
+TINY_PRESETS = ("tiny", "tiny-arc2face")
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
 
 
@@ -37,7 +37,7 @@ class Preset:
     name: str
     seed: int
     base: str  # diffusers pipeline folder
-    adapter: str  # adapter checkpoint file
+    adapter: str  # identity model: adapter checkpoint file, or a folder in Arc2Face layout
     face_pack: str  # insightface-style pack folder (recognition model only)
 
 
@@ -62,38 +62,29 @@ def tiny_clip_tokenizer():
 
 
 # ------------------------------------------------------------------------------ models
-def tiny_sd15_pipeline(seed: int = 0):
-    """A tiny random ``IDStableDiffusionPipeline`` shaped like SD1.5 (8x VAE, cross-attention UNet)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_unet(cross_attention_dim: int = 32):
+    """A tiny SD1.5-shaped UNet: two cross-attention blocks down and up, 14 attention layers."""
+    from diffusers import UNet2DConditionModel
 
-    from idgen.pipelines import IDStableDiffusionPipeline
-
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
-    text_encoder = CLIPTextModel(
+
+
+def tiny_text_encoder(tokenizer, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
+            hidden_size=hidden_size,
             intermediate_size=37,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -104,6 +95,34 @@ def tiny_sd15_pipeline(seed: int = 0):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def tiny_arc2face_models(tokenizer, seed: int = 0):
+    """Arc2Face's two fine-tuned parts, tiny and random: a text encoder wide enough to hold a
+    512-d identity (``encoder/``) and a UNet attending to it (``arc2face/``)."""
+    torch.manual_seed(seed + 1)
+    return tiny_text_encoder(tokenizer, hidden_size=512), tiny_unet(cross_attention_dim=512)
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    """A tiny random ``IDStableDiffusionPipeline`` shaped like SD1.5 (8x VAE, cross-attention UNet)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from idgen.pipelines import IDStableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = tiny_unet()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    text_encoder = tiny_text_encoder(tokenizer)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -196,13 +215,20 @@ def _build_tiny(folder: str, seed: int) -> None:
     save_adapter_checkpoint(random_faceid_state_dict(pipe.unet, seed), os.path.join(folder, "adapter", ADAPTER_FILE))
     os.makedirs(os.path.join(folder, "faces"))
     write_random_recognizer(os.path.join(folder, "faces", "arcface_random.onnx"), seed)
+    encoder, unet = tiny_arc2face_models(pipe.tokenizer, seed)
+    encoder.save_pretrained(os.path.join(folder, "arc2face", "encoder"))
+    unet.save_pretrained(os.path.join(folder, "arc2face", "arc2face"))
 
 
 def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Preset:
-    """Build (once, atomically) and return a tiny preset."""
+    """Build (once, atomically) and return a tiny preset.
+
+    ``tiny``: SD1.5-shaped base + FaceID adapter. ``tiny-arc2face``: the same base supplies
+    tokenizer, VAE and scheduler; ``adapter`` is the folder in Arc2Face's layout.
+    """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
-    folder = os.path.join(root or cache_dir(), f"{name}-v{PRESET_FORMAT}-seed{seed}")
+    folder = os.path.join(root or cache_dir(), f"tiny-v{PRESET_FORMAT}-seed{seed}")
     if not os.path.isdir(folder):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=os.path.dirname(folder))
@@ -218,6 +244,6 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         name=name,
         seed=seed,
         base=os.path.join(folder, "base"),
-        adapter=os.path.join(folder, "adapter", ADAPTER_FILE),
+        adapter=os.path.join(folder, "arc2face") if name == "tiny-arc2face" else os.path.join(folder, "adapter", ADAPTER_FILE),
         face_pack=os.path.join(folder, "faces"),
     )

@@ -1,6 +1,7 @@
 """diffusers pipelines with identity conditioning."""
 
-from .identity import IdentityPipelineMixin
+from .arc2face import IDArc2FacePipeline
+from .identity import FaceInputMixin, IdentityPipelineMixin
 from .stable_diffusion import IDStableDiffusionPipeline
 
-__all__ = ["IDStableDiffusionPipeline", "IdentityPipelineMixin"]
+__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDStableDiffusionPipeline", "IdentityPipelineMixin"]

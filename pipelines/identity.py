@@ -122,6 +122,21 @@ class FaceInputMixin:
             negative_id_embeds = self.encode_identity(negative_face_image, batch_size, face_index)
         return id_embeds, negative_id_embeds
 
+    @staticmethod
+    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+        if id_embeds.ndim == 1:
+            id_embeds = id_embeds[None]
+        if id_embeds.ndim != 2:
+            raise ValueError(f"{name} must have shape (512,) or (N, 512), got {tuple(id_embeds.shape)}")
+        if id_embeds.shape[0] == 1:
+            return id_embeds.expand(batch_size, -1)
+        if id_embeds.shape[0] != batch_size:
+            raise ValueError(
+                f"{name} holds {id_embeds.shape[0]} identities for {batch_size} prompts: "
+                "pass one identity, or one per prompt"
+            )
+        return id_embeds
+
 
 class IdentityPipelineMixin(FaceInputMixin):
     """Identity-adapter methods shared by the SD1.5 and SDXL pipelines."""
@@ -220,21 +235,6 @@ class IdentityPipelineMixin(FaceInputMixin):
             return callback(pipe, step, timestep, tensors) if callback is not None else tensors
 
         return on_step_end
-
-    @staticmethod
-    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-        if id_embeds.ndim == 1:
-            id_embeds = id_embeds[None]
-        if id_embeds.ndim != 2:
-            raise ValueError(f"{name} must have shape (512,) or (N, 512), got {tuple(id_embeds.shape)}")
-        if id_embeds.shape[0] == 1:
-            return id_embeds.expand(batch_size, -1)
-        if id_embeds.shape[0] != batch_size:
-            raise ValueError(
-                f"{name} holds {id_embeds.shape[0]} identities for {batch_size} prompts: "
-                "pass one identity, or one per prompt"
-            )
-        return id_embeds
 
     def encode_id_tokens(
         self,

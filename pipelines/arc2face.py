@@ -1,0 +1,132 @@
+"""Arc2Face: identity-only generation, the ArcFace vector written into the text encoder.
+
+The projected identity replaces the embedding of the token "id" in the fixed prompt
+"photo of a id person"; the (fine-tuned) CLIP text encoder then runs as usual and its last
+hidden state conditions a fine-tuned SD1.5 UNet. There is no adapter and no user prompt,
+so this is its own pipeline rather than a mode of ``IDStableDiffusionPipeline``: the two
+share face input, not their conditioning path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from .identity import FaceImages, FaceInputMixin
+
+ID_PROMPT = "photo of a id person"
+ID_WORD = "id"
+
+
+class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
+    """diffusers' ``StableDiffusionPipeline`` driven by an ArcFace identity instead of a prompt.
+
+    >>> pipe = IDArc2FacePipeline.from_arc2face("FoivosPar/Arc2Face")
+    >>> pipe.set_face_analyzer(FaceAnalyzer("antelopev2"))  # with arcface.onnx in the pack
+    >>> image = pipe(face_image="me.jpg", num_inference_steps=25, guidance_scale=3.0).images[0]
+    """
+
+    @classmethod
+    def from_arc2face(
+        cls,
+        arc2face: str = "FoivosPar/Arc2Face",
+        base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        **kwargs,
+    ) -> "IDArc2FacePipeline":
+        """Load the official layout: ``encoder/`` (CLIP text encoder) and ``arc2face/`` (UNet)
+        from ``arc2face``; tokenizer, VAE and scheduler from ``base_model``."""
+        from transformers import CLIPTextModel
+
+        hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        text_encoder = CLIPTextModel.from_pretrained(arc2face, subfolder="encoder", dtype=dtype, **hub)
+        unet = UNet2DConditionModel.from_pretrained(arc2face, subfolder="arc2face", **hub)
+        if dtype is not None:
+            unet = unet.to(dtype)
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+        return cls.from_pretrained(base_model, text_encoder=text_encoder, unet=unet, **kwargs)
+
+    def _id_token(self) -> int:
+        ids = self.tokenizer(ID_WORD, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer splits {ID_WORD!r} into {len(ids)} tokens; Arc2Face needs it as one token")
+        return ids[0]
+
+    @contextlib.contextmanager
+    def _replace_id_token(self, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+        """Within the block, the text encoder's token embedding at ``mask`` is ``vectors``."""
+
+        def hook(module, inputs, output):
+            output = output.clone()
+            output[mask] = vectors.to(output.dtype)
+            return output
+
+        handle = self.text_encoder.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def encode_id_prompt(self, id_embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Text-encoder states (N, 77, D) of "photo of a id person" with identity i in row i."""
+        id_embeds = F.normalize(id_embeds.reshape(-1, id_embeds.shape[-1]).float(), dim=-1)
+        hidden = self.text_encoder.config.hidden_size
+        if id_embeds.shape[-1] > hidden:
+            raise ValueError(f"a {id_embeds.shape[-1]}-d identity does not fit the {hidden}-d text encoder")
+        input_ids = self.tokenizer(
+            [ID_PROMPT] * len(id_embeds), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(device)
+        vectors = F.pad(id_embeds, (0, hidden - id_embeds.shape[-1])).to(device)
+        with self._replace_id_token(input_ids == self._id_token(), vectors):
+            return self.text_encoder(input_ids)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        **kwargs,
+    ):
+        """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
+
+        ``face_image`` takes one photo, a list of photos of one person (averaged), or a list
+        of lists (one identity per sample); ``id_embeds`` (512,) or (N, 512). The negative
+        branch is the empty prompt, or ``negative_face_image`` / ``negative_id_embeds``.
+        Other arguments are ``StableDiffusionPipeline.__call__``'s; there is no prompt.
+        """
+        # 1. Check inputs and encode the identity
+        if kwargs.get("prompt") is not None:
+            raise ValueError("Arc2Face takes no prompt: the identity is its whole condition")
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, 1, face_index, face_weights
+        )
+        device = self._execution_device
+
+        # 2. Write the identity into the text encoder's input
+        prompt_embeds = self.encode_id_prompt(id_embeds, device)
+        if negative_id_embeds is not None:
+            negative = self._batch_id_embeds(negative_id_embeds, len(prompt_embeds), "negative_id_embeds")
+            negative_prompt_embeds = self.encode_id_prompt(negative, device)
+        else:
+            _, negative_prompt_embeds = self.encode_prompt(None, device, 1, True, prompt_embeds=prompt_embeds)
+
+        # 3. Denoise and decode: the parent's loop
+        return super().__call__(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            **kwargs,
+        )
