@@ -12,12 +12,13 @@ from .loading import (
     resolve_checkpoint_file,
     save_adapter_checkpoint,
 )
-from .projection import FaceIDProjection
+from .projection import FaceIDProjection, InstantIDResampler
 
 __all__ = [
     "AdapterSpec",
     "FaceIDProjection",
     "IDAttnProcessor",
+    "InstantIDResampler",
     "build_processors",
     "cache_identity_kv",
     "build_projection",

@@ -20,7 +20,7 @@ import torch
 from idgen.errors import CheckpointError, ModelNotFoundError
 
 from .attention import IDAttnProcessor
-from .projection import FaceIDProjection
+from .projection import FaceIDProjection, InstantIDResampler
 
 StateDict = dict[str, torch.Tensor]
 
@@ -208,16 +208,32 @@ def check_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec, pat
             raise CheckpointError(f"{path}: layer {index} ({name}) has an incomplete LoRA ({sorted(lora_parts)})")
 
 
-def build_projection(state_dict: dict[str, StateDict], spec: AdapterSpec) -> FaceIDProjection:
-    """The FaceID projection model with the checkpoint's weights."""
+def build_projection(state_dict: dict[str, StateDict], spec: AdapterSpec) -> FaceIDProjection | InstantIDResampler:
+    """The projection model the checkpoint describes, with its weights (shapes read from the keys)."""
     proj = state_dict["image_proj"]
-    model = FaceIDProjection(
-        id_embed_dim=int(proj["proj.0.weight"].shape[1]),
-        hidden_dim=int(proj["proj.0.weight"].shape[0]),
-        cross_attention_dim=spec.cross_attention_dim,
-        num_tokens=spec.num_tokens,
-    )
-    model.load_state_dict(proj, strict=True)
+    if spec.format == "instantid":
+        dim = int(proj["latents"].shape[2])
+        model = InstantIDResampler(
+            dim=dim,
+            depth=len({key.split(".")[1] for key in proj if key.startswith("layers.")}),
+            dim_head=64,  # the reference's; the checkpoint only fixes heads x dim_head
+            heads=int(proj["layers.0.0.to_q.weight"].shape[0]) // 64,
+            num_queries=spec.num_tokens,
+            embedding_dim=int(proj["proj_in.weight"].shape[1]),
+            output_dim=spec.cross_attention_dim,
+            ff_mult=int(proj["layers.0.1.1.weight"].shape[0]) // dim,
+        )
+    else:
+        model = FaceIDProjection(
+            id_embed_dim=int(proj["proj.0.weight"].shape[1]),
+            hidden_dim=int(proj["proj.0.weight"].shape[0]),
+            cross_attention_dim=spec.cross_attention_dim,
+            num_tokens=spec.num_tokens,
+        )
+    try:
+        model.load_state_dict(proj, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"image_proj does not match the {spec.format} layout: {str(err).splitlines()[0]}") from None
     return model
 
 

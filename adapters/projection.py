@@ -25,7 +25,89 @@ class FaceIDProjection(ModelMixin, ConfigMixin):
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
 
+    @property
+    def id_embed_dim(self) -> int:
+        return self.config.id_embed_dim
+
     def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
         """(B, 512) -> (B, num_tokens, cross_attention_dim)."""
         tokens = self.proj(id_embeds).reshape(-1, self.config.num_tokens, self.config.cross_attention_dim)
         return self.norm(tokens)
+
+
+class PerceiverAttention(nn.Module):
+    """Latent queries attend to (context + latents), as in IP-Adapter's and InstantID's Resampler."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        context, latents = self.norm1(context), self.norm2(latents)
+        query = self._split_heads(self.to_q(latents))
+        key, value = (self._split_heads(t) for t in self.to_kv(torch.cat([context, latents], dim=-2)).chunk(2, dim=-1))
+        scale = self.dim_head**-0.25  # applied to both q and k: steadier in half precision
+        weight = ((query * scale) @ (key * scale).transpose(-2, -1)).float().softmax(dim=-1).to(query.dtype)
+        out = (weight @ value).transpose(1, 2).reshape(latents.shape[0], latents.shape[1], -1)
+        return self.to_out(out)
+
+
+class InstantIDResampler(ModelMixin, ConfigMixin):
+    """InstantID's image projection: a Perceiver resampler from the ArcFace vector to
+    ``num_queries`` tokens. Parameter names match the official ``ip-adapter.bin``."""
+
+    @register_to_config
+    def __init__(
+        self,
+        dim: int = 1280,
+        depth: int = 4,
+        dim_head: int = 64,
+        heads: int = 20,
+        num_queries: int = 16,
+        embedding_dim: int = 512,
+        output_dim: int = 2048,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim, dim_head, heads),
+                    nn.Sequential(
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, dim * ff_mult, bias=False),
+                        nn.GELU(),
+                        nn.Linear(dim * ff_mult, dim, bias=False),
+                    ),
+                ]
+            )
+            for _ in range(depth)
+        )
+
+    @property
+    def id_embed_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, 512) or (B, N, 512) -> (B, num_queries, output_dim)."""
+        if id_embeds.ndim == 2:
+            id_embeds = id_embeds[:, None]
+        context = self.proj_in(id_embeds)
+        latents = self.latents.repeat(id_embeds.shape[0], 1, 1)
+        for attention, feed_forward in self.layers:
+            latents = attention(context, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))

@@ -1,7 +1,7 @@
 """idgen: identity-preserving image generation with diffusers."""
 
 from .errors import CheckpointError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
-from .faces import Face, FaceAnalyzer
+from .faces import Face, FaceAnalyzer, draw_kps
 from .images import load_image
 from .version import __version__
 
@@ -9,7 +9,7 @@ from .version import __version__
 def __getattr__(name: str):
     # Pipelines import diffusers and torch: load them on first use so `idgen --help`
     # and face analysis stay fast.
-    if name in ("IDStableDiffusionPipeline", "IDArc2FacePipeline"):
+    if name in ("IDStableDiffusionPipeline", "IDStableDiffusionXLPipeline", "IDArc2FacePipeline", "load_identitynet"):
         from . import pipelines
 
         return getattr(pipelines, name)
@@ -23,9 +23,12 @@ __all__ = [
     "IDArc2FacePipeline",
     "IDGenError",
     "IDStableDiffusionPipeline",
+    "IDStableDiffusionXLPipeline",
     "ImageError",
     "ModelNotFoundError",
     "NoFaceError",
     "__version__",
+    "draw_kps",
+    "load_identitynet",
     "load_image",
 ]

@@ -48,6 +48,11 @@ class Face:
     kps: np.ndarray  # (5, 2): left eye, right eye, nose, left mouth corner, right mouth corner
     aligned: np.ndarray = field(repr=False)  # (112, 112, 3) uint8 RGB, ArcFace template
     embedding: np.ndarray = field(repr=False)  # (512,) float32, L2-normalised ArcFace vector
+    embedding_norm: float = 1.0  # L2 norm of the raw recognizer output (InstantID takes the raw vector)
+
+    @property
+    def raw_embedding(self) -> np.ndarray:
+        return self.embedding * self.embedding_norm
 
     @property
     def area(self) -> float:
@@ -281,10 +286,9 @@ class FaceAnalyzer:
         }
 
     def embed_aligned(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
-        """ArcFace embeddings (N, 512), L2-normalised, of RGB crops aligned to the template."""
+        """Raw ArcFace outputs (N, 512) of RGB crops aligned to the template (insightface wants BGR)."""
         bgr = [np.ascontiguousarray(crop[:, :, ::-1]) for crop in aligned]
-        features = np.asarray(self.recognizer.get_feat(bgr), dtype=np.float32).reshape(len(bgr), -1)
-        return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        return np.asarray(self.recognizer.get_feat(bgr), dtype=np.float32).reshape(len(bgr), -1)
 
     def analyze(self, image: ImageInput) -> list[Face]:
         """All faces in ``image``, largest first."""
@@ -294,10 +298,11 @@ class FaceAnalyzer:
             return []
         size = self.recognizer.input_size[0]
         crops = [align_face(rgb, kps, size) for _, _, kps in detections]
-        embeddings = self.embed_aligned(crops)
+        raw = self.embed_aligned(crops)
+        norms = np.maximum(np.linalg.norm(raw, axis=1), 1e-12)
         faces = [
-            Face(bbox=bbox, det_score=score, kps=kps, aligned=crop, embedding=emb)
-            for (bbox, score, kps), crop, emb in zip(detections, crops, embeddings)
+            Face(bbox=bbox, det_score=score, kps=kps, aligned=crop, embedding=emb / norm, embedding_norm=float(norm))
+            for (bbox, score, kps), crop, emb, norm in zip(detections, crops, raw, norms)
         ]
         return sorted(faces, key=lambda face: -face.area)
 
@@ -317,22 +322,59 @@ class FaceAnalyzer:
         return faces[face_index]
 
     def identity(
-        self, images: Sequence[ImageInput], face_index: int = 0, weights: Sequence[float] | None = None
+        self,
+        images: Sequence[ImageInput],
+        face_index: int = 0,
+        weights: Sequence[float] | None = None,
+        raw: bool = False,
     ) -> np.ndarray:
-        """One L2-normalised identity from one or several photos of the same person: the
-        (optionally weighted) mean of their normalised embeddings, normalised again.
+        """One identity from one or several photos of the same person: the (optionally
+        weighted) mean of their normalised embeddings, normalised again; with ``raw``, scaled
+        to the mean raw norm (InstantID was trained on un-normalised vectors).
 
         A photo with no face raises, naming its index: it is never silently dropped.
         """
         if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
-        embeddings = []
+        faces = []
         for i, image in enumerate(images):
             try:
-                embeddings.append(self.get_face(image, face_index).embedding)
+                faces.append(self.get_face(image, face_index))
             except NoFaceError as err:
                 if len(images) == 1:
                     raise
                 raise NoFaceError(f"face image {i}: {err}") from None
-        mean = np.average(embeddings, axis=0, weights=weights)
-        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+        mean = np.average([face.embedding for face in faces], axis=0, weights=weights)
+        mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        if raw:
+            mean = mean * np.average([face.embedding_norm for face in faces], weights=weights)
+        return mean.astype(np.float32)
+
+
+#: InstantID's keypoint colours (RGB), by keypoint index.
+KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+
+
+def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) -> "Image.Image":
+    """The IdentityNet condition image, drawn as InstantID's was trained on.
+
+    Black canvas of ``image_size`` (width, height); an ellipse from each eye and mouth corner to
+    the nose in that point's colour, dimmed to 60%; then a full-colour disc of radius 10 on each
+    keypoint.
+    """
+    from PIL import Image
+
+    width, height = image_size
+    kps = np.asarray(kps, dtype=np.float64)
+    canvas = np.zeros((height, width, 3), dtype=np.float64)
+    for start in (0, 1, 3, 4):
+        (x0, y0), (x1, y1) = kps[start], kps[2]
+        length = float(np.hypot(x0 - x1, y0 - y1))
+        angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
+        centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
+        polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), angle, 0, 360, 1)
+        cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[start])
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for index, (x, y) in enumerate(kps):
+        cv2.circle(canvas, (int(x), int(y)), 10, KPS_COLORS[index], -1)
+    return Image.fromarray(canvas)

@@ -20,8 +20,9 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 2
-TINY_PRESETS = ("tiny", "tiny-arc2face")
+PRESET_FORMAT = 3
+TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl")
+INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
 
 
@@ -133,6 +134,80 @@ def tiny_sd15_pipeline(seed: int = 0):
     )
 
 
+def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
+    """A tiny random ``IDStableDiffusionXLPipeline``: SDXL-shaped UNet (text-time conditioning, two
+    text encoders, 64-wide cross-attention), the tiny 8x VAE and Euler, as InstantID's demo uses."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from idgen.pipelines import IDStableDiffusionXLPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # pooled text (32) + 6 time ids x 8
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=128,
+    )
+    text_encoder = tiny_text_encoder(tokenizer)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": 32}))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return IDStableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=scheduler, controlnet=controlnet,
+        add_watermarker=False,
+    )
+
+
+def tiny_identitynet(unet, seed: int = 0):
+    """A tiny IdentityNet: an SDXL ``ControlNetModel`` shaped like ``unet``, random."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 3)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    with torch.no_grad():  # from_unet zero-inits the output convolutions; make them matter
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            module.weight.normal_(0, 0.05)
+    return net
+
+
+def random_instantid_state_dict(unet, seed: int = 0, dim: int = 128, depth: int = 4, num_queries: int = 16) -> dict:
+    """A random checkpoint in the official InstantID ``ip-adapter.bin`` layout for ``unet``
+    (Resampler with ``dim / 64`` heads of 64, identity K/V on every cross-attention layer)."""
+    from idgen.adapters import InstantIDResampler
+    from idgen.adapters.loading import _hidden_size, _is_cross_attention
+
+    generator = torch.Generator().manual_seed(seed)
+    out = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    resampler = InstantIDResampler(dim=dim, depth=depth, heads=dim // 64, num_queries=num_queries, output_dim=out)
+    image_proj = {k: v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in resampler.state_dict().items()}
+    ip_adapter = {}
+    for index, name in enumerate(unet.attn_processors):
+        if _is_cross_attention(name):
+            hidden = _hidden_size(unet, name)
+            for part in ("to_k_ip", "to_v_ip"):
+                ip_adapter[f"{index}.{part}.weight"] = torch.randn(hidden, out, generator=generator) * out**-0.5
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
 def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim: int = 1024) -> dict:
     """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``.
 
@@ -218,6 +293,11 @@ def _build_tiny(folder: str, seed: int) -> None:
     encoder, unet = tiny_arc2face_models(pipe.tokenizer, seed)
     encoder.save_pretrained(os.path.join(folder, "arc2face", "encoder"))
     unet.save_pretrained(os.path.join(folder, "arc2face", "arc2face"))
+    sdxl = tiny_sdxl_pipeline(seed)
+    sdxl.save_pretrained(os.path.join(folder, "sdxl"))
+    instantid = os.path.join(folder, "instantid")
+    tiny_identitynet(sdxl.unet, seed).save_pretrained(os.path.join(instantid, "ControlNetModel"))
+    save_adapter_checkpoint(random_instantid_state_dict(sdxl.unet, seed), os.path.join(instantid, INSTANTID_FILE))
 
 
 def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Preset:
@@ -225,6 +305,8 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
 
     ``tiny``: SD1.5-shaped base + FaceID adapter. ``tiny-arc2face``: the same base supplies
     tokenizer, VAE and scheduler; ``adapter`` is the folder in Arc2Face's layout.
+    ``tiny-sdxl``: SDXL-shaped base; ``adapter`` is a folder in InstantID's layout
+    (``ip-adapter.bin`` + ``ControlNetModel/``).
     """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
@@ -240,10 +322,15 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    base, adapter = {
+        "tiny": ("base", os.path.join("adapter", ADAPTER_FILE)),
+        "tiny-arc2face": ("base", "arc2face"),
+        "tiny-sdxl": ("sdxl", "instantid"),
+    }[name]
     return Preset(
         name=name,
         seed=seed,
-        base=os.path.join(folder, "base"),
-        adapter=os.path.join(folder, "arc2face") if name == "tiny-arc2face" else os.path.join(folder, "adapter", ADAPTER_FILE),
+        base=os.path.join(folder, base),
+        adapter=os.path.join(folder, adapter),
         face_pack=os.path.join(folder, "faces"),
     )

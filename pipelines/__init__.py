@@ -3,5 +3,7 @@
 from .arc2face import IDArc2FacePipeline
 from .identity import FaceInputMixin, IdentityPipelineMixin
 from .stable_diffusion import IDStableDiffusionPipeline
+from .stable_diffusion_xl import IDStableDiffusionXLPipeline, load_identitynet
 
-__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDStableDiffusionPipeline", "IdentityPipelineMixin"]
+__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDStableDiffusionPipeline",
+           "IDStableDiffusionXLPipeline", "IdentityPipelineMixin", "load_identitynet"]

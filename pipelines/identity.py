@@ -14,6 +14,7 @@ from idgen.adapters import (
     cache_identity_kv,
     FaceIDProjection,
     IDAttnProcessor,
+    InstantIDResampler,
     build_processors,
     build_projection,
     check_adapter,
@@ -65,6 +66,8 @@ class FaceInputMixin:
     """Face photos -> ArcFace ``id_embeds``: shared by every idgen pipeline."""
 
     _face_analyzer: FaceAnalyzer | None = None
+    #: Whether identities from photos keep the recognizer's raw scale (InstantID) or unit norm.
+    raw_id_embeds: bool = False
 
     @property
     def face_analyzer(self) -> FaceAnalyzer:
@@ -99,7 +102,7 @@ class FaceInputMixin:
         else:
             groups = [[face_image]]
         weights = face_weights if len(groups) == 1 else None
-        return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights) for g in groups]))
+        return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights, self.raw_id_embeds) for g in groups]))
 
     def prepare_id_embeds(
         self,
@@ -143,8 +146,12 @@ class IdentityPipelineMixin(FaceInputMixin):
 
     #: Adapter formats this pipeline runs.
     supported_adapter_formats: tuple[str, ...] = ("faceid",)
-    id_projection: FaceIDProjection | None = None
+    id_projection: FaceIDProjection | InstantIDResampler | None = None
     adapter_spec: AdapterSpec | None = None
+
+    @property
+    def raw_id_embeds(self) -> bool:
+        return self.adapter_spec is not None and self.adapter_spec.format == "instantid"
 
     # ---------------------------------------------------------------- loading
     def load_identity_adapter(
@@ -180,6 +187,11 @@ class IdentityPipelineMixin(FaceInputMixin):
                 f"{path} is an IP-Adapter-FaceID-Plus checkpoint, which also needs CLIP image features; "
                 "idgen runs FaceID (ip-adapter-faceid_sd15.bin / _sdxl.bin) and InstantID: use one of those"
             )
+        if spec.format == "instantid":
+            return (
+                f"{path} is an InstantID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline "
+                "with an SDXL base (and its IdentityNet as the controlnet)"
+            )
         return (
             f"{path} is a {spec.format} adapter, which {type(self).__name__} does not run "
             f"(it runs: {', '.join(self.supported_adapter_formats)}): use the matching idgen pipeline"
@@ -192,7 +204,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
         self.set_adapters(active + [ID_LORA_NAME])
 
-    def _require_adapter(self) -> FaceIDProjection:
+    def _require_adapter(self) -> FaceIDProjection | InstantIDResampler:
         if self.id_projection is None:
             raise RuntimeError(
                 "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
@@ -249,7 +261,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         reference implementations do.
         """
         projection = self._require_adapter().to(device)
-        dim = projection.config.id_embed_dim
+        dim = projection.id_embed_dim
         if id_embeds.shape[-1] != dim:
             raise ValueError(f"id_embeds must be {dim}-d ArcFace vectors, got shape {tuple(id_embeds.shape)}")
         positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds")

@@ -1,0 +1,223 @@
+"""SDXL with an identity adapter: FaceID-SDXL, or InstantID (image adapter + IdentityNet)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from PIL import Image
+
+from idgen.adapters import cache_identity_kv
+from idgen.faces import draw_kps
+from idgen.images import ImageInput, load_image
+
+from .identity import FaceImages, IDScale, IdentityPipelineMixin
+
+
+def load_identitynet(pretrained_model_name_or_path: str, subfolder: str = "ControlNetModel", **kwargs) -> ControlNetModel:
+    """InstantID's IdentityNet: a diffusers SDXL ``ControlNetModel`` from the InstantID layout
+    (``InstantX/InstantID`` or a local copy, ``ControlNetModel/`` subfolder)."""
+    return ControlNetModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLControlNetPipeline):
+    """diffusers' SDXL ControlNet pipeline plus identity arguments.
+
+    With an InstantID adapter and its IdentityNet as ``controlnet`` (or as the first of several
+    ControlNets), IdentityNet sees the identity tokens and a keypoint image drawn from the face;
+    further ControlNets see the text and the images given in ``image=``. With no ControlNet it is
+    plain SDXL plus the identity adapter (e.g. FaceID-SDXL).
+
+    >>> pipe = IDStableDiffusionXLPipeline.from_pretrained(
+    ...     "stabilityai/stable-diffusion-xl-base-1.0", controlnet=load_identitynet("InstantX/InstantID"))
+    >>> pipe.load_identity_adapter("InstantX/InstantID", weight_name="ip-adapter.bin")
+    >>> image = pipe("a photo of a person as an astronaut", face_image="me.jpg", id_scale=0.8).images[0]
+    """
+
+    _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "controlnet"]
+    supported_adapter_formats = ("faceid", "instantid")
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor=None,
+        image_encoder=None,
+    ):
+        super().__init__(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, controlnet=controlnet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+        )
+
+    # ---------------------------------------------------------------- ControlNets
+    @property
+    def controlnets(self) -> list[ControlNetModel]:
+        if self.controlnet is None:
+            return []
+        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+
+    @property
+    def has_identitynet(self) -> bool:
+        """InstantID adapter + a ControlNet: the first ControlNet is IdentityNet."""
+        return bool(self.controlnets) and self.raw_id_embeds
+
+    @contextlib.contextmanager
+    def _route_control_tokens(self, num_tokens: int) -> Iterator[None]:
+        """IdentityNet gets only the identity tokens; any other ControlNet only the text tokens."""
+
+        def keep(part: slice):
+            def hook(module, args, kwargs):
+                kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, part]
+                return args, kwargs
+
+            return hook
+
+        parts = [slice(-num_tokens, None) if i == 0 and self.has_identitynet else slice(None, -num_tokens)
+                 for i in range(len(self.controlnets))]
+        handles = [net.register_forward_pre_hook(keep(part), with_kwargs=True) for net, part in zip(self.controlnets, parts)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def kps_condition(
+        self, face_kps: np.ndarray, source_size: tuple[int, int] | None, height: int | None, width: int | None
+    ) -> Image.Image:
+        """The IdentityNet image: keypoints of a ``source_size`` photo drawn at the output size (the
+        reference draws at the photo's size and lets the ControlNet resize). ``source_size`` None:
+        the keypoints are already in output pixels (default output size when none is given)."""
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        source_size = source_size or (width or default, height or default)
+        size = (width or source_size[0], height or source_size[1])
+        scale = np.array([size[0] / source_size[0], size[1] / source_size[1]])
+        return draw_kps(size, np.asarray(face_kps, dtype=np.float64) * scale)
+
+    def _pose(self, face_image, face_kps, kps_image, face_index: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """Keypoints and the size of the photo they belong to: ``face_kps`` as given (output
+        pixels), or the largest face of ``kps_image`` (the pose photo) or of the first face photo."""
+        if face_kps is not None:
+            return np.asarray(face_kps), None
+        source = kps_image if kps_image is not None else face_image
+        while isinstance(source, (list, tuple)):
+            source = source[0]
+        if source is None:
+            raise ValueError("IdentityNet needs keypoints: pass face_image=, kps_image= or face_kps=")
+        image = load_image(source, self.face_analyzer.max_pixels)
+        return self.face_analyzer.get_face(image, face_index).kps, image.size
+
+    # ---------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale = 1.0,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        face_kps: np.ndarray | None = None,
+        kps_image: ImageInput | None = None,
+        image: Any = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **kwargs,
+    ):
+        """Generate SDXL images of the person in ``face_image`` (or given ``id_embeds``).
+
+        Identity arguments are those of ``IDStableDiffusionPipeline``. With IdentityNet:
+        ``kps_image`` takes the pose (keypoints) from another photo, ``face_kps`` (5, 2) gives
+        them in output pixels; ``image`` holds the images of any further ControlNets;
+        ``controlnet_conditioning_scale`` (one value, or one per ControlNet) and
+        ``control_guidance_start/end`` work as in diffusers. Other arguments are
+        ``StableDiffusionXLControlNetPipeline.__call__``'s.
+        """
+        # 1. Check inputs
+        self._require_adapter()
+        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
+            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        expected = len(self.controlnets) - self.has_identitynet
+        if len(extra_images) != expected:
+            raise ValueError(
+                f"image= holds {len(extra_images)} control image(s) but the pipeline has {expected} ControlNet(s) "
+                "besides IdentityNet: pass one image per extra ControlNet"
+            )
+        device = self._execution_device
+
+        # 2. Encode the prompt once per prompt (the parent repeats it per image)
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt, prompt_2, device, 1, True, negative_prompt, negative_prompt_2, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=clip_skip,
+        )
+        batch_size = prompt_embeds.shape[0]
+
+        # 3. Encode the identity, append its tokens, draw the IdentityNet keypoints
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        )
+        id_tokens, negative_id_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
+        prompt_embeds = torch.cat([prompt_embeds, id_tokens.to(prompt_embeds.dtype)], dim=1)
+        negative_prompt_embeds = torch.cat([negative_prompt_embeds, negative_id_tokens.to(prompt_embeds.dtype)], dim=1)
+        control_images = extra_images
+        if self.has_identitynet:
+            kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
+            control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback = self.id_guidance_callback(
+            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end
+        )
+        common = dict(
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
+        )
+
+        # 4. Denoise and decode: the parent's loop (plain SDXL's when there is no ControlNet)
+        with cache_identity_kv(self.unet):
+            if not self.controlnets:
+                return StableDiffusionXLPipeline.from_pipe(self)(**common)
+            with self._route_control_tokens(id_tokens.shape[1]):
+                return super().__call__(
+                    image=control_images[0] if len(control_images) == 1 else control_images,
+                    controlnet_conditioning_scale=controlnet_conditioning_scale,
+                    **common,
+                )
