@@ -76,15 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
     gen.add_argument("--base", default="tiny",
-                     help="base model: 'tiny' or 'tiny-arc2face' (offline presets), a hub id or a local diffusers folder")
+                     help="base model: 'tiny', 'tiny-sdxl' or 'tiny-arc2face' (offline presets), a hub id or a local "
+                     "diffusers folder; SD1.5 or SDXL is read from it")
     gen.add_argument("--adapter", default=None,
-                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER}; the preset's for tiny); "
+                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER} for SD1.5, {SDXL_ADAPTER} "
+                     "for SDXL; the preset's for the tiny bases); "
                      "an Arc2Face repo or folder (FoivosPar/Arc2Face) selects Arc2Face")
     gen.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
     gen.add_argument("--subfolder", default=None, help="subfolder of --adapter")
     gen.add_argument("--face-model", default=None,
                      help=f"insightface pack name or folder (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
     gen.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    gen.add_argument("--kps-image", default=None, metavar="PHOTO",
+                     help="InstantID: take the face position and pose from this photo")
+    gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
     gen.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
@@ -142,14 +147,16 @@ def _device_and_dtype(device: str, dtype: str):
 
 
 #: Sampling defaults of each method's reference (steps, guidance).
-DEFAULTS = {"faceid": (30, 7.5), "arc2face": (25, 3.0)}
+DEFAULTS = {"faceid": (30, 7.5), "arc2face": (25, 3.0), "sdxl": (30, 5.0)}
+SDXL_ADAPTER = "InstantX/InstantID"
+INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
 
 
 @dataclass
 class Models:
     """What ``idgen generate`` runs, resolved from the flags."""
 
-    kind: str  # "faceid" or "arc2face"
+    kind: str  # "faceid" (SD1.5), "sdxl" (InstantID or FaceID-SDXL) or "arc2face"
     base: str
     adapter: str
     weight_name: str | None
@@ -159,6 +166,28 @@ class Models:
 
 def _is_arc2face(adapter: str | None) -> bool:
     return adapter is not None and (os.path.isdir(os.path.join(adapter, "arc2face")) or "arc2face" in adapter.lower())
+
+
+def _is_sdxl(base: str) -> bool:
+    """Whether a base model (hub id or folder) is SDXL, from its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(base)
+    except Exception as err:  # offline, missing repo, bad folder
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ModelNotFoundError(
+            f"could not read base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
+            "a reachable hub id, or leave --base out for the offline tiny preset"
+        ) from None
+    return "XL" in config.get("_class_name", "")
+
+
+def _is_instantid(adapter: str, weight_name: str | None) -> bool:
+    """InstantID's layout: a repo or folder with ``ControlNetModel/`` beside ``ip-adapter.bin``."""
+    return weight_name == INSTANTID_WEIGHT_NAME or adapter == SDXL_ADAPTER or os.path.isdir(
+        os.path.join(adapter, "ControlNetModel")
+    )
 
 
 def _resolve_models(args: argparse.Namespace) -> Models:
@@ -173,22 +202,36 @@ def _resolve_models(args: argparse.Namespace) -> Models:
             raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
                              "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
         base, face_model = preset.base, face_model or preset.face_pack
-    kind = "arc2face" if _is_arc2face(adapter) or args.base == "tiny-arc2face" else "faceid"
-    if kind == "faceid" and adapter is None:
-        adapter, weight_name = DEFAULT_ADAPTER, weight_name or DEFAULT_WEIGHT_NAME
-    if kind == "faceid" and not args.prompt:
-        raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
-    face_model = face_model or (ARC2FACE_FACE_PACK if kind == "arc2face" else DEFAULT_FACE_PACK)
+    if _is_arc2face(adapter) or args.base == "tiny-arc2face":
+        kind = "arc2face"
+    else:
+        kind = "sdxl" if _is_sdxl(base) else "faceid"
+        if adapter is None:
+            adapter = SDXL_ADAPTER if kind == "sdxl" else DEFAULT_ADAPTER
+        if weight_name is None and _is_instantid(adapter, weight_name):
+            weight_name = INSTANTID_WEIGHT_NAME
+        elif weight_name is None and adapter == DEFAULT_ADAPTER:
+            weight_name = "ip-adapter-faceid_sdxl.bin" if kind == "sdxl" else DEFAULT_WEIGHT_NAME
+        if not args.prompt:
+            raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
+    instantid = kind == "sdxl" and _is_instantid(adapter, weight_name)
+    face_model = face_model or (ARC2FACE_FACE_PACK if kind == "arc2face" or instantid else DEFAULT_FACE_PACK)
     return Models(kind, base, adapter, weight_name, face_model, random_parts)
 
 
 def _load_pipeline(models: Models, adapter_file: str | None, dtype):
-    from .pipelines import IDArc2FacePipeline, IDStableDiffusionPipeline
+    from .pipelines import IDArc2FacePipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline, load_identitynet
 
     try:
         if models.kind == "arc2face":
             return IDArc2FacePipeline.from_arc2face(models.adapter, base_model=models.base, dtype=dtype)
-        pipe = IDStableDiffusionPipeline.from_pretrained(models.base, dtype=dtype)
+        if models.kind == "sdxl":
+            controlnet = None
+            if _is_instantid(models.adapter, models.weight_name):
+                controlnet = load_identitynet(models.adapter, dtype=dtype)
+            pipe = IDStableDiffusionXLPipeline.from_pretrained(models.base, controlnet=controlnet, dtype=dtype)
+        else:
+            pipe = IDStableDiffusionPipeline.from_pretrained(models.base, dtype=dtype)
     except Exception as err:  # offline, missing repo, bad folder
         first_line = str(err).splitlines()[0][:200] if str(err) else ""
         raise ModelNotFoundError(
@@ -214,7 +257,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     adapter_file = None
-    if models.kind == "faceid":
+    if models.kind != "arc2face":
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
 
         adapter_file = resolve_checkpoint_file(models.adapter, models.weight_name, args.subfolder)
@@ -243,9 +286,13 @@ def run_generate(args: argparse.Namespace) -> None:
         width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
-    if models.kind == "faceid":
+    if models.kind != "arc2face":
         call.update(prompt=args.prompt, negative_prompt=args.negative_prompt, id_scale=args.id_scale,
                     id_guidance_start=args.id_start, id_guidance_end=args.id_end)
+    if models.kind == "sdxl" and pipe.has_identitynet:
+        call.update(kps_image=args.kps_image or args.face[0], controlnet_conditioning_scale=args.identitynet_scale)
+    elif args.kps_image:
+        raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
     result = pipe(**call)
     metadata = {
         "prompt": args.prompt or "",
@@ -257,7 +304,7 @@ def run_generate(args: argparse.Namespace) -> None:
         "id_window": f"{args.id_start}-{args.id_end}",
         "negative_faces": ", ".join(args.negative_face or []),
         "faces": ", ".join(args.face),
-        "method": models.kind,
+        "method": "instantid" if getattr(pipe, "has_identitynet", False) else models.kind,
         "base_model": args.base,
         "adapter": f"{models.adapter}" + (f" ({models.weight_name})" if models.weight_name else ""),
         "face_model": f"{analyzer.info['recognizer']} via {analyzer.info['detector']}",

@@ -20,7 +20,7 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 3
+PRESET_FORMAT = 6
 TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
@@ -182,9 +182,15 @@ def tiny_identitynet(unet, seed: int = 0):
 
     torch.manual_seed(seed + 3)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
-    with torch.no_grad():  # from_unet zero-inits the output convolutions; make them matter
+    with torch.no_grad():
+        # from_unet zero-inits the condition's last conv and the outputs, and default init washes
+        # a sparse keypoint image out: give the condition path a gain so the keypoints matter.
+        for module in net.controlnet_cond_embedding.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0, 3 / module.weight[0].numel() ** 0.5)
+                module.bias.zero_()
         for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            module.weight.normal_(0, 0.05)
+            module.weight.normal_(0, 0.01)
     return net
 
 

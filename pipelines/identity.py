@@ -153,6 +153,16 @@ class IdentityPipelineMixin(FaceInputMixin):
     def raw_id_embeds(self) -> bool:
         return self.adapter_spec is not None and self.adapter_spec.format == "instantid"
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe``; the new pipeline keeps the identity adapter and face
+        analyzer of ``pipeline`` when it shares its UNet."""
+        new = super().from_pipe(pipeline, **kwargs)
+        if getattr(pipeline, "id_projection", None) is not None and new.unet is pipeline.unet:
+            new.id_projection, new.adapter_spec = pipeline.id_projection, pipeline.adapter_spec
+            new._face_analyzer = pipeline._face_analyzer
+        return new
+
     # ---------------------------------------------------------------- loading
     def load_identity_adapter(
         self,

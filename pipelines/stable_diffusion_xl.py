@@ -7,10 +7,24 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from idgen.adapters import cache_identity_kv
 from idgen.faces import draw_kps
@@ -44,18 +58,18 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        unet,
-        scheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
         controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel | None = None,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
-        feature_extractor=None,
-        image_encoder=None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
     ):
         super().__init__(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
@@ -89,7 +103,10 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
         parts = [slice(-num_tokens, None) if i == 0 and self.has_identitynet else slice(None, -num_tokens)
                  for i in range(len(self.controlnets))]
-        handles = [net.register_forward_pre_hook(keep(part), with_kwargs=True) for net, part in zip(self.controlnets, parts)]
+        handles = [
+            net.register_forward_pre_hook(keep(part), with_kwargs=True, prepend=True)
+            for net, part in zip(self.controlnets, parts)
+        ]
         try:
             yield
         finally:
