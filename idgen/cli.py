@@ -175,12 +175,16 @@ def _is_sdxl(base: str) -> bool:
     try:
         config = DiffusionPipeline.load_config(base)
     except Exception as err:  # offline, missing repo, bad folder
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ModelNotFoundError(
-            f"could not read base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
-            "a reachable hub id, or leave --base out for the offline tiny preset"
-        ) from None
+        raise _base_model_error(base, err) from None
     return "XL" in config.get("_class_name", "")
+
+
+def _base_model_error(base: str, err: Exception) -> ModelNotFoundError:
+    first_line = str(err).splitlines()[0][:200] if str(err) else ""
+    return ModelNotFoundError(
+        f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
+        "a reachable hub id, or leave --base out for the offline tiny preset"
+    )
 
 
 def _is_instantid(adapter: str, weight_name: str | None) -> bool:
@@ -233,11 +237,7 @@ def _load_pipeline(models: Models, adapter_file: str | None, dtype):
         else:
             pipe = IDStableDiffusionPipeline.from_pretrained(models.base, dtype=dtype)
     except Exception as err:  # offline, missing repo, bad folder
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ModelNotFoundError(
-            f"could not load base model {models.base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
-            "a reachable hub id, or leave --base out for the offline tiny preset"
-        ) from None
+        raise _base_model_error(models.base, err) from None
     pipe.load_identity_adapter(adapter_file)
     return pipe
 
