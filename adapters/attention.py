@@ -29,6 +29,9 @@ class IDAttnProcessor(nn.Module):
         cross_attention_dim: width of the text and identity tokens.
         num_tokens: how many identity tokens close ``encoder_hidden_states``.
         scale: weight of the identity branch (``id_scale``) for this layer.
+
+    ``text_enabled = False`` drops the text branch (Infinite-ID's identity-enhanced training:
+    the identity branch learns without the prompt to lean on).
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0):
@@ -39,6 +42,7 @@ class IDAttnProcessor(nn.Module):
         self.scale = scale
         self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.text_enabled = True
         self.cache_kv = False
         self._cached: tuple | None = None
 
@@ -99,10 +103,12 @@ class IDAttnProcessor(nn.Module):
             text = attn.norm_encoder_hidden_states(text)
 
         query = attn.to_q(hidden_states)
-        hidden_states = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
-        if self.scale != 0:
-            id_states = self._attend(attn, query, *self.identity_kv(identity))
-            hidden_states = hidden_states + self.scale * id_states
+        if self.text_enabled:
+            hidden_states = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
+            if self.scale != 0:
+                hidden_states = hidden_states + self.scale * self._attend(attn, query, *self.identity_kv(identity))
+        else:
+            hidden_states = self.scale * self._attend(attn, query, *self.identity_kv(identity))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:

@@ -291,3 +291,53 @@ def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def init_identity_adapter_state_dict(
+    unet, format: str = "faceid", num_tokens: int | None = None, lora_rank: int | None = None, seed: int = 0
+) -> dict[str, StateDict]:
+    """A fresh checkpoint to train from, in the official layout: a newly initialised projection,
+    identity K/V copied from each layer's text K/V (IP-Adapter's initialisation) and, with
+    ``lora_rank``, a FaceID LoRA whose ``up`` is zero (training starts from the base model)."""
+    torch.manual_seed(seed)
+    dim = unet.config.cross_attention_dim
+    if format == "instantid":
+        projection = InstantIDResampler(num_queries=num_tokens or 16, output_dim=dim)
+    elif format == "faceid":
+        projection = FaceIDProjection(cross_attention_dim=dim, num_tokens=num_tokens or 4)
+    else:
+        raise ValueError(f"can train 'faceid' or 'instantid' adapters, not {format!r}")
+    ip_adapter: StateDict = {}
+    for index, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        if _is_cross_attention(name):
+            ip_adapter[f"{index}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
+            ip_adapter[f"{index}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
+        if lora_rank:
+            for part, layer in zip(_LORA_NAMES, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+                down = torch.empty(lora_rank, layer.in_features)
+                torch.nn.init.kaiming_uniform_(down, a=5**0.5)
+                ip_adapter[f"{index}.{part}.down.weight"] = down
+                ip_adapter[f"{index}.{part}.up.weight"] = torch.zeros(layer.out_features, lora_rank)
+    image_proj = {k: v.detach().clone() for k, v in projection.state_dict().items()}
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def identity_adapter_state_dict(unet, projection, lora_name: str = "faceid") -> dict[str, StateDict]:
+    """The identity adapter installed in ``unet`` (+ its ``projection``) in the official layout,
+    the inverse of loading: what ``save_adapter_checkpoint`` writes for export."""
+
+    def cpu(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().float().cpu().contiguous()
+
+    ip_adapter: StateDict = {}
+    for index, (name, processor) in enumerate(unet.attn_processors.items()):
+        if isinstance(processor, IDAttnProcessor):
+            ip_adapter[f"{index}.to_k_ip.weight"] = cpu(processor.to_k_id.weight)
+            ip_adapter[f"{index}.to_v_ip.weight"] = cpu(processor.to_v_id.weight)
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        for part, layer in zip(_LORA_NAMES, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+            if lora_name in getattr(layer, "lora_A", {}):
+                ip_adapter[f"{index}.{part}.down.weight"] = cpu(layer.lora_A[lora_name].weight)
+                ip_adapter[f"{index}.{part}.up.weight"] = cpu(layer.lora_B[lora_name].weight * layer.scaling[lora_name])
+    return {"image_proj": {k: cpu(v) for k, v in projection.state_dict().items()}, "ip_adapter": ip_adapter}

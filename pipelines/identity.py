@@ -166,19 +166,23 @@ class IdentityPipelineMixin(FaceInputMixin):
     # ---------------------------------------------------------------- loading
     def load_identity_adapter(
         self,
-        pretrained_model_name_or_path_or_file: str | os.PathLike,
+        pretrained_model_name_or_path_or_file: str | os.PathLike | dict,
         weight_name: str | None = None,
         subfolder: str | None = None,
         **hub_kwargs,
     ) -> None:
         """Load an identity adapter (e.g. ``h94/IP-Adapter-FaceID`` with
-        ``weight_name="ip-adapter-faceid_sd15.bin"``) from a hub id, a folder or a file.
+        ``weight_name="ip-adapter-faceid_sd15.bin"``) from a hub id, a folder, a file, or a
+        state dict ``{"image_proj": ..., "ip_adapter": ...}`` already in memory.
 
         Installs identity attention on every cross-attention layer, the projection model and,
         for FaceID, its LoRA as the peft adapter ``"faceid"`` (kept beside any active LoRA).
         """
-        path = resolve_checkpoint_file(pretrained_model_name_or_path_or_file, weight_name, subfolder, **hub_kwargs)
-        state_dict = load_adapter_state_dict(path)
+        if isinstance(pretrained_model_name_or_path_or_file, dict):
+            path, state_dict = "the given state dict", pretrained_model_name_or_path_or_file
+        else:
+            path = resolve_checkpoint_file(pretrained_model_name_or_path_or_file, weight_name, subfolder, **hub_kwargs)
+            state_dict = load_adapter_state_dict(path)
         spec = detect_format(state_dict, path)
         if spec.format not in self.supported_adapter_formats:
             raise CheckpointError(self._unsupported_format_message(spec, path))
