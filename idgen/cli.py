@@ -104,7 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     gen.set_defaults(run=run_generate)
+
+    prep = commands.add_parser(
+        "prepare-data",
+        help="detect, align and embed a folder of face photos once, for training",
+        description="Embed every photo of FOLDER (captions from a .txt beside each image or metadata.jsonl) "
+        "into OUT; photos without exactly one large enough face are listed in OUT/skipped.jsonl. "
+        "Re-runs process only new photos.",
+    )
+    prep.add_argument("folder")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--face-model", default=DEFAULT_FACE_PACK,
+                      help=f"insightface pack name or folder, or 'tiny' for the offline preset's (default {DEFAULT_FACE_PACK})")
+    prep.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    prep.add_argument("--min-face-size", type=_positive_int, default=64, help="smallest face side kept, in pixels")
+    prep.set_defaults(run=run_prepare_data)
     return parser
+
+
+def _face_pack(name: str) -> str:
+    """A face pack name or folder; 'tiny' is the offline preset's."""
+    if name == "tiny":
+        from .presets import get_preset
+
+        return get_preset("tiny").face_pack
+    return name
+
+
+def run_prepare_data(args: argparse.Namespace) -> None:
+    from idgen.train.data import prepare_data
+
+    from .faces import FaceAnalyzer
+
+    report = prepare_data(args.folder, args.out, FaceAnalyzer(_face_pack(args.face_model), detector=args.detector),
+                          min_face_size=args.min_face_size)
+    for item in report.skipped:
+        print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
+    print(f"{report.added} photo(s) added, {len(report.skipped)} skipped, {report.total} in {args.out}")
 
 
 def _output_paths(out: str, count: int) -> list[str]:
@@ -262,7 +298,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
         adapter_file = resolve_checkpoint_file(models.adapter, models.weight_name, args.subfolder)
         detect_format(load_adapter_state_dict(adapter_file), adapter_file)
-    analyzer = FaceAnalyzer(models.face_model, detector=args.detector)
+    analyzer = FaceAnalyzer(_face_pack(models.face_model), detector=args.detector)
     if analyzer.recognizer_random:
         models.random_parts.append("face recognizer")
     id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))

@@ -1,0 +1,198 @@
+"""Adapter training: data preparation on real photos, config errors, kill-and-resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+
+from idgen import IDStableDiffusionPipeline
+from idgen.errors import CheckpointError, IDGenError
+from idgen.train.adapter import AdapterTrainConfig, train
+from idgen.train.checkpoints import resolve_resume
+from idgen.train.config import ConfigError, load_config
+from idgen.train.data import FaceDataset, prepare_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, analyzer, astronaut, group_photo):
+    """Real photos: six people cropped from insightface's group photo, the astronaut and her
+    mirror image; plus a group photo, a blank picture and a corrupt file to be skipped."""
+    folder = tmp_path_factory.mktemp("photos")
+    group = Image.open(group_photo).convert("RGB")
+    for i, face in enumerate(analyzer.analyze(group)):
+        x1, y1, x2, y2 = face.bbox
+        margin = x2 - x1
+        crop = group.crop((int(x1 - margin), int(y1 - margin), int(x2 + margin), int(y2 + margin)))
+        crop.resize((288, 288)).save(folder / f"person{i}.jpg")
+        (folder / f"person{i}.txt").write_text(f"a photo of person {i}")
+    Image.open(astronaut).save(folder / "astronaut.jpg")
+    ImageOps.mirror(Image.open(astronaut)).save(folder / "astronaut_mirrored.jpg")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "astronaut.jpg", "text": "an astronaut"}) + "\n")
+    group.save(folder / "group.jpg")
+    Image.new("RGB", (200, 200), (50, 90, 120)).save(folder / "blank.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, photos, analyzer):
+    out = tmp_path_factory.mktemp("data")
+    report = prepare_data(str(photos), str(out), analyzer, progress=False)
+    assert report.added == 8
+    return out
+
+
+def config(data, output_dir, **overrides):
+    values = dict(base="tiny", data=str(data), output_dir=str(output_dir), lora_rank=4, resolution=64,
+                  train_batch_size=2, learning_rate=1e-3, max_train_steps=4, checkpointing_steps=2,
+                  checkpoints_total_limit=2, export_name="adapter.safetensors")
+    values.update(overrides)
+    return AdapterTrainConfig(**values)
+
+
+def test_prepare_data_reports_and_is_idempotent(photos, data, analyzer, tmp_path):
+    skipped = {row["file"]: row["reason"] for row in map(json.loads, open(data / "skipped.jsonl"))}
+    assert skipped["blank.png"] == "no face"
+    assert skipped["group.jpg"] == "several faces (6)"
+    assert skipped["broken.jpg"].startswith("unreadable")
+    index = [json.loads(line) for line in open(data / "index.jsonl")]
+    captions = {row["file"]: row["caption"] for row in index}
+    assert captions["astronaut.jpg"] == "an astronaut" and captions["person3.jpg"] == "a photo of person 3"
+    dataset = FaceDataset(str(data), 64)
+    assert len(dataset) == 8 and torch.allclose(dataset.id_embeds.norm(dim=1), torch.ones(8), atol=1e-5)
+    item = dataset[0]
+    assert item["pixels"].shape == (3, 64, 64) and -1 <= item["pixels"].min() and item["pixels"].max() <= 1
+    # A re-run only looks at new photos.
+    assert prepare_data(str(photos), str(data), analyzer, progress=False).added == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("astronaut.jpg", "person0.jpg"):
+        (copy / name).write_bytes((photos / name).read_bytes())
+    out = tmp_path / "prepared"
+    assert prepare_data(str(copy), str(out), analyzer, progress=False).added == 2
+    ImageOps.mirror(Image.open(photos / "person1.jpg")).save(copy / "new.jpg")
+    report = prepare_data(str(copy), str(out), analyzer, progress=False)
+    assert (report.added, report.total) == (1, 3)
+
+
+def test_bad_configs_fail_before_training(tmp_path, data, photos, analyzer):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("learning_rate: fast\n")
+    with pytest.raises(ConfigError, match="learning_rate must be float"):
+        load_config(AdapterTrainConfig, str(yaml_file))
+    yaml_file.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown field 'learning_rat'"):
+        load_config(AdapterTrainConfig, str(yaml_file))
+    with pytest.raises(ConfigError, match="max_train_steps must be int"):
+        load_config(AdapterTrainConfig, None, {"max_train_steps": "ten"})
+    assert load_config(AdapterTrainConfig, None, {"lora_rank": "none", "use_ema": "true"}).use_ema is True
+
+    empty = tmp_path / "empty"
+    prepare_data(str(tmp_path), str(empty), analyzer, progress=False)  # a folder with no photo
+    with pytest.raises(IDGenError, match="no usable face photo"):
+        train(config(empty, tmp_path / "run0"))
+    with pytest.raises(IDGenError, match="instantid is an SDXL adapter"):
+        train(config(data, tmp_path / "run1", adapter_format="instantid", lora_rank=None))
+    from idgen.adapters import save_adapter_checkpoint
+    from idgen.presets import get_preset, random_faceid_state_dict, tiny_sdxl_pipeline
+
+    sdxl_adapter = tmp_path / "sdxl.safetensors"
+    save_adapter_checkpoint(random_faceid_state_dict(tiny_sdxl_pipeline().unet), str(sdxl_adapter))
+    with pytest.raises(CheckpointError, match="sdxl.safetensors"):
+        train(config(data, tmp_path / "run2", init_adapter=str(sdxl_adapter)))
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def _launch(cfg_file, *extra):
+    return subprocess.Popen(
+        ["accelerate", "launch", "--config_file", os.path.join(REPO, "configs", "accelerate_cpu.yaml"),
+         "-m", "idgen.train.adapter", "--config", str(cfg_file), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data):
+    """A run killed (SIGKILL) mid-way and resumed ends with the weights of an uninterrupted run."""
+    import yaml
+
+    def write(name):
+        cfg = config(data, tmp_path / name, max_train_steps=12, checkpointing_steps=4, validation_steps=0)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(vars(cfg)))
+        return path
+
+    whole = _launch(write("whole"))
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+
+    killed = _launch(write("killed"))
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-4"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "adapter.safetensors").exists(), "killed too late"
+    resumed = _launch(write("killed"), "--resume", "latest")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    expected = load_file(tmp_path / "whole" / "adapter.safetensors")
+    got = load_file(tmp_path / "killed" / "adapter.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+
+
+def test_partial_checkpoint_is_never_resumed(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "train_state.json").write_text('{"step": 4}')
+    (folder / ".tmp-checkpoint-8").mkdir()  # a save killed mid-write
+    assert resolve_resume(str(folder), "latest") == (str(folder / "checkpoint-4"), 4)
+    with pytest.raises(IDGenError, match="not a complete training checkpoint"):
+        resolve_resume(str(folder / ".tmp-checkpoint-8"), str(folder / ".tmp-checkpoint-8"))
+
+
+def test_export_loads_in_idgen_and_diffusers(tmp_path, data, preset):
+    from diffusers import StableDiffusionPipeline
+
+    path = train(config(data, tmp_path / "run", validation_steps=2))
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-000002.png", "step-000004.png"]
+    trained = load_file(path)
+    from idgen.adapters import init_identity_adapter_state_dict
+
+    fresh = init_identity_adapter_state_dict(IDStableDiffusionPipeline.from_pretrained(preset.base).unet, lora_rank=4)
+    assert not torch.equal(trained["image_proj.proj.0.weight"], fresh["image_proj"]["proj.0.weight"])
+    assert trained["ip_adapter.0.to_q_lora.up.weight"].abs().max() > 0  # the LoRA learned from zero
+
+    emb = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
+    ours = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    ours.load_identity_adapter(path)
+    ours.set_progress_bar_config(disable=True)
+    reference = StableDiffusionPipeline.from_pretrained(preset.base)
+    reference.load_ip_adapter(str(tmp_path / "run"), subfolder="", weight_name="adapter.safetensors", image_encoder_folder=None)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    a = reference("a photo", ip_adapter_image_embeds=[torch.stack([torch.zeros(512), emb])[:, None]],
+                  generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = ours("a photo", id_embeds=emb, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_identity_enhanced_and_ema(tmp_path, data):
+    plain = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
+    enhanced = load_file(train(config(data, tmp_path / "enhanced", max_train_steps=2, identity_enhanced=True)))
+    ema = load_file(train(config(data, tmp_path / "ema", max_train_steps=2, use_ema=True, ema_decay=0.5)))
+    key = "image_proj.proj.2.weight"
+    assert not torch.equal(plain[key], enhanced[key]) and not torch.equal(plain[key], ema[key])

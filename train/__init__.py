@@ -1,0 +1,1 @@
+"""Training with accelerate: identity adapters (``idgen.train.adapter``) on prepared face photos."""

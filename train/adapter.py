@@ -1,0 +1,350 @@
+"""Train an identity adapter (FaceID or InstantID-style) on prepared face photos.
+
+    accelerate launch -m idgen.train.adapter --config configs/faceid_sd15.yaml [--resume latest]
+
+The base model stays frozen; the projection, the identity K/V of every cross-attention layer
+and, optionally, a LoRA on the UNet attention (FaceID's) are trained with the noise-prediction
+loss. Every random draw of a step (noise, timesteps, dropout, VAE sample) and the data order
+come from the seed and the step number, so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from idgen.adapters import (
+    IDAttnProcessor,
+    identity_adapter_state_dict,
+    init_identity_adapter_state_dict,
+    save_adapter_checkpoint,
+)
+from idgen.errors import IDGenError
+
+from .checkpoints import resolve_resume, save_checkpoint
+from .config import add_config_arguments, load_config, overrides_from
+from .data import FaceDataset
+
+ID_LORA_NAME = "faceid"
+
+
+@dataclass
+class AdapterTrainConfig:
+    """Every field can be set in the YAML/JSON config and overridden as ``--field value``."""
+
+    base: str = "tiny"  # "tiny", "tiny-sdxl", or a diffusers SD1.5/SDXL model (hub id or folder)
+    data: str = "data"  # output of `idgen prepare-data`
+    output_dir: str = "runs/adapter"
+    adapter_format: str = "faceid"  # "faceid" (MLP projection) or "instantid" (Resampler)
+    init_adapter: str | None = None  # start from this checkpoint instead of a fresh adapter
+    num_tokens: int | None = None  # identity tokens (default: 4 FaceID, 16 InstantID)
+    lora_rank: int | None = None  # FaceID LoRA on every UNet attention layer; None: no LoRA
+    resolution: int = 512
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    max_train_steps: int = 1000
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    gradient_checkpointing: bool = False
+    text_dropout: float = 0.05  # caption dropped (IP-Adapter's t_drop)
+    id_dropout: float = 0.05  # identity zeroed (i_drop)
+    both_dropout: float = 0.05  # both dropped (ti_drop)
+    identity_enhanced: bool = False  # Infinite-ID: text cross-attention off while training
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3
+    validation_steps: int = 0  # 0: no sample images
+    validation_prompt: str = "a photo of a person"
+    num_validation_identities: int = 2
+    export_name: str = "ip-adapter.safetensors"
+    dataloader_num_workers: int = 0
+
+    def check(self) -> None:
+        if self.adapter_format not in ("faceid", "instantid"):
+            raise IDGenError(f"adapter_format must be 'faceid' or 'instantid', got {self.adapter_format!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise IDGenError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.lora_rank is not None and self.adapter_format != "faceid":
+            raise IDGenError("lora_rank is FaceID's LoRA: use it with adapter_format: faceid")
+        for name in ("text_dropout", "id_dropout", "both_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise IDGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.text_dropout + self.id_dropout + self.both_dropout >= 1:
+            raise IDGenError("text_dropout + id_dropout + both_dropout must stay below 1")
+        for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
+            if getattr(self, name) < 1:
+                raise IDGenError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+class TrainableIdentity(nn.Module):
+    """The trained parts (projection, identity K/V, LoRA) around a frozen UNet.
+
+    Only the trained parts are registered, so checkpoints hold them and not the base model.
+    """
+
+    def __init__(self, unet, projection):
+        super().__init__()
+        self.projection = projection
+        self.processors = nn.ModuleList(p for p in unet.attn_processors.values() if isinstance(p, IDAttnProcessor))
+        self.lora = nn.ModuleList(
+            module[ID_LORA_NAME]
+            for layer in unet.modules()
+            for module in (getattr(layer, "lora_A", None), getattr(layer, "lora_B", None))
+            if isinstance(module, nn.ModuleDict) and ID_LORA_NAME in module
+        )
+        object.__setattr__(self, "unet", unet)  # used, not owned
+
+    def forward(self, noisy, timesteps, text_embeds, id_embeds, added_cond_kwargs=None):
+        tokens = self.projection(id_embeds)
+        hidden = torch.cat([text_embeds, tokens.to(text_embeds.dtype)], dim=1)
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added_cond_kwargs).sample
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of dataset indices for micro-steps ``start, start + 1, ...``: epoch ``e`` is the
+    permutation seeded by ``seed + e``, so batch ``k`` is the same whenever it is drawn."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, count: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.count, self.rank, self.world = start, count, rank, world
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        return int(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))[offset])
+
+    def __iter__(self):
+        for step in range(self.start, self.start + self.count):
+            first = (step * self.world + self.rank) * self.batch_size
+            yield [self._index(first + i) for i in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def load_base(config: AdapterTrainConfig):
+    """The frozen base pipeline, its identity adapter to train, and the face-pack info."""
+    from idgen.cli import _is_sdxl
+    from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
+    from idgen.presets import TINY_PRESETS, get_preset
+
+    base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
+    sdxl = _is_sdxl(base)
+    if config.adapter_format == "instantid" and not sdxl:
+        raise IDGenError(f"adapter_format instantid is an SDXL adapter but base {config.base} is not SDXL: use an SDXL base")
+    pipe = (IDStableDiffusionXLPipeline if sdxl else IDStableDiffusionPipeline).from_pretrained(base)
+    state = config.init_adapter or init_identity_adapter_state_dict(
+        pipe.unet, config.adapter_format, config.num_tokens, config.lora_rank, config.seed
+    )
+    pipe.load_identity_adapter(state)  # checks an init_adapter against the base model
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.adapter_spec.format != config.adapter_format:
+        raise IDGenError(f"init_adapter {config.init_adapter} is {pipe.adapter_spec.format}, the config says {config.adapter_format}")
+    return pipe, sdxl
+
+
+def _sdxl_conditioning(pipe, captions, device, resolution):
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, None, device, 1, False)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions), device=device)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
+
+
+def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
+    """Run (or resume) training; returns the exported adapter file."""
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    config.check()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+    )
+    dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
+    pipe, sdxl = load_base(config)
+    unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    for module in (unet, vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(accelerator.device, dtype=weight_dtype)
+    model = TrainableIdentity(unet, pipe.id_projection)
+    model.to(dtype=torch.float32).requires_grad_(True)
+    if config.identity_enhanced:
+        for processor in model.processors:
+            processor.text_enabled = False
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    checkpoints = os.path.join(config.output_dir, "checkpoints")
+    resumed = resolve_resume(checkpoints, resume)
+    start_step = 0
+    if resumed:
+        accelerator.load_state(resumed[0])
+        start_step = resumed[1]
+        accelerator.print(f"resumed from {resumed[0]} at step {start_step}")
+    micro_steps = config.gradient_accumulation_steps
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=StepBatches(
+            len(dataset), config.train_batch_size, config.seed, start_step * micro_steps,
+            (config.max_train_steps - start_step) * micro_steps, accelerator.process_index, accelerator.num_processes,
+        ),
+        num_workers=config.dataloader_num_workers,
+    )
+    logger = MetricsLog(config.output_dir, accelerator)
+    if accelerator.is_main_process:
+        with open(os.path.join(config.output_dir, "config.json"), "w") as handle:
+            json.dump(asdict(config), handle, indent=1)
+
+    step = start_step
+    progress = tqdm(total=config.max_train_steps, initial=start_step, desc="training", disable=not accelerator.is_main_process)
+    for micro, batch in enumerate(loader, start=start_step * micro_steps):
+        with accelerator.accumulate(model):
+            loss = training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(model.parameters())
+        logger.log(step, loss=accelerator.gather(loss.detach()).mean().item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+            save_checkpoint(accelerator, checkpoints, step, config.checkpoints_total_limit)
+        if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
+            save_samples(config, pipe, dataset, step)
+    progress.close()
+
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    path = os.path.join(config.output_dir, config.export_name)
+    if accelerator.is_main_process:
+        save_adapter_checkpoint(identity_adapter_state_dict(unet, accelerator.unwrap_model(model).projection), path)
+        accelerator.print(f"exported {path}")
+    accelerator.end_training()
+    return path
+
+
+def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, weight_dtype) -> torch.Tensor:
+    """Noise-prediction loss of one batch; every random draw is seeded by (seed, micro-step)."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
+    pixels = batch["pixels"].to(device, weight_dtype)
+    size = len(pixels)
+    draw = torch.rand(size, generator=generator)
+    drop_text = (draw < config.text_dropout) | (draw >= 1 - config.both_dropout)
+    drop_id = ((draw >= config.text_dropout) & (draw < config.text_dropout + config.id_dropout)) | (draw >= 1 - config.both_dropout)
+    captions = ["" if drop else caption for caption, drop in zip(batch["caption"], drop_text)]
+    id_embeds = batch["id_embeds"].float()
+    if config.adapter_format == "instantid":  # InstantID is trained on the raw, un-normalised vector
+        id_embeds = id_embeds * batch["embedding_norm"][:, None]
+    id_embeds = torch.where(drop_id[:, None], torch.zeros_like(id_embeds), id_embeds).to(device)
+
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = latents.float() * pipe.vae.config.scaling_factor
+        if sdxl:
+            text_embeds, added = _sdxl_conditioning(pipe, captions, device, config.resolution)
+        else:
+            text_embeds, added = pipe.encode_prompt(captions, device, 1, False)[0], None
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    prediction = model(noisy.to(weight_dtype), timesteps, text_embeds, id_embeds, added)
+    kind = pipe.scheduler.config.prediction_type
+    target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(latents, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+class MetricsLog:
+    """Metrics to tensorboard when it is installed, and always to ``metrics.jsonl``."""
+
+    def __init__(self, output_dir: str, accelerator):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.main = accelerator.is_main_process
+        self.board = None
+        if self.main:
+            os.makedirs(output_dir, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, **metrics: float) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.board is not None:
+            for key, value in metrics.items():
+                self.board.add_scalar(key, value, step)
+
+
+@torch.no_grad()
+def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: int) -> str:
+    """A row of images, one per fixed validation identity (the first photos of the dataset)."""
+    from PIL import Image
+
+    processors = [p for p in pipe.unet.attn_processors.values() if isinstance(p, IDAttnProcessor)]
+    text_enabled = [p.text_enabled for p in processors]
+    for processor in processors:
+        processor.text_enabled = True
+    count = min(config.num_validation_identities, len(dataset))
+    ids = dataset.id_embeds[:count]
+    if config.adapter_format == "instantid":
+        ids = ids * dataset.embedding_norm[:count, None]
+    images = []
+    for i in range(count):
+        images += pipe(config.validation_prompt, id_embeds=ids[i], num_inference_steps=20, height=config.resolution,
+                       width=config.resolution, generator=torch.Generator().manual_seed(config.seed)).images
+    for processor, enabled in zip(processors, text_enabled):
+        processor.text_enabled = enabled
+    pipe.unet.train()
+    grid = Image.new("RGB", (config.resolution * count, config.resolution))
+    for i, image in enumerate(images):
+        grid.paste(image, (i * config.resolution, 0))
+    folder = os.path.join(config.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    grid.save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m idgen.train.adapter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="YAML or JSON config (fields of AdapterTrainConfig)")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
+    add_config_arguments(parser, AdapterTrainConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(AdapterTrainConfig, args.config, overrides_from(args))
+        train(config, args.resume)
+    except IDGenError as err:
+        print(f"idgen: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
