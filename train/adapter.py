@@ -94,15 +94,15 @@ class TrainableIdentity(nn.Module):
     Only the trained parts are registered, so checkpoints hold them and not the base model.
     """
 
-    def __init__(self, unet, projection):
+    def __init__(self, unet, projection, lora_name: str = ID_LORA_NAME):
         super().__init__()
         self.projection = projection
         self.processors = nn.ModuleList(p for p in unet.attn_processors.values() if isinstance(p, IDAttnProcessor))
         self.lora = nn.ModuleList(
-            module[ID_LORA_NAME]
+            module[lora_name]
             for layer in unet.modules()
             for module in (getattr(layer, "lora_A", None), getattr(layer, "lora_B", None))
-            if isinstance(module, nn.ModuleDict) and ID_LORA_NAME in module
+            if isinstance(module, nn.ModuleDict) and lora_name in module
         )
         object.__setattr__(self, "unet", unet)  # used, not owned
 
@@ -160,38 +160,36 @@ def _sdxl_conditioning(pipe, captions, device, resolution):
     return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
 
 
-def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
-    """Run (or resume) training; returns the exported adapter file."""
-    from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
-
-    config.check()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
-    )
-    dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
-    pipe, sdxl = load_base(config)
-    unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
+def prepare_models(config: AdapterTrainConfig, accelerator, pipe, lora_name: str = ID_LORA_NAME) -> tuple:
+    """Freeze the base model in the training dtype; return (trainable module, weight dtype)."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (unet, vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)
             module.to(accelerator.device, dtype=weight_dtype)
-    model = TrainableIdentity(unet, pipe.id_projection)
+    model = TrainableIdentity(pipe.unet, pipe.id_projection, lora_name)
     model.to(dtype=torch.float32).requires_grad_(True)
-    if config.identity_enhanced:
-        for processor in model.processors:
-            processor.text_enabled = False
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+    return model, weight_dtype
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step_loss, resume: str | None, on_step=None):
+    """The training loop shared by adapter and reward training: optimizer, EMA, atomic
+    checkpoints every ``checkpointing_steps``, resume, deterministic batches, progress and logs.
+
+    ``step_loss(model, batch, micro_step) -> (loss, metrics)``; returns the unwrapped model with
+    its final (EMA, when enabled) weights.
+    """
+    from diffusers.training_utils import EMAModel
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.use_ema else None
+    ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     resumed = resolve_resume(checkpoints, resume)
     start_step = 0
@@ -217,7 +215,7 @@ def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
     progress = tqdm(total=config.max_train_steps, initial=start_step, desc="training", disable=not accelerator.is_main_process)
     for micro, batch in enumerate(loader, start=start_step * micro_steps):
         with accelerator.accumulate(model):
-            loss = training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype)
+            loss, metrics = step_loss(model, batch, micro)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
@@ -225,21 +223,46 @@ def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
             continue
         step += 1
         if ema is not None:
-            ema.step(model.parameters())
-        logger.log(step, loss=accelerator.gather(loss.detach()).mean().item())
+            ema.step([p for p in model.parameters() if p.requires_grad])
+        logger.log(step, loss=accelerator.gather(loss.detach()).mean().item(), **metrics)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in metrics.items()})
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
             save_checkpoint(accelerator, checkpoints, step, config.checkpoints_total_limit)
-        if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
-            save_samples(config, pipe, dataset, step)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(step)
     progress.close()
-
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    return accelerator.unwrap_model(model)
+
+
+def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
+    """Run (or resume) adapter training; returns the exported adapter file."""
+    from accelerate import Accelerator
+
+    config.check()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+    )
+    dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
+    pipe, sdxl = load_base(config)
+    model, weight_dtype = prepare_models(config, accelerator, pipe)
+    if config.identity_enhanced:
+        for processor in model.processors:
+            processor.text_enabled = False
+
+    def step_loss(model, batch, micro):
+        return training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype), {}
+
+    def on_step(step):
+        if config.validation_steps and step % config.validation_steps == 0:
+            save_samples(config, pipe, dataset, step)
+
+    model = fit(config, accelerator, model, dataset, step_loss, resume, on_step)
     path = os.path.join(config.output_dir, config.export_name)
     if accelerator.is_main_process:
-        save_adapter_checkpoint(identity_adapter_state_dict(unet, accelerator.unwrap_model(model).projection), path)
+        save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.projection), path)
         accelerator.print(f"exported {path}")
     accelerator.end_training()
     return path
