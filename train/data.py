@@ -166,22 +166,30 @@ class FaceDataset(torch.utils.data.Dataset):
         self.records = index
         self.id_embeds = torch.stack([shards[r["shard"]]["id_embeds"][r["row"]] for r in index])
         self.embedding_norm = torch.stack([shards[r["shard"]]["embedding_norm"][r["row"]] for r in index])
+        self.kps = torch.stack([shards[r["shard"]]["kps"][r["row"]] for r in index])
         self.resolution = resolution
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, index: int) -> torch.Tensor:
+    def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photo resized and centre-cropped to ``resolution`` (C, H, W in [-1, 1]) and its
+        keypoints moved with it."""
         image = load_image(os.path.join(self.source, self.records[index]["file"]))
         scale = self.resolution / min(image.size)
-        image = image.resize((max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))))
+        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        kps = self.kps[index] * torch.tensor([size[0] / image.width, size[1] / image.height])
+        image = image.resize(size)
         left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        return pixels, kps - torch.tensor([left, top], dtype=kps.dtype)
 
     def __getitem__(self, index: int) -> dict:
+        pixels, kps = self.pixels(index)
         return {
-            "pixels": self.pixels(index),
+            "pixels": pixels,
+            "kps": kps,
             "caption": self.records[index]["caption"],
             "id_embeds": self.id_embeds[index],
             "embedding_norm": self.embedding_norm[index],
