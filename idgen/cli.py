@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from .errors import IDGenError, ModelNotFoundError
 
 DEFAULT_ADAPTER = "h94/IP-Adapter-FaceID"
@@ -55,6 +57,33 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which models run and how: shared by generate and eval."""
+    parser.add_argument("--base", default="tiny",
+                        help="base model: 'tiny', 'tiny-sdxl' or 'tiny-arc2face' (offline presets), a hub id or a local "
+                        "diffusers folder; SD1.5 or SDXL is read from it")
+    parser.add_argument("--adapter", default=None,
+                        help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER} for SD1.5, "
+                        f"{SDXL_ADAPTER} for SDXL; the preset's for the tiny bases); "
+                        "an Arc2Face repo or folder (FoivosPar/Arc2Face) selects Arc2Face")
+    parser.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
+    parser.add_argument("--subfolder", default=None, help="subfolder of --adapter")
+    parser.add_argument("--face-model", default=None,
+                        help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
+    parser.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    parser.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
+    parser.add_argument("--id-scale", type=_id_scale, default=1.0,
+                        help="identity strength: a number, or per block as down=0,mid=1,up=0.8")
+    parser.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
+    parser.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
+    parser.add_argument("--height", type=_dimension, default=None)
+    parser.add_argument("--width", type=_dimension, default=None)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -75,35 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default=None, help="what to make (required, except for Arc2Face)")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
-    gen.add_argument("--base", default="tiny",
-                     help="base model: 'tiny', 'tiny-sdxl' or 'tiny-arc2face' (offline presets), a hub id or a local "
-                     "diffusers folder; SD1.5 or SDXL is read from it")
-    gen.add_argument("--adapter", default=None,
-                     help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER} for SD1.5, {SDXL_ADAPTER} "
-                     "for SDXL; the preset's for the tiny bases); "
-                     "an Arc2Face repo or folder (FoivosPar/Arc2Face) selects Arc2Face")
-    gen.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
-    gen.add_argument("--subfolder", default=None, help="subfolder of --adapter")
-    gen.add_argument("--face-model", default=None,
-                     help=f"insightface pack name or folder (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
-    gen.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    _add_model_arguments(gen)
     gen.add_argument("--kps-image", default=None, metavar="PHOTO",
                      help="InstantID: take the face position and pose from this photo")
     gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
-    gen.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
-    gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
-    gen.add_argument("--id-scale", type=_id_scale, default=1.0,
-                     help="identity strength: a number, or per block as down=0,mid=1,up=0.8")
-    gen.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
-    gen.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
     gen.add_argument("--num-images", type=_positive_int, default=1)
-    gen.add_argument("--height", type=_dimension, default=None)
-    gen.add_argument("--width", type=_dimension, default=None)
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
-    gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     gen.set_defaults(run=run_generate)
+
+    ev = commands.add_parser(
+        "eval",
+        help="generate for reference identities and prompts, and report FaceSim, detection rate and CLIP-T",
+        description="For each identity (a sub-folder of --refs with its photos), each prompt and each seed, "
+        "generate an image and measure it. Writes OUT/images/, OUT/report.json, OUT/report.md and OUT/grid.png.",
+    )
+    ev.add_argument("--refs", required=True, help="folder with one sub-folder of reference photos per identity")
+    ev.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    ev.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; with or instead of --prompts)")
+    ev.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument("--clip-model", default=None,
+                    help="CLIP for CLIP-T: hub id or folder (default openai/clip-vit-large-patch14; the tiny preset's "
+                    "offline), or 'none'")
+    _add_model_arguments(ev)
+    ev.set_defaults(run=run_eval)
 
     prep = commands.add_parser(
         "prepare-data",
@@ -129,6 +153,69 @@ def _face_pack(name: str) -> str:
 
         return get_preset("tiny").face_pack
     return name
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise IDGenError(f"prompt file {args.prompts} does not exist: check the path")
+        with open(args.prompts) as handle:
+            prompts += [line.strip() for line in handle if line.strip()]
+    if not prompts:
+        raise IDGenError("no prompt: pass --prompts FILE (one per line) or --prompt TEXT")
+    return prompts
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .evaluation import ClipScorer, DlibRecognizer, Report, Sample, face_similarity, load_identities, write_report
+    from .presets import TINY_PRESETS, get_preset
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise IDGenError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    prompts = _prompts(args)
+    identities = load_identities(args.refs)
+    session = start_session(args)
+    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}
+    second = DlibRecognizer()
+    second_refs = {}
+    for name, photos in identities.items():
+        found = [d for d in map(second.descriptor, photos) if d is not None]
+        second_refs[name] = np.mean(found, axis=0) if found else None
+    clip_name = args.clip_model or (get_preset(args.base).clip if args.base in TINY_PRESETS else DEFAULT_CLIP)
+    clip = None if clip_name == "none" else ClipScorer(clip_name)
+
+    pipe = session.load(args)
+    pipe.set_progress_bar_config(disable=True)
+    report = Report(config={**session.metadata(args), "refs": args.refs, "prompts": prompts, "seeds": seeds,
+                            "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
+    jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
+    for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
+        call = dict(session.call_kwargs(args, prompt), id_embeds=torch.from_numpy(references[name]),
+                    generator=torch.Generator().manual_seed(seed))
+        if getattr(pipe, "has_identitynet", False):
+            call.update(kps_image=identities[name][0])
+        image = pipe(**call).images[0]
+        file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
+        os.makedirs(os.path.join(args.out, "images", name), exist_ok=True)
+        _save_png(image, os.path.join(args.out, file), {"prompt": prompt, "seed": str(seed), "identity": name})
+        facesim = face_similarity(session.analyzer, image, references[name])
+        descriptor = second.descriptor(image)
+        report.samples.append(Sample(
+            identity=name, prompt=prompt, seed=seed, file=file, face_detected=facesim is not None, facesim=facesim,
+            facesim_second=None if descriptor is None or second_refs[name] is None
+            else second.similarity(descriptor, second_refs[name]),
+            clip_t=clip.score(image, prompt) if clip else None,
+        ))
+    write_report(report, args.out, prompts)
+    summary = report.summary()
+    print(f"{summary['images']} images, face detection rate {summary['face_detection_rate']:.2f}, "
+          f"FaceSim {summary['facesim'] if summary['facesim'] is not None else 'n/a'}, report in {args.out}/report.md")
 
 
 def run_prepare_data(args: argparse.Namespace) -> None:
@@ -185,6 +272,7 @@ def _device_and_dtype(device: str, dtype: str):
 #: Sampling defaults of each method's reference (steps, guidance).
 DEFAULTS = {"faceid": (30, 7.5), "arc2face": (25, 3.0), "sdxl": (30, 5.0)}
 SDXL_ADAPTER = "InstantX/InstantID"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
 
 
@@ -252,8 +340,6 @@ def _resolve_models(args: argparse.Namespace) -> Models:
             weight_name = INSTANTID_WEIGHT_NAME
         elif weight_name is None and adapter == DEFAULT_ADAPTER:
             weight_name = "ip-adapter-faceid_sdxl.bin" if kind == "sdxl" else DEFAULT_WEIGHT_NAME
-        if not args.prompt:
-            raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
     instantid = kind == "sdxl" and _is_instantid(adapter, weight_name)
     face_model = face_model or (ARC2FACE_FACE_PACK if kind == "arc2face" or instantid else DEFAULT_FACE_PACK)
     return Models(kind, base, adapter, weight_name, face_model, random_parts)
@@ -278,20 +364,63 @@ def _load_pipeline(models: Models, adapter_file: str | None, dtype):
     return pipe
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    import torch
+@dataclass
+class Session:
+    """Models chosen by the flags, the face analyzer and the sampling settings."""
 
+    models: Models
+    analyzer: object
+    adapter_file: str | None
+    steps: int
+    guidance: float
+
+    def load(self, args: argparse.Namespace):
+        """The pipeline, on its device, with the analyzer set."""
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        pipe = _load_pipeline(self.models, self.adapter_file, dtype)
+        pipe.set_face_analyzer(self.analyzer)
+        pipe.to(device)
+        pipe.set_progress_bar_config(desc="denoising")
+        return pipe
+
+    def call_kwargs(self, args: argparse.Namespace, prompt: str | None) -> dict:
+        """Arguments of a pipeline call common to generate and eval."""
+        call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=args.height, width=args.width)
+        if self.models.kind != "arc2face":
+            call.update(prompt=prompt, id_scale=args.id_scale, id_guidance_start=args.id_start,
+                        id_guidance_end=args.id_end)
+        return call
+
+    def metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        from .version import __version__
+
+        meta = {
+            "steps": str(self.steps),
+            "guidance": str(self.guidance),
+            "id_scale": str(args.id_scale),
+            "id_window": f"{args.id_start}-{args.id_end}",
+            "method": self.models.kind,
+            "base_model": args.base,
+            "adapter": f"{self.models.adapter}" + (f" ({self.models.weight_name})" if self.models.weight_name else ""),
+            "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
+            "idgen_version": __version__,
+        }
+        if self.models.random_parts:
+            meta["random_weights"] = (
+                "random weights in: " + ", ".join(self.models.random_parts) + " (offline preset; images carry no likeness)"
+            )
+        return meta
+
+
+def start_session(args: argparse.Namespace) -> Session:
+    """Resolve the models and check the adapter file and face models, before any base model loads."""
     from .faces import FaceAnalyzer
-    from .version import __version__
 
-    paths = _output_paths(args.out, args.num_images)
     models = _resolve_models(args)
     steps, guidance = DEFAULTS[models.kind]
     steps, guidance = args.steps or steps, guidance if args.guidance is None else args.guidance
     if not args.id_start < args.id_end:
         raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
-
-    # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     adapter_file = None
     if models.kind != "arc2face":
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
@@ -301,30 +430,33 @@ def run_generate(args: argparse.Namespace) -> None:
     analyzer = FaceAnalyzer(_face_pack(models.face_model), detector=args.detector)
     if analyzer.recognizer_random:
         models.random_parts.append("face recognizer")
+    return Session(models, analyzer, adapter_file, steps, guidance)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    paths = _output_paths(args.out, args.num_images)
+    # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
+    session = start_session(args)
+    models, analyzer = session.models, session.analyzer
+    if models.kind != "arc2face" and not args.prompt:
+        raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
     id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))
     negative_id_embeds = None
     if args.negative_face:
         negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index))
-
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe = _load_pipeline(models, adapter_file, dtype)
-    pipe.set_face_analyzer(analyzer)
-    pipe.to(device)
-    pipe.set_progress_bar_config(desc="denoising")
+    pipe = session.load(args)
 
     call = dict(
+        session.call_kwargs(args, args.prompt),
         id_embeds=id_embeds,
         negative_id_embeds=negative_id_embeds,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
         num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
     if models.kind != "arc2face":
-        call.update(prompt=args.prompt, negative_prompt=args.negative_prompt, id_scale=args.id_scale,
-                    id_guidance_start=args.id_start, id_guidance_end=args.id_end)
+        call.update(negative_prompt=args.negative_prompt)
     if models.kind == "sdxl" and pipe.has_identitynet:
         call.update(kps_image=args.kps_image or args.face[0], controlnet_conditioning_scale=args.identitynet_scale)
     elif args.kps_image:
@@ -334,22 +466,12 @@ def run_generate(args: argparse.Namespace) -> None:
         "prompt": args.prompt or "",
         "negative_prompt": args.negative_prompt or "",
         "seed": str(args.seed),
-        "steps": str(steps),
-        "guidance": str(guidance),
-        "id_scale": str(args.id_scale),
-        "id_window": f"{args.id_start}-{args.id_end}",
         "negative_faces": ", ".join(args.negative_face or []),
         "faces": ", ".join(args.face),
-        "method": "instantid" if getattr(pipe, "has_identitynet", False) else models.kind,
-        "base_model": args.base,
-        "adapter": f"{models.adapter}" + (f" ({models.weight_name})" if models.weight_name else ""),
-        "face_model": f"{analyzer.info['recognizer']} via {analyzer.info['detector']}",
-        "idgen_version": __version__,
+        **session.metadata(args),
     }
-    if models.random_parts:
-        metadata["random_weights"] = (
-            "random weights in: " + ", ".join(models.random_parts) + " (offline preset; images carry no likeness)"
-        )
+    if getattr(pipe, "has_identitynet", False):
+        metadata["method"] = "instantid"
     for image, path in zip(result.images, paths):
         _save_png(image, path, metadata)
         print(path)

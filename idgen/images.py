@@ -13,6 +13,9 @@ from .errors import ImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
+#: File suffixes read as images when a folder of photos is given.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
 #: Largest image accepted, in pixels (about 8000 x 8000). Face photos never need more,
 #: and decoding far larger files is how decompression bombs exhaust memory.
 DEFAULT_MAX_PIXELS = 64_000_000

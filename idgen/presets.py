@@ -20,7 +20,7 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 6
+PRESET_FORMAT = 7
 TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
@@ -40,6 +40,7 @@ class Preset:
     base: str  # diffusers pipeline folder
     adapter: str  # identity model: adapter checkpoint file, or a folder in Arc2Face layout
     face_pack: str  # insightface-style pack folder (recognition model only)
+    clip: str  # tiny CLIP (model + tokenizer folder) for CLIP-T
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -214,6 +215,20 @@ def random_instantid_state_dict(unet, seed: int = 0, dim: int = 128, depth: int 
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
+def tiny_clip(seed: int = 0):
+    """A tiny random CLIP (text and vision towers, 16-d joint space) for CLIP-T offline."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 4)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), tokenizer
+
+
 def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim: int = 1024) -> dict:
     """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``.
 
@@ -304,6 +319,9 @@ def _build_tiny(folder: str, seed: int) -> None:
     instantid = os.path.join(folder, "instantid")
     tiny_identitynet(sdxl.unet, seed).save_pretrained(os.path.join(instantid, "ControlNetModel"))
     save_adapter_checkpoint(random_instantid_state_dict(sdxl.unet, seed), os.path.join(instantid, INSTANTID_FILE))
+    clip, tokenizer = tiny_clip(seed)
+    clip.save_pretrained(os.path.join(folder, "clip"))
+    tokenizer.save_pretrained(os.path.join(folder, "clip"))
 
 
 def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Preset:
@@ -339,4 +357,5 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         base=os.path.join(folder, base),
         adapter=os.path.join(folder, adapter),
         face_pack=os.path.join(folder, "faces"),
+        clip=os.path.join(folder, "clip"),
     )

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
-from idgen.images import load_image
+from idgen.images import IMAGE_SUFFIXES, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INDEX, SKIPPED, INFO = "index.jsonl", "skipped.jsonl", "dataset.json"
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from idgen.arcface import DifferentiableArcFace
 from idgen.errors import IDGenError
+from idgen.evaluation import clip_preprocess
 from idgen.faces import FaceAnalyzer, NoFaceError
 
 
@@ -84,16 +85,11 @@ class AestheticReward(nn.Module):
         head: the scoring MLP (``AestheticHead``).
     """
 
-    MEAN = (0.48145466, 0.4578275, 0.40821073)
-    STD = (0.26862954, 0.26130258, 0.27577711)
-
     def __init__(self, clip, head: nn.Module):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.head = head.eval().requires_grad_(False)
         self.size = clip.config.image_size
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1))
 
     @classmethod
     def from_pretrained(cls, clip_model: str, head_file: str) -> "AestheticReward":
@@ -119,10 +115,6 @@ class AestheticReward(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` (B, 3, H, W) in [0, 1] -> (B,) scores, differentiable."""
-        side = min(images.shape[-2:])
-        top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
-        square = images[..., top : top + side, left : left + side]
-        pixels = F.interpolate(square, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        pixels = (pixels - self.mean.to(pixels)) / self.std.to(pixels)
+        pixels = clip_preprocess(images, self.size)
         embeds = F.normalize(self.clip(pixel_values=pixels.to(self.clip.dtype)).image_embeds.float(), dim=-1)
         return self.head(embeds).squeeze(-1)
