@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(ev)
     ev.set_defaults(run=run_eval)
 
+    demo = commands.add_parser("demo", help="serve the Gradio demo (http://127.0.0.1:7860)",
+                               description="Serve the Gradio demo; the models load once, at start.")
+    _add_model_arguments(demo)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.set_defaults(run=run_demo)
+
     prep = commands.add_parser(
         "prepare-data",
         help="detect, align and embed a folder of face photos once, for training",
@@ -216,6 +223,12 @@ def run_eval(args: argparse.Namespace) -> None:
     summary = report.summary()
     print(f"{summary['images']} images, face detection rate {summary['face_detection_rate']:.2f}, "
           f"FaceSim {summary['facesim'] if summary['facesim'] is not None else 'n/a'}, report in {args.out}/report.md")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo as serve
+
+    serve(args)
 
 
 def run_prepare_data(args: argparse.Namespace) -> None:

@@ -1,0 +1,160 @@
+"""The Gradio demo: ``idgen demo`` serves it on http://127.0.0.1:7860.
+
+Models load once at start; each click only generates. Bad input (no face, a corrupt or too
+large upload) shows a readable message in the page, and the app keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import IDGenError
+from .faces import KPS_COLORS, FaceAnalyzer
+
+#: Prompt templates: "{prompt}" is the user's text.
+STYLES = {
+    "none": "{prompt}",
+    "photograph": "{prompt}, professional photograph, 85mm, sharp focus, natural light",
+    "cinematic": "{prompt}, cinematic still, dramatic lighting, film grain, shallow depth of field",
+    "watercolor": "{prompt}, watercolor painting, soft washes, paper texture",
+    "comic": "{prompt}, comic book illustration, bold ink lines, flat colors",
+}
+NEGATIVE = "lowres, bad anatomy, worst quality, low quality, blurry, monochrome"
+
+
+def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
+    """The uploaded photo with each detected face's box and 5 keypoints drawn on it."""
+    from .images import load_image
+
+    photo = load_image(image, analyzer.max_pixels)
+    faces = analyzer.analyze(photo)
+    if not faces:
+        raise IDGenError(
+            f"no face found in the photo: use a clear, frontal face at least {analyzer.detector.min_face_size} pixels wide"
+        )
+    draw = ImageDraw.Draw(photo)
+    width = max(2, photo.width // 200)
+    for rank, face in enumerate(faces):
+        draw.rectangle([float(v) for v in face.bbox], outline=(0, 255, 0) if rank == 0 else (255, 160, 0), width=width)
+        for (x, y), colour in zip(face.kps, KPS_COLORS):
+            r = width * 2
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return photo
+
+
+class DemoApp:
+    """What a click runs, separate from the UI so it can be called directly."""
+
+    def __init__(self, pipe, analyzer: FaceAnalyzer, session, args: argparse.Namespace):
+        self.pipe, self.analyzer, self.session, self.args = pipe, analyzer, session, args
+        self.has_identitynet = getattr(pipe, "has_identitynet", False)
+
+    def preview(self, files) -> Image.Image | None:
+        import gradio as gr
+
+        if not files:
+            return None
+        try:
+            return face_preview(self.analyzer, _path(files[0]))
+        except IDGenError as err:
+            raise gr.Error(str(err)) from None
+
+    def generate(self, files, pose, prompt, negative_prompt, style, id_scale, identitynet_scale, steps, guidance,
+                 seed, num_images) -> list[tuple[Image.Image, str]]:
+        import gradio as gr
+        import torch
+
+        try:
+            if not files:
+                raise IDGenError("upload at least one face photo first")
+            if self.session.models.kind != "arc2face" and not (prompt or "").strip():
+                raise IDGenError("write a prompt first")
+            photos = [_path(f) for f in files]
+            id_embeds = torch.from_numpy(self.analyzer.identity(photos, raw=getattr(self.pipe, "raw_id_embeds", False)))
+            text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
+            call = dict(self.session.call_kwargs(self.args, text), id_embeds=id_embeds,
+                        num_inference_steps=int(steps), guidance_scale=float(guidance),
+                        num_images_per_prompt=int(num_images), generator=torch.Generator().manual_seed(int(seed)))
+            if self.session.models.kind != "arc2face":
+                call.update(id_scale=float(id_scale), negative_prompt=negative_prompt or None)
+            if self.has_identitynet:
+                call.update(kps_image=_path(pose) if pose is not None else photos[0],
+                            controlnet_conditioning_scale=float(identitynet_scale))
+            images = self.pipe(**call).images
+        except IDGenError as err:
+            raise gr.Error(str(err)) from None
+        return [(image, f"seed {int(seed)} #{i} · id_scale {float(id_scale):.2f} · {text}") for i, image in enumerate(images)]
+
+
+def _path(item: Any) -> Any:
+    """A Gradio upload (path string, file object or numpy image) as something load_image reads."""
+    if isinstance(item, (str, np.ndarray, Image.Image)):
+        return item
+    return getattr(item, "name", None) or getattr(item, "path", None) or item
+
+
+def build_demo(app: DemoApp):
+    """The Gradio Blocks UI around ``app``."""
+    import gradio as gr
+
+    with gr.Blocks(title="idgen") as demo:
+        gr.Markdown("# idgen: identity-preserving generation\nUpload one or more photos of a face, describe the "
+                    "scene, generate. " + _model_note(app))
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(label="Face photos", file_count="multiple", file_types=["image"], elem_id="faces")
+                detected = gr.Image(label="Detected face", interactive=False, elem_id="detected", height=240)
+                pose = gr.Image(label="Pose photo (optional)", type="filepath", visible=app.has_identitynet,
+                                elem_id="pose")
+                prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
+                style = gr.Dropdown(list(STYLES), value="none", label="Style")
+                id_scale = gr.Slider(0.0, 1.5, value=1.0 if not app.has_identitynet else 0.8, step=0.05, label="Identity strength (id_scale)")
+                identitynet = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="IdentityNet strength",
+                                        visible=app.has_identitynet)
+                steps = gr.Slider(1, 100, value=app.session.steps, step=1, label="Steps")
+                guidance = gr.Slider(0.0, 15.0, value=app.session.guidance, step=0.5, label="Guidance")
+                seed = gr.Number(value=0, precision=0, label="Seed")
+                count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Results", elem_id="gallery", columns=2, height=520)
+        files.change(app.preview, inputs=files, outputs=detected)
+
+        def generate(*values, progress=gr.Progress(track_tqdm=True)):  # the bar follows diffusers' tqdm
+            return app.generate(*values)
+
+        run.click(generate, inputs=[files, pose, prompt, negative, style, id_scale, identitynet, steps, guidance, seed,
+                                    count], outputs=gallery)
+    return demo
+
+
+def _model_note(app: DemoApp) -> str:
+    meta = app.session.metadata(app.args)
+    note = f"Base: `{meta['base_model']}`, method: {meta['method']}."
+    if "random_weights" in meta:
+        note += " **Offline tiny preset: random weights, the images are noise** (pass --base/--adapter for real models)."
+    return note
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Load the models once, then serve the UI."""
+    import os
+
+    from .cli import start_session
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise IDGenError('the demo needs gradio: pip install "idgen[demo]"') from None
+    session = start_session(args)
+    pipe = session.load(args)
+    app = DemoApp(pipe, session.analyzer, session, args)
+    demo = build_demo(app)
+    print(f"idgen demo on http://{args.host}:{args.port}", flush=True)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)

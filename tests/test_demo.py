@@ -1,0 +1,103 @@
+"""The Gradio demo, driven in headless Chromium: upload a real face photo, generate, see the
+gallery; upload a photo without a face, see the error; the app keeps working."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_demo_app_without_a_browser(preset, analyzer, astronaut):
+    """The click handlers themselves: a preview with the face drawn, images with captions, and
+    gr.Error (a message in the page) for a photo with no face."""
+    gr = pytest.importorskip("gradio")
+    import argparse
+
+    from idgen.cli import _add_model_arguments, start_session
+    from idgen.demo import DemoApp, build_demo
+
+    parser = argparse.ArgumentParser()
+    _add_model_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--height", "64", "--width", "64"])
+    session = start_session(args)
+    app = DemoApp(session.load(args), session.analyzer, session, args)
+    preview = app.preview([str(astronaut)])
+    assert preview.size == (512, 512) and preview.getpixel((203, 101)) != Image.open(astronaut).convert("RGB").getpixel((203, 101))
+    results = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 3, 2)
+    assert len(results) == 2 and results[0][0].size == (64, 64) and "seed 3" in results[0][1] and "cinematic" in results[0][1]
+    blank = Image.new("RGB", (200, 200), (40, 80, 120))
+    with pytest.raises(gr.Error, match="no face found"):
+        app.generate([blank], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
+    with pytest.raises(gr.Error, match="upload at least one face photo"):
+        app.generate([], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
+    assert build_demo(app) is not None
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
+    pytest.importorskip("gradio")
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "CI must install Debian's chromium (see .ci/run)"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = open(tmp_path / "demo.log", "w")
+    server = subprocess.Popen(["idgen", "demo", "--port", str(port), "--steps", "2", "--height", "64", "--width", "64"],
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    blank = tmp_path / "no_face.png"
+    Image.new("RGB", (256, 256), (40, 80, 120)).save(blank)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, open(tmp_path / "demo.log").read()
+                assert time.time() < deadline, "the demo did not start"
+                time.sleep(0.5)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.locator("#faces input[type=file]").set_input_files(str(astronaut))
+            page.wait_for_selector("#detected img", timeout=60_000)
+            page.locator("#prompt textarea").fill("a photo of a person as an astronaut")
+            page.locator("#generate").click()
+            page.wait_for_selector("#gallery img", timeout=120_000)
+            assert page.locator("#gallery img").count() >= 1
+            page.screenshot(path=os.path.join(ARTIFACTS, "demo.png"), full_page=True)
+
+            page.locator("#faces input[type=file]").set_input_files(str(blank))
+            page.locator("#generate").click()
+            page.get_by_text("no face found").first.wait_for(timeout=60_000)
+            page.screenshot(path=os.path.join(ARTIFACTS, "demo-no-face.png"), full_page=True)
+
+            # The app keeps working after the error.
+            page.locator("#faces input[type=file]").set_input_files(str(astronaut))
+            page.wait_for_selector("#detected img", timeout=60_000)
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
