@@ -19,13 +19,16 @@ import importlib.util
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import cv2
 import numpy as np
 
 from .errors import ModelNotFoundError, NoFaceError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: insightface's ArcFace template: where the 5 keypoints land in a 112x112 crop.
 ARCFACE_TEMPLATE = np.array(
@@ -131,7 +134,6 @@ class DlibDetector:
         )
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        import dlib
 
         scale = min(1.0, self.max_side / max(rgb.shape[:2]))
         work = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)

@@ -11,7 +11,6 @@ import torch
 
 from idgen.adapters import (
     AdapterSpec,
-    cache_identity_kv,
     FaceIDProjection,
     IDAttnProcessor,
     InstantIDResampler,

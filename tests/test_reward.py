@@ -12,8 +12,8 @@ from idgen.train.rewards import AestheticHead, AestheticReward, IdentityReward
 from .test_train import data, photos  # noqa: F401  (module fixtures: real photos, prepared)
 
 
-def reward_config(data, output_dir, **overrides):
-    values = dict(base="tiny", data=str(data), output_dir=str(output_dir), resolution=64, train_batch_size=2,
+def reward_config(prepared, output_dir, **overrides):
+    values = dict(base="tiny", data=str(prepared), output_dir=str(output_dir), resolution=64, train_batch_size=2,
                   learning_rate=3e-3, max_train_steps=2, num_inference_steps=8, refl_min_step=4, refl_max_step=7,
                   face_alignment="reference", checkpointing_steps=100, eval_identities=2, eval_seeds=2,
                   export_name="reward.safetensors")

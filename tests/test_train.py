@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -104,7 +103,7 @@ def test_bad_configs_fail_before_training(tmp_path, data, photos, analyzer):
     with pytest.raises(IDGenError, match="instantid is an SDXL adapter"):
         train(config(data, tmp_path / "run1", adapter_format="instantid", lora_rank=None))
     from idgen.adapters import save_adapter_checkpoint
-    from idgen.presets import get_preset, random_faceid_state_dict, tiny_sdxl_pipeline
+    from idgen.presets import random_faceid_state_dict, tiny_sdxl_pipeline
 
     sdxl_adapter = tmp_path / "sdxl.safetensors"
     save_adapter_checkpoint(random_faceid_state_dict(tiny_sdxl_pipeline().unet), str(sdxl_adapter))

@@ -11,7 +11,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from idgen.adapters import (
 from idgen.errors import IDGenError
 
 from .checkpoints import resolve_resume, save_checkpoint
-from .config import add_config_arguments, load_config, overrides_from
+from .config import run_training_cli
 from .data import FaceDataset
 
 ID_LORA_NAME = "faceid"
@@ -355,18 +354,7 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idgen.train.adapter", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML or JSON config (fields of AdapterTrainConfig)")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
-    add_config_arguments(parser, AdapterTrainConfig)
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(AdapterTrainConfig, args.config, overrides_from(args))
-        train(config, args.resume)
-    except IDGenError as err:
-        print(f"idgen: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_training_cli(AdapterTrainConfig, train, argv, "python -m idgen.train.adapter", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

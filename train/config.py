@@ -95,3 +95,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, str]:
     return {k[len("override_"):]: v for k, v in vars(args).items() if k.startswith("override_") and v is not None}
+
+
+def run_training_cli(cls: type, train, argv: list[str] | None, prog: str, description: str) -> int:
+    """``--config FILE [--resume latest|PATH] [--field value ...]``: the command line of a trainer."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=None, help=f"YAML or JSON config (fields of {cls.__name__})")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
+    add_config_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    try:
+        train(load_config(cls, args.config, overrides_from(args)), args.resume)
+    except IDGenError as err:
+        print(f"idgen: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -14,7 +14,6 @@ UNet, the trained weights. Config, checkpoints, resume and export are adapter tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 
 from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, training_loss
-from .config import add_config_arguments, load_config, overrides_from
+from .config import run_training_cli
 from .data import FaceDataset
 from .rewards import AestheticReward, IdentityReward
 
@@ -225,17 +224,7 @@ def train(config: RewardTrainConfig, resume: str | None = None) -> tuple[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idgen.train.reward", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML or JSON config (fields of RewardTrainConfig)")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
-    add_config_arguments(parser, RewardTrainConfig)
-    args = parser.parse_args(argv)
-    try:
-        train(load_config(RewardTrainConfig, args.config, overrides_from(args)), args.resume)
-    except IDGenError as err:
-        print(f"idgen: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_training_cli(RewardTrainConfig, train, argv, "python -m idgen.train.reward", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
