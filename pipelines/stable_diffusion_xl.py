@@ -231,7 +231,9 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 4. Denoise and decode: the parent's loop (plain SDXL's when there is no ControlNet)
         with cache_identity_kv(self.unet):
             if not self.controlnets:
-                return StableDiffusionXLPipeline.from_pipe(self)(**common)
+                plain = StableDiffusionXLPipeline.from_pipe(self)
+                plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+                return plain(**common)
             with self._route_control_tokens(id_tokens.shape[1]):
                 return super().__call__(
                     image=control_images[0] if len(control_images) == 1 else control_images,

@@ -195,3 +195,16 @@ def test_identity_enhanced_and_ema(tmp_path, data):
     ema = load_file(train(config(data, tmp_path / "ema", max_train_steps=2, use_ema=True, ema_decay=0.5)))
     key = "image_proj.proj.2.weight"
     assert not torch.equal(plain[key], enhanced[key]) and not torch.equal(plain[key], ema[key])
+
+
+def test_instantid_style_adapter_on_sdxl(tmp_path, data):
+    """adapter_format instantid trains a Resampler adapter on an SDXL base; the export loads."""
+    from idgen import IDStableDiffusionXLPipeline
+    from idgen.adapters import InstantIDResampler
+    from idgen.presets import get_preset
+
+    path = train(config(data, tmp_path / "xl", base="tiny-sdxl", adapter_format="instantid", lora_rank=None,
+                        max_train_steps=2))
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(get_preset("tiny-sdxl").base)
+    pipe.load_identity_adapter(path)
+    assert isinstance(pipe.id_projection, InstantIDResampler) and pipe.adapter_spec.num_tokens == 16
