@@ -208,3 +208,11 @@ def test_instantid_style_adapter_on_sdxl(tmp_path, data):
     pipe = IDStableDiffusionXLPipeline.from_pretrained(get_preset("tiny-sdxl").base)
     pipe.load_identity_adapter(path)
     assert isinstance(pipe.id_projection, InstantIDResampler) and pipe.adapter_spec.num_tokens == 16
+
+
+def test_accumulation_and_gradient_checkpointing(tmp_path, data):
+    """Two micro-batches per step with gradient checkpointing: same loss curve length, finite."""
+    train(config(data, tmp_path / "acc", max_train_steps=2, gradient_accumulation_steps=2, gradient_checkpointing=True))
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "acc" / "metrics.jsonl")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert sorted(os.listdir(tmp_path / "acc" / "checkpoints")) == ["checkpoint-2"]
