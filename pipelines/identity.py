@@ -217,6 +217,35 @@ class IdentityPipelineMixin(FaceInputMixin):
         self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
         self.set_adapters(active + [ID_LORA_NAME])
 
+    def _check_identity_call(self, kwargs: dict) -> None:
+        self._require_adapter()
+        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
+            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+
+    def append_identity(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        face_image: FaceImages | None,
+        id_embeds: torch.Tensor | None,
+        negative_face_image: FaceImages | None,
+        negative_id_embeds: torch.Tensor | None,
+        face_index: int,
+        face_weights: Sequence[float] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Text embeddings (one row per prompt) with the identity tokens appended; returns them
+        and the number of identity tokens."""
+        batch_size, device = prompt_embeds.shape[0], prompt_embeds.device
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        )
+        tokens, negative_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
+        return (
+            torch.cat([prompt_embeds, tokens.to(prompt_embeds.dtype)], dim=1),
+            torch.cat([negative_prompt_embeds, negative_tokens.to(prompt_embeds.dtype)], dim=1),
+            tokens.shape[1],
+        )
+
     def _require_adapter(self) -> FaceIDProjection | InstantIDResampler:
         if self.id_projection is None:
             raise RuntimeError(
@@ -238,9 +267,17 @@ class IdentityPipelineMixin(FaceInputMixin):
         for name, scale in layer_id_scales(list(processors), id_scale).items():
             processors[name].scale = scale
 
-    def id_guidance_callback(self, id_scale: IDScale, start: float, end: float, num_inference_steps: int, callback=None):
-        """Apply ``id_scale`` and return a step-end callback that keeps identity attention on
-        only for steps ``i`` with ``start <= i/N`` and ``(i+1)/N <= end`` (ControlNet's rule)."""
+    def id_guidance_callback(
+        self, id_scale: IDScale, start: float, end: float, num_inference_steps: int, callback=None, tensor_inputs=None
+    ):
+        """Apply ``id_scale`` and return (step-end callback, its tensor inputs): the callback keeps
+        identity attention on only for steps ``i`` with ``start <= i/N`` and ``(i+1)/N <= end``
+        (ControlNet's rule), then runs the user's ``callback``."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        tensor_inputs = tensor_inputs if tensor_inputs is not None else ["latents"]
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {start} and {end}")
         processors = self._id_processors()
@@ -253,13 +290,13 @@ class IdentityPipelineMixin(FaceInputMixin):
 
         apply(0, num_inference_steps)
         if start == 0.0 and end == 1.0:
-            return callback
+            return callback, tensor_inputs
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             apply(step + 1, pipe.num_timesteps)
             return callback(pipe, step, timestep, tensors) if callback is not None else tensors
 
-        return on_step_end
+        return on_step_end, tensor_inputs
 
     def encode_id_tokens(
         self,

@@ -41,7 +41,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **kwargs,
     ):
         """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
@@ -61,9 +61,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
         # 1. Check inputs
-        self._require_adapter()
-        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
-            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        self._check_identity_call(kwargs)
         device = self._execution_device
 
         # 2. Encode the prompt once per prompt (the parent repeats it per image)
@@ -72,19 +70,15 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
             prompt, device, 1, True, negative_prompt, prompt_embeds, negative_prompt_embeds,
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
-        batch_size = prompt_embeds.shape[0]
 
         # 3. Encode the identity and append its tokens to the text tokens
-        id_embeds, negative_id_embeds = self.prepare_id_embeds(
-            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        prompt_embeds, negative_prompt_embeds, _ = self.append_identity(
+            prompt_embeds, negative_prompt_embeds, face_image, id_embeds, negative_face_image, negative_id_embeds,
+            face_index, face_weights,
         )
-        id_tokens, negative_id_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
-        prompt_embeds = torch.cat([prompt_embeds, id_tokens.to(prompt_embeds.dtype)], dim=1)
-        negative_prompt_embeds = torch.cat([negative_prompt_embeds, negative_id_tokens.to(prompt_embeds.dtype)], dim=1)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback = self.id_guidance_callback(
-            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end
+        callback, tensor_inputs = self.id_guidance_callback(
+            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
 
         # 4. Denoise and decode: the parent's loop, with identity K/V computed once
@@ -95,6 +89,6 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
                 num_inference_steps=num_inference_steps,
                 cross_attention_kwargs=cross_attention_kwargs,
                 callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                callback_on_step_end_tensor_inputs=tensor_inputs,
                 **kwargs,
             )

@@ -170,7 +170,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **kwargs,
     ):
         """Generate SDXL images of the person in ``face_image`` (or given ``id_embeds``).
@@ -183,9 +183,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         ``StableDiffusionXLControlNetPipeline.__call__``'s.
         """
         # 1. Check inputs
-        self._require_adapter()
-        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
-            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        self._check_identity_call(kwargs)
         extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         expected = len(self.controlnets) - self.has_identitynet
         if len(extra_images) != expected:
@@ -202,30 +200,26 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
-        batch_size = prompt_embeds.shape[0]
 
         # 3. Encode the identity, append its tokens, draw the IdentityNet keypoints
-        id_embeds, negative_id_embeds = self.prepare_id_embeds(
-            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        prompt_embeds, negative_prompt_embeds, num_id_tokens = self.append_identity(
+            prompt_embeds, negative_prompt_embeds, face_image, id_embeds, negative_face_image, negative_id_embeds,
+            face_index, face_weights,
         )
-        id_tokens, negative_id_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
-        prompt_embeds = torch.cat([prompt_embeds, id_tokens.to(prompt_embeds.dtype)], dim=1)
-        negative_prompt_embeds = torch.cat([negative_prompt_embeds, negative_id_tokens.to(prompt_embeds.dtype)], dim=1)
         control_images = extra_images
         if self.has_identitynet:
             kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
             control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback = self.id_guidance_callback(
-            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end
+        callback, tensor_inputs = self.id_guidance_callback(
+            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
         common = dict(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
+            callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs,
         )
 
         # 4. Denoise and decode: the parent's loop (plain SDXL's when there is no ControlNet)
@@ -234,7 +228,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
                 plain = StableDiffusionXLPipeline.from_pipe(self)
                 plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
                 return plain(**common)
-            with self._route_control_tokens(id_tokens.shape[1]):
+            with self._route_control_tokens(num_id_tokens):
                 return super().__call__(
                     image=control_images[0] if len(control_images) == 1 else control_images,
                     controlnet_conditioning_scale=controlnet_conditioning_scale,
