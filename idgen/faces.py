@@ -152,11 +152,12 @@ class ScrfdDetector:
 
     name = "scrfd"
 
-    def __init__(self, model: Any, det_size: int = 640, det_thresh: float = 0.5):
+    def __init__(self, model: Any, det_size: int = 640, det_thresh: float = 0.5, on_gpu: bool = False):
         self.model = model
         self.det_size = det_size
         self.min_face_size = 16
-        model.prepare(-1, input_size=(det_size, det_size), det_thresh=det_thresh)
+        # insightface's prepare() switches the session to CPU for a negative ctx_id.
+        model.prepare(0 if on_gpu else -1, input_size=(det_size, det_size), det_thresh=det_thresh)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         bboxes, kpss = self.model.detect(np.ascontiguousarray(rgb[:, :, ::-1]), max_num=0)
@@ -272,7 +273,8 @@ class FaceAnalyzer:
                     f"face model pack {self.pack_dir} has no SCRFD detection model: use detector='dlib' "
                     "or a full pack such as buffalo_l"
                 )
-            self.detector: DlibDetector | ScrfdDetector = ScrfdDetector(models["detection"], det_size, det_thresh)
+            on_gpu = "CUDAExecutionProvider" in providers
+            self.detector: DlibDetector | ScrfdDetector = ScrfdDetector(models["detection"], det_size, det_thresh, on_gpu)
         else:
             self.detector = DlibDetector()
         self.recognizer_random = onnx_metadata(self.recognizer.model_file).get(RANDOM_WEIGHTS_KEY) == "true"

@@ -131,3 +131,47 @@ def test_pack_lookup(tmp_path, preset):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no .onnx"):
         FaceAnalyzer(str(tmp_path / "empty"))
+
+
+def write_scrfd_like(path, cell=(40, 30)):
+    """A detection ONNX with SCRFD's interface (input.1 1x3x640x640; scores, boxes and keypoints
+    for strides 8, 16, 32, two anchors per cell) whose outputs are constants: one face at the
+    stride-8 anchor ``cell``, its box 16 px around the anchor centre, keypoints 8 px around it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    outputs, nodes = [], []
+    for kind, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for stride in (8, 16, 32):
+            rows = (640 // stride) ** 2 * 2
+            value = np.zeros((rows, width), np.float32)
+            if stride == 8:
+                anchor = (cell[1] * 80 + cell[0]) * 2
+                value[anchor] = {"score": [0.95], "bbox": [2, 2, 2, 2],
+                                 "kps": [-1, -1, 1, -1, 0, 0, -1, 1, 1, 1]}[kind]
+            name = f"{kind}_{stride}"
+            nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, width]))
+    graph = helper.make_graph(nodes, "scrfd_like", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 640, 640])], outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_scrfd_pack_is_routed_and_decoded(tmp_path, preset):
+    """A full pack (detector + recognizer) runs the SCRFD path through insightface's decoder."""
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    write_scrfd_like(pack / "det_10g.onnx")
+    shutil.copy(os.path.join(preset.face_pack, "arcface_random.onnx"), pack / "w600k_r50.onnx")
+    analyzer = FaceAnalyzer(str(pack))
+    assert analyzer.detector.name == "scrfd" and analyzer.info["recognizer"] == "w600k_r50.onnx"
+    centre = np.array([320.0, 240.0])
+    offsets = np.array([[-8, -8], [8, -8], [0, 0], [-8, 8], [8, 8]], np.float32)
+    for size, scale in ((640, 1.0), (1280, 2.0)):  # the detector letterboxes to 640: coordinates scale back
+        faces = analyzer.analyze(np.full((size, size, 3), 127, np.uint8))
+        assert len(faces) == 1
+        assert np.allclose(faces[0].bbox, np.r_[centre - 16, centre + 16] * scale, atol=1e-3)
+        assert np.allclose(faces[0].kps, (centre + offsets) * scale, atol=1e-3)
+        assert faces[0].det_score == pytest.approx(0.95, abs=1e-6) and faces[0].embedding.shape == (512,)
+    assert FaceAnalyzer(str(pack), detector="dlib").detector.name == "dlib"
