@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -495,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; the denoising bar stays
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no retry chatter: a failed download ends in one error line
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -7,6 +7,7 @@ large upload) shows a readable message in the page, and the app keeps working.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,11 @@ class DemoApp:
                             controlnet_conditioning_scale=float(identitynet_scale))
             images = self.pipe(**call).images
         except IDGenError as err:
-            raise gr.Error(str(err)) from None
+            message = str(err)
+            for photo in [_path(f) for f in files or []] + ([_path(pose)] if pose is not None else []):
+                if isinstance(photo, str):  # uploads live in a temporary folder: name the file only
+                    message = message.replace(photo, os.path.basename(photo))
+            raise gr.Error(message) from None
         return [(image, f"seed {int(seed)} #{i} · id_scale {float(id_scale):.2f} · {text}") for i, image in enumerate(images)]
 
 
@@ -143,8 +148,6 @@ def _model_note(app: DemoApp) -> str:
 
 def run_demo(args: argparse.Namespace) -> None:
     """Load the models once, then serve the UI."""
-    import os
-
     from .cli import start_session
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
