@@ -216,3 +216,11 @@ def test_accumulation_and_gradient_checkpointing(tmp_path, data):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "acc" / "metrics.jsonl")]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert sorted(os.listdir(tmp_path / "acc" / "checkpoints")) == ["checkpoint-2"]
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        mixed = load_file(train(config(data, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16")))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in mixed.values())

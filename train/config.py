@@ -101,6 +101,9 @@ def run_training_cli(cls: type, train, argv: list[str] | None, prog: str, descri
     """``--config FILE [--resume latest|PATH] [--field value ...]``: the command line of a trainer."""
     import sys
 
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # progress and errors are what matter
+        os.environ.setdefault(name, "error")
+
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help=f"YAML or JSON config (fields of {cls.__name__})")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
