@@ -28,12 +28,11 @@ from idgen.adapters import (
     save_adapter_checkpoint,
 )
 from idgen.errors import IDGenError
+from idgen.pipelines.identity import ID_LORA_NAME
 
 from .checkpoints import resolve_resume, save_checkpoint
 from .config import run_training_cli
 from .data import FaceDataset
-
-ID_LORA_NAME = "faceid"
 
 
 @dataclass

@@ -26,7 +26,7 @@ from idgen.arcface import DifferentiableArcFace
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 
-from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, training_loss
+from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, training_loss
 from .config import run_training_cli
 from .data import FaceDataset
 from .rewards import AestheticReward, IdentityReward
@@ -175,7 +175,7 @@ def setup(config: RewardTrainConfig, accelerator):
     pipe, sdxl = load_base(config)
     if sdxl:
         raise IDGenError("reward fine-tuning runs on SD1.5 bases for now: use an SD1.5 base and FaceID adapter")
-    lora_name = "faceid"
+    lora_name = ID_LORA_NAME
     if config.train_target == "lora":
         from peft import LoraConfig
 
