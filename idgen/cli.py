@@ -189,7 +189,10 @@ def run_eval(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
     identities = load_identities(args.refs)
     session = start_session(args)
-    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}
+    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}  # unit, for FaceSim
+    id_embeds = references
+    if session.models.raw_id_embeds:
+        id_embeds = {name: session.analyzer.identity(photos, raw=True) for name, photos in identities.items()}
     second = DlibRecognizer()
     second_refs = {}
     for name, photos in identities.items():
@@ -204,7 +207,7 @@ def run_eval(args: argparse.Namespace) -> None:
                             "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
     jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
     for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
-        call = dict(session.call_kwargs(args, prompt), id_embeds=torch.from_numpy(references[name]),
+        call = dict(session.call_kwargs(args, prompt), id_embeds=torch.from_numpy(id_embeds[name]),
                     generator=torch.Generator().manual_seed(seed))
         if getattr(pipe, "has_identitynet", False):
             call.update(kps_image=identities[name][0])
@@ -300,6 +303,11 @@ class Models:
     weight_name: str | None
     face_model: str
     random_parts: list[str]
+
+    @property
+    def raw_id_embeds(self) -> bool:
+        """InstantID takes the recognizer's raw (un-normalised) vector."""
+        return self.kind == "sdxl" and _is_instantid(self.adapter, self.weight_name)
 
 
 def _is_arc2face(adapter: str | None) -> bool:
@@ -456,10 +464,10 @@ def run_generate(args: argparse.Namespace) -> None:
     models, analyzer = session.models, session.analyzer
     if models.kind != "arc2face" and not args.prompt:
         raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
-    id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index))
+    id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index, raw=models.raw_id_embeds))
     negative_id_embeds = None
     if args.negative_face:
-        negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index))
+        negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index, raw=models.raw_id_embeds))
     pipe = session.load(args)
 
     call = dict(

@@ -219,5 +219,15 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
                  "--prompt", "a person", "--out", str(out), "--steps", "2", "--height", "128", "--width", "128"]) == 0
     meta = Image.open(out).text
     assert meta["method"] == "instantid" and meta["guidance"] == "5.0"
+    # The CLI feeds InstantID the raw (un-normalised) embedding, as the Python API does.
+    from idgen import FaceAnalyzer
+
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
+    pipe.load_identity_adapter(xl.adapter, weight_name=INSTANTID_FILE)
+    pipe.set_face_analyzer(FaceAnalyzer(xl.face_pack))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a person", face_image=str(astronaut), kps_image=str(pose), num_inference_steps=2, height=128,
+                    width=128, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main(["generate", "--face", str(astronaut), "--kps-image", str(pose), "--prompt", "p", "--out", str(out)]) == 2
     assert "--kps-image needs InstantID" in capsys.readouterr().err
