@@ -75,8 +75,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
-    parser.add_argument("--id-scale", type=_id_scale, default=1.0,
-                        help="identity strength: a number, or per block as down=0,mid=1,up=0.8")
+    parser.add_argument("--id-scale", type=_id_scale, default=None,
+                        help="identity strength: a number, or per block as down=0,mid=1,up=0.8 "
+                        "(default 1.0; InstantID 0.8, as its reference runs it)")
     parser.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
     parser.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
     parser.add_argument("--height", type=_dimension, default=None)
@@ -405,11 +406,16 @@ class Session:
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
 
+    def id_scale(self, args: argparse.Namespace):
+        if args.id_scale is not None:
+            return args.id_scale
+        return 0.8 if self.models.raw_id_embeds else 1.0
+
     def call_kwargs(self, args: argparse.Namespace, prompt: str | None) -> dict:
         """Arguments of a pipeline call common to generate and eval."""
         call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=args.height, width=args.width)
         if self.models.kind != "arc2face":
-            call.update(prompt=prompt, id_scale=args.id_scale, id_guidance_start=args.id_start,
+            call.update(prompt=prompt, id_scale=self.id_scale(args), id_guidance_start=args.id_start,
                         id_guidance_end=args.id_end)
         return call
 
@@ -419,7 +425,7 @@ class Session:
         meta = {
             "steps": str(self.steps),
             "guidance": str(self.guidance),
-            "id_scale": str(args.id_scale),
+            "id_scale": str(self.id_scale(args)),
             "id_window": f"{args.id_start}-{args.id_end}",
             "method": self.models.kind,
             "base_model": args.base,

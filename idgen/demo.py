@@ -118,7 +118,9 @@ def build_demo(app: DemoApp):
                 prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
                 style = gr.Dropdown(list(STYLES), value="none", label="Style")
-                id_scale = gr.Slider(0.0, 1.5, value=1.0 if not app.has_identitynet else 0.8, step=0.05, label="Identity strength (id_scale)")
+                default_scale = app.session.id_scale(app.args)
+                id_scale = gr.Slider(0.0, 1.5, value=default_scale if isinstance(default_scale, float) else 1.0, step=0.05,
+                                     label="Identity strength (id_scale)")
                 identitynet = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="IdentityNet strength",
                                         visible=app.has_identitynet)
                 steps = gr.Slider(1, 100, value=app.session.steps, step=1, label="Steps")

@@ -218,7 +218,7 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--kps-image", str(pose),
                  "--prompt", "a person", "--out", str(out), "--steps", "2", "--height", "128", "--width", "128"]) == 0
     meta = Image.open(out).text
-    assert meta["method"] == "instantid" and meta["guidance"] == "5.0"
+    assert meta["method"] == "instantid" and meta["guidance"] == "5.0" and meta["id_scale"] == "0.8"
     # The CLI feeds InstantID the raw (un-normalised) embedding, as the Python API does.
     from idgen import FaceAnalyzer
 
@@ -226,7 +226,7 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     pipe.load_identity_adapter(xl.adapter, weight_name=INSTANTID_FILE)
     pipe.set_face_analyzer(FaceAnalyzer(xl.face_pack))
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe("a person", face_image=str(astronaut), kps_image=str(pose), num_inference_steps=2, height=128,
+    expected = pipe("a person", face_image=str(astronaut), kps_image=str(pose), id_scale=0.8, num_inference_steps=2, height=128,
                     width=128, generator=torch.Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main(["generate", "--face", str(astronaut), "--kps-image", str(pose), "--prompt", "p", "--out", str(out)]) == 2
