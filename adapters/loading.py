@@ -273,13 +273,9 @@ def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None
     ``.safetensors`` gets the flattened keys (``image_proj.*``, ``ip_adapter.*``); ``.bin``
     the nested torch pickle of the reference repos.
     """
-    import tempfile
+    from idgen.files import atomic_path
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as staging:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
@@ -287,10 +283,6 @@ def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None
             save_file(flat, staging)
         else:
             torch.save(state_dict, staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
 
 def init_identity_adapter_state_dict(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -264,17 +263,13 @@ def _save_png(image, path: str, metadata: dict[str, str]) -> None:
     """Write ``image`` with text metadata, atomically: a reader never sees a partial file."""
     from PIL.PngImagePlugin import PngInfo
 
+    from .files import atomic_path
+
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    fd, staging = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path) as staging:
         image.save(staging, format="PNG", pnginfo=info)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
 
 def _device_and_dtype(device: str, dtype: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
+from idgen.files import atomic_path
 from idgen.images import IMAGE_SUFFIXES, load_image
 
 INDEX, SKIPPED, INFO = "index.jsonl", "skipped.jsonl", "dataset.json"
@@ -47,10 +47,8 @@ def _signature(path: str) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    fd, staging = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as handle:
+    with atomic_path(path) as staging, open(staging, "w") as handle:
         handle.write(text)
-    os.replace(staging, path)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -137,10 +135,8 @@ def prepare_data(
 
     if new_records:  # the shard first, then the index that points at it: a crash loses no index entry
         tensors = {key: torch.from_numpy(np.stack(value)) for key, value in rows.items()}
-        fd, staging = tempfile.mkstemp(prefix=".tmp-", dir=os.path.join(out, "shards"))
-        os.close(fd)
-        save_file(tensors, staging)
-        os.replace(staging, os.path.join(out, "shards", f"{shard}.safetensors"))
+        with atomic_path(os.path.join(out, "shards", f"{shard}.safetensors")) as staging:
+            save_file(tensors, staging)
     records += [asdict(r) for r in new_records]
     skipped += new_skipped
     _write_atomic(os.path.join(out, INDEX), "".join(json.dumps(r) + "\n" for r in records))
