@@ -422,7 +422,7 @@ class Session:
             "guidance": str(self.guidance),
             "id_scale": str(self.id_scale(args)),
             "id_window": f"{args.id_start}-{args.id_end}",
-            "method": self.models.kind,
+            "method": "instantid" if self.models.raw_id_embeds else self.models.kind,
             "base_model": args.base,
             "adapter": f"{self.models.adapter}" + (f" ({self.models.weight_name})" if self.models.weight_name else ""),
             "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
@@ -493,8 +493,6 @@ def run_generate(args: argparse.Namespace) -> None:
         "faces": ", ".join(args.face),
         **session.metadata(args),
     }
-    if getattr(pipe, "has_identitynet", False):
-        metadata["method"] = "instantid"
     for image, path in zip(result.images, paths):
         _save_png(image, path, metadata)
         print(path)

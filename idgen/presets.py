@@ -80,6 +80,21 @@ def tiny_unet(cross_attention_dim: int = 32):
     )
 
 
+def tiny_vae():
+    """A tiny VAE with SD's 8x downsampling and 4 latent channels (128 px images, 16x16 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+
+
 def tiny_text_encoder(tokenizer, hidden_size: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -108,22 +123,14 @@ def tiny_arc2face_models(tokenizer, seed: int = 0):
 
 def tiny_sd15_pipeline(seed: int = 0):
     """A tiny random ``IDStableDiffusionPipeline`` shaped like SD1.5 (8x VAE, cross-attention UNet)."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import DDIMScheduler
 
     from idgen.pipelines import IDStableDiffusionPipeline
 
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = tiny_unet()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
+    vae = tiny_vae()
     text_encoder = tiny_text_encoder(tokenizer)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -138,7 +145,7 @@ def tiny_sd15_pipeline(seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
     """A tiny random ``IDStableDiffusionXLPipeline``: SDXL-shaped UNet (text-time conditioning, two
     text encoders, 64-wide cross-attention), the tiny 8x VAE and Euler, as InstantID's demo uses."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from idgen.pipelines import IDStableDiffusionXLPipeline
@@ -160,11 +167,7 @@ def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
         cross_attention_dim=64,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        sample_size=128,
-    )
+    vae = tiny_vae()
     text_encoder = tiny_text_encoder(tokenizer)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": 32}))
     scheduler = EulerDiscreteScheduler(
