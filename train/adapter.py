@@ -182,10 +182,10 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     """
     from diffusers.training_utils import EMAModel
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # the same tensors after prepare()
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay) if config.use_ema else None
+    ema = EMAModel(trained, decay=config.ema_decay) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoints = os.path.join(config.output_dir, "checkpoints")
@@ -221,7 +221,7 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
             continue
         step += 1
         if ema is not None:
-            ema.step([p for p in model.parameters() if p.requires_grad])
+            ema.step(trained)
         logger.log(step, loss=accelerator.gather(loss.detach()).mean().item(), **metrics)
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in metrics.items()})
@@ -231,7 +231,7 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
             on_step(step)
     progress.close()
     if ema is not None:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+        ema.copy_to(trained)
     return accelerator.unwrap_model(model)
 
 
