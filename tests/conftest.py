@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASTRONAUT = REPO / "idgen" / "assets" / "astronaut.jpg"
@@ -49,3 +50,20 @@ def analyzer(preset):
     from idgen import FaceAnalyzer
 
     return FaceAnalyzer(preset.face_pack)
+
+
+def embedding(seed: int, scale: float = 1.0) -> torch.Tensor:
+    """A seeded random identity vector of norm ``scale`` (InstantID takes raw vectors, norm ~20)."""
+    return torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0) * scale
+
+
+@pytest.fixture(scope="module")
+def pipe(preset, analyzer):
+    """The tiny SD1.5 pipeline with the preset's FaceID adapter and face analyzer."""
+    from idgen import IDStableDiffusionPipeline
+
+    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    pipe.load_identity_adapter(preset.adapter)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

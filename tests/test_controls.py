@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from idgen import IDStableDiffusionPipeline, NoFaceError
+from idgen import NoFaceError
 from idgen.adapters import IDAttnProcessor
 from idgen.pipelines.identity import layer_id_scales
+
+from .conftest import embedding
 
 STEPS = 3
 
@@ -20,21 +22,8 @@ def run(pipe, seed=0, **kwargs):
     return pipe(num_inference_steps=STEPS, generator=generator, **kwargs).images
 
 
-def embedding(seed):
-    return torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0)
-
-
 def differ(a, b, by=1e-3):
     return np.abs(np.asarray(a) - np.asarray(b)).max() > by
-
-
-@pytest.fixture(scope="module")
-def pipe(preset, analyzer):
-    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
-    pipe.load_identity_adapter(preset.adapter)
-    pipe.set_face_analyzer(analyzer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from idgen import CheckpointError, IDStableDiffusionPipeline, ModelNotFoundError
 from idgen.adapters import IDAttnProcessor, save_adapter_checkpoint
 from idgen.presets import random_faceid_state_dict
 
+from .conftest import embedding
+
 STEPS = 3
 
 
@@ -15,19 +17,6 @@ def run(pipe, seed=0, **kwargs):
     kwargs.setdefault("prompt", "a photo of a person")
     kwargs.setdefault("output_type", "np")
     return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs)
-
-
-def embedding(seed):
-    return torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(preset, analyzer):
-    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
-    pipe.load_identity_adapter(preset.adapter)
-    pipe.set_face_analyzer(analyzer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_parity_with_diffusers_faceid(preset, pipe):

@@ -12,12 +12,14 @@ from idgen.adapters import IDAttnProcessor, InstantIDResampler, load_adapter_sta
 from idgen.faces import KPS_COLORS
 from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict, tiny_identitynet
 
+from .conftest import embedding as unit_embedding
+
 STEPS = 2
 KPS = np.array([[40.0, 50.0], [88.0, 50.0], [64.0, 75.0], [46.0, 98.0], [82.0, 98.0]])
 
 
 def embedding(seed, scale=20.0):
-    return torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0) * scale
+    return unit_embedding(seed, scale)
 
 
 def run(pipe, seed=0, **kwargs):
