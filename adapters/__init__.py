@@ -1,9 +1,9 @@
 """Identity adapters: attention processors, projection models and checkpoint loading."""
 
-from .attention import IDAttnProcessor, cache_identity_kv
+from .attention import IdentityAdapter, IdentityAttention
 from .loading import (
     AdapterSpec,
-    build_processors,
+    build_identity_adapter,
     build_projection,
     check_adapter,
     detect_format,
@@ -19,10 +19,10 @@ from .projection import FaceIDProjection, InstantIDResampler
 __all__ = [
     "AdapterSpec",
     "FaceIDProjection",
-    "IDAttnProcessor",
+    "IdentityAdapter",
+    "IdentityAttention",
     "InstantIDResampler",
-    "build_processors",
-    "cache_identity_kv",
+    "build_identity_adapter",
     "build_projection",
     "check_adapter",
     "detect_format",

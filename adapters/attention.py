@@ -1,135 +1,141 @@
 """Decoupled cross-attention: text and identity tokens share the query, not the keys.
 
-``out = Attn(q, K_text, V_text) + id_scale * Attn(q, to_k_id(id), to_v_id(id))``
+``out = to_out(Attn(q, K_text, V_text) + id_scale * Attn(q, to_k_id(id), to_v_id(id)))``
 
-The identity tokens travel as the last ``num_tokens`` tokens of ``encoder_hidden_states``
-(the layout of IP-Adapter, IP-Adapter-FaceID and InstantID), so a UNet with these
-processors runs with any diffusers pipeline loop, ControlNet, offload or compile.
+The identity branch does not replace the UNet's attention processors. Each cross-attention
+layer gets two hooks: one keeps the output of its ``to_q`` projection, the other adds the
+identity attention to the input of ``to_out[0]``. Whatever computes the text attention
+(diffusers' default processor, attention slicing, fused projections, xformers, a processor
+set by the user) keeps working, the UNet's own modules and state dict stay untouched, and
+``save_pretrained`` writes a plain UNet.
 
-The identity keys and values do not change across denoising steps. Inside
-``cache_identity_kv(unet)`` each processor computes them once per identity-token tensor
-and reuses them at every later step.
+The identity keys and values are plain tensors set per call (``IdentityAdapter.set_tokens``);
+while none are set the hooks do nothing, so a pipeline that shares the UNet runs it plain.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class IDAttnProcessor(nn.Module):
-    """Attention processor for a UNet cross-attention layer with an identity branch.
+class IdentityAttention(nn.Module):
+    """The identity branch of one UNet cross-attention layer.
 
     Args:
-        hidden_size: the attention layer's width (``to_out`` output size).
-        cross_attention_dim: width of the text and identity tokens.
-        num_tokens: how many identity tokens close ``encoder_hidden_states``.
-        scale: weight of the identity branch (``id_scale``) for this layer.
+        hidden_size: the attention layer's width (its ``to_out`` size).
+        cross_attention_dim: width of the identity tokens.
+        heads: the attention layer's number of heads.
 
     ``text_enabled = False`` drops the text branch (Infinite-ID's identity-enhanced training:
     the identity branch learns without the prompt to lean on).
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, heads: int):
         super().__init__()
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim
-        self.num_tokens = num_tokens
-        self.scale = scale
+        self.heads = heads
         self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.text_enabled = True
-        self.cache_kv = False
-        self._cached: tuple | None = None
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None  # 0-d tensor: this layer's id_scale at this step
+        self._query: torch.Tensor | None = None
+        self._hooked: tuple[nn.Module, nn.Module] | None = None
+        self._handles: list = []
 
-    def identity_kv(self, identity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity keys and values; with ``cache_kv``, computed once per identity tensor."""
-        if not self.cache_kv:
-            return self.to_k_id(identity), self.to_v_id(identity)
-        tag = (identity.data_ptr(), tuple(identity.shape), identity.dtype, identity.device)
-        if self._cached is None or self._cached[0] != tag:
-            self._cached = (tag, self.to_k_id(identity), self.to_v_id(identity))
-        return self._cached[1], self._cached[2]
+    # ---------------------------------------------------------------- state of one call
+    def set_tokens(self, tokens: torch.Tensor, scale: torch.Tensor) -> None:
+        """Identity keys/values from ``tokens`` (batch, num_tokens, cross_attention_dim), for
+        every following forward until ``clear``; ``scale`` is a 0-d tensor updated in place."""
+        self.key, self.value, self.scale = self.to_k_id(tokens), self.to_v_id(tokens), scale
 
-    @staticmethod
-    def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
-        batch = query.shape[0]
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    def clear(self) -> None:
+        self.key = self.value = self.scale = self._query = None
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= self.num_tokens:
+    # ---------------------------------------------------------------- hooks
+    def attach(self, attn: nn.Module) -> None:
+        """Hook the layer's current ``to_q`` and ``to_out[0]`` (again if a LoRA wrapped them)."""
+        modules = (attn.to_q, attn.to_out[0])
+        if self._hooked is not None and all(a is b for a, b in zip(self._hooked, modules)):
+            return
+        self.detach()
+        self._handles = [
+            modules[0].register_forward_hook(self._keep_query),
+            modules[1].register_forward_pre_hook(self._add_identity),
+        ]
+        self._hooked = modules
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._hooked = [], None
+
+    def _keep_query(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        if self.key is not None:
+            self._query = output
+
+    def _add_identity(self, module: nn.Module, args: tuple):
+        query, self._query = self._query, None
+        if self.key is None or query is None:
+            return None
+        hidden_states = args[0]
+        batch, head_dim = query.shape[0], query.shape[-1] // self.heads
+        if self.key.shape[0] != batch:
             raise ValueError(
-                f"identity attention expects text tokens followed by {self.num_tokens} identity tokens; "
-                "call the pipeline with face_image= or id_embeds="
+                f"identity tokens were prepared for a batch of {self.key.shape[0]}, the UNet runs {batch}: "
+                "set them for this batch (IdentityAdapter.set_tokens)"
             )
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        text, identity = encoder_hidden_states[:, : -self.num_tokens], encoder_hidden_states[:, -self.num_tokens :]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, self.heads, head_dim).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if self.text_enabled:
-            hidden_states = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
-            if self.scale != 0:
-                hidden_states = hidden_states + self.scale * self._attend(attn, query, *self.identity_kv(identity))
-        else:
-            hidden_states = self.scale * self._attend(attn, query, *self.identity_kv(identity))
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        key, value = self.key.to(query.dtype), self.value.to(query.dtype)
+        out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
+        out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
+        out = self.scale.to(out.dtype) * out
+        return (hidden_states + out if self.text_enabled else out, *args[1:])
 
 
-@contextlib.contextmanager
-def cache_identity_kv(unet) -> Iterator[None]:
-    """Compute each layer's identity K/V once for the duration of one generation call.
+class IdentityAdapter(nn.Module):
+    """An identity adapter's trained parts: the projection (ArcFace vector -> identity tokens)
+    and one ``IdentityAttention`` per UNet cross-attention layer, keyed by layer name.
 
-    Valid while the identity tokens stay the same tensor, as in a denoising loop; the
-    cache is dropped on exit so no tensor outlives the call.
+    It lives beside the UNet, not inside it: the UNet's modules and state dict stay the base
+    model's, and ``attach``/``detach`` add and remove the hooks.
     """
-    processors = [p for p in unet.attn_processors.values() if isinstance(p, IDAttnProcessor)]
-    for processor in processors:
-        processor.cache_kv, processor._cached = True, None
-    try:
-        yield
-    finally:
-        for processor in processors:
-            processor.cache_kv, processor._cached = False, None
+
+    def __init__(self, projection: nn.Module, layers: dict[str, IdentityAttention]):
+        super().__init__()
+        self.projection = projection
+        self.names = list(layers)
+        self.layers = nn.ModuleList(layers.values())
+
+    def items(self) -> Iterable[tuple[str, IdentityAttention]]:
+        return zip(self.names, self.layers)
+
+    def attach(self, unet: nn.Module) -> None:
+        unet = getattr(unet, "_orig_mod", unet)  # torch.compile'd UNet
+        for name, layer in self.items():
+            layer.attach(unet.get_submodule(name))
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            layer.detach()
+            layer.clear()
+
+    def set_tokens(self, tokens: torch.Tensor, scales: dict[str, torch.Tensor] | None = None) -> None:
+        """Condition every layer on ``tokens`` (one row per UNet batch row) with per-layer
+        0-d ``scales`` (default 1)."""
+        one = torch.ones((), device=tokens.device)
+        for name, layer in self.items():
+            layer.set_tokens(tokens, scales[name] if scales is not None else one)
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.clear()

@@ -19,7 +19,7 @@ import torch
 
 from idgen.errors import CheckpointError, ModelNotFoundError
 
-from .attention import IDAttnProcessor
+from .attention import IdentityAdapter, IdentityAttention
 from .projection import FaceIDProjection, InstantIDResampler
 
 StateDict = dict[str, torch.Tensor]
@@ -237,22 +237,23 @@ def build_projection(state_dict: dict[str, StateDict], spec: AdapterSpec) -> Fac
     return model
 
 
-def build_processors(unet, state_dict: dict[str, StateDict], spec: AdapterSpec) -> dict:
-    """Attention processors for every UNet layer: identity attention on cross-attention layers."""
-    processors = {}
-    for index, (name, current) in enumerate(unet.attn_processors.items()):
+def build_identity_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec) -> IdentityAdapter:
+    """The projection and the identity attention of every cross-attention layer, with the
+    checkpoint's weights, on the UNet's device and dtype (not yet attached)."""
+    layers = {}
+    for index, name in enumerate(unet.attn_processors):
         if not _is_cross_attention(name):
-            processors[name] = current
             continue
-        processor = IDAttnProcessor(_hidden_size(unet, name), spec.cross_attention_dim, spec.num_tokens)
-        processor.load_state_dict(
+        module = name.rsplit(".processor", 1)[0]
+        layer = IdentityAttention(_hidden_size(unet, name), spec.cross_attention_dim, unet.get_submodule(module).heads)
+        layer.load_state_dict(
             {
                 "to_k_id.weight": state_dict["ip_adapter"][f"{index}.to_k_ip.weight"],
                 "to_v_id.weight": state_dict["ip_adapter"][f"{index}.to_v_ip.weight"],
             }
         )
-        processors[name] = processor.to(device=unet.device, dtype=unet.dtype)
-    return processors
+        layers[module] = layer
+    return IdentityAdapter(build_projection(state_dict, spec), layers).to(device=unet.device, dtype=unet.dtype)
 
 
 def faceid_lora_state_dict(unet, state_dict: dict[str, StateDict]) -> StateDict:
@@ -315,21 +316,23 @@ def init_identity_adapter_state_dict(
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def identity_adapter_state_dict(unet, projection, lora_name: str = "faceid") -> dict[str, StateDict]:
-    """The identity adapter installed in ``unet`` (+ its ``projection``) in the official layout,
+def identity_adapter_state_dict(unet, adapter: IdentityAdapter, lora_name: str = "faceid") -> dict[str, StateDict]:
+    """The identity ``adapter`` of ``unet`` (and its LoRA ``lora_name``) in the official layout,
     the inverse of loading: what ``save_adapter_checkpoint`` writes for export."""
 
     def cpu(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().float().cpu().contiguous()
 
+    layers = dict(adapter.items())
     ip_adapter: StateDict = {}
-    for index, (name, processor) in enumerate(unet.attn_processors.items()):
-        if isinstance(processor, IDAttnProcessor):
-            ip_adapter[f"{index}.to_k_ip.weight"] = cpu(processor.to_k_id.weight)
-            ip_adapter[f"{index}.to_v_ip.weight"] = cpu(processor.to_v_id.weight)
-        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+    for index, name in enumerate(unet.attn_processors):
+        module = name.rsplit(".processor", 1)[0]
+        if module in layers:
+            ip_adapter[f"{index}.to_k_ip.weight"] = cpu(layers[module].to_k_id.weight)
+            ip_adapter[f"{index}.to_v_ip.weight"] = cpu(layers[module].to_v_id.weight)
+        attn = unet.get_submodule(module)
         for part, layer in zip(_LORA_NAMES, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
             if lora_name in getattr(layer, "lora_A", {}):
                 ip_adapter[f"{index}.{part}.down.weight"] = cpu(layer.lora_A[lora_name].weight)
                 ip_adapter[f"{index}.{part}.up.weight"] = cpu(layer.lora_B[lora_name].weight * layer.scaling[lora_name])
-    return {"image_proj": {k: cpu(v) for k, v in projection.state_dict().items()}, "ip_adapter": ip_adapter}
+    return {"image_proj": {k: cpu(v) for k, v in adapter.projection.state_dict().items()}, "ip_adapter": ip_adapter}

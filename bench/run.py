@@ -58,31 +58,29 @@ def sd15_unet(cross_attention_dim: int = 768):
 
 # ------------------------------------------------------------------------------ 1
 def bench_adapter_overhead(latent: int, repeats: int) -> dict:
-    from idgen.adapters import build_processors, cache_identity_kv, detect_format
+    from idgen.adapters import build_identity_adapter, detect_format
     from idgen.presets import random_faceid_state_dict
 
     torch.manual_seed(0)
     unet = sd15_unet()
-    plain_processors = dict(unet.attn_processors)
     state = random_faceid_state_dict(unet, lora_rank=4)
-    spec = detect_format(state)
-    id_processors = build_processors(unet, state, spec)
+    adapter = build_identity_adapter(unet, state, detect_format(state))
     sample = torch.randn(2, 4, latent, latent)
     text = torch.randn(2, 77, 768)
-    with_id = torch.cat([text, torch.randn(2, 4, 768)], dim=1)
+    tokens = torch.randn(2, 4, 768)
 
-    def plain():
+    def step():  # the same UNet call; the setups below attach the identity or not
         with torch.no_grad():
             unet(sample, 500, encoder_hidden_states=text)
 
-    def identity():
-        with torch.no_grad(), cache_identity_kv(unet):
-            unet(sample, 500, encoder_hidden_states=with_id)
+    def with_identity():
+        adapter.attach(unet)
+        with torch.no_grad():
+            adapter.set_tokens(tokens)
 
     times = interleaved(
-        {"without": plain, "with identity adapter": identity}, repeats,
-        {"without": lambda: unet.set_attn_processor(dict(plain_processors)),
-         "with identity adapter": lambda: unet.set_attn_processor(dict(id_processors))},
+        {"without": step, "with identity adapter": step}, repeats,
+        {"without": adapter.detach, "with identity adapter": with_identity},
     )
     overhead = times["with identity adapter"] / times["without"] - 1
     return {"config": f"SD1.5 UNet (random weights), batch 2 (CFG), latent {latent}x{latent}, 77 text + 4 identity "
@@ -162,7 +160,7 @@ def memory_probe(kind: str, latent: int) -> dict:
     """One training step in this (fresh) process; peak memory above the loaded model."""
     from peft import LoraConfig
 
-    from idgen.adapters import build_processors, build_projection, detect_format
+    from idgen.adapters import build_identity_adapter, detect_format
     from idgen.presets import random_faceid_state_dict
 
     torch.manual_seed(0)
@@ -174,12 +172,11 @@ def memory_probe(kind: str, latent: int) -> dict:
     unet.add_adapter(LoraConfig(r=128, lora_alpha=128, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), kind)
     if kind == "adapter":
         state = random_faceid_state_dict(unet, lora_rank=4)
-        spec = detect_format(state)
-        unet.set_attn_processor(build_processors(unet, state, spec))
-        projection = build_projection(state, spec)
-    trainable = [p for n, p in unet.named_parameters() if "lora" in n or "to_k_id" in n or "to_v_id" in n]
+        adapter = build_identity_adapter(unet, state, detect_format(state))
+        adapter.attach(unet)
+    trainable = [p for n, p in unet.named_parameters() if "lora" in n]
     if kind == "adapter":
-        trainable += list(projection.parameters())
+        trainable += list(adapter.parameters())
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -187,8 +184,9 @@ def memory_probe(kind: str, latent: int) -> dict:
     before = _rss_bytes()
     cuda = torch.cuda.is_available()
     sample = torch.randn(1, 4, latent, latent)
-    hidden = torch.cat([text, projection(torch.randn(1, 512))], 1) if kind == "adapter" else text
-    loss = unet(sample, 500, encoder_hidden_states=hidden).sample.pow(2).mean()
+    if kind == "adapter":
+        adapter.set_tokens(adapter.projection(torch.randn(1, 512)))
+    loss = unet(sample, 500, encoder_hidden_states=text).sample.pow(2).mean()
     loss.backward()
     optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,7 +18,14 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield staging
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; a new file follows the umask
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -3,8 +3,9 @@ turning face photos into ArcFace ``id_embeds`` and ``id_embeds`` into identity t
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -12,10 +13,9 @@ import torch
 from idgen.adapters import (
     AdapterSpec,
     FaceIDProjection,
-    IDAttnProcessor,
+    IdentityAdapter,
     InstantIDResampler,
-    build_processors,
-    build_projection,
+    build_identity_adapter,
     check_adapter,
     detect_format,
     faceid_lora_state_dict,
@@ -140,13 +140,30 @@ class FaceInputMixin:
         return id_embeds
 
 
+def id_window(step: int, total: int, start: float, end: float) -> bool:
+    """Whether the identity acts at loop step ``step`` of ``total``: ``start <= step/total`` and
+    ``(step+1)/total <= end`` (ControlNet's ``control_guidance_start/end`` rule)."""
+    return not (step / total < start or (step + 1) / total > end)
+
+
 class IdentityPipelineMixin(FaceInputMixin):
-    """Identity-adapter methods shared by the SD1.5 and SDXL pipelines."""
+    """Identity-adapter methods shared by the SD1.5 and SDXL pipelines.
+
+    The adapter (projection + identity attention) lives beside the UNet and hooks into its
+    cross-attention layers; it acts only inside this pipeline's own calls, so saving, other
+    pipelines sharing the UNet, attention processors and the user's LoRAs see the base model.
+    """
 
     #: Adapter formats this pipeline runs.
     supported_adapter_formats: tuple[str, ...] = ("faceid",)
-    id_projection: FaceIDProjection | InstantIDResampler | None = None
+    identity_adapter: IdentityAdapter | None = None
     adapter_spec: AdapterSpec | None = None
+    _id_lora: dict[str, torch.Tensor] | None = None
+
+    @property
+    def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
+        """The loaded adapter's projection (ArcFace vector -> identity tokens), or None."""
+        return None if self.identity_adapter is None else self.identity_adapter.projection
 
     @property
     def raw_id_embeds(self) -> bool:
@@ -157,9 +174,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         """diffusers' ``from_pipe``; the new pipeline keeps the identity adapter and face
         analyzer of ``pipeline`` when it shares its UNet."""
         new = super().from_pipe(pipeline, **kwargs)
-        if getattr(pipeline, "id_projection", None) is not None and new.unet is pipeline.unet:
-            new.id_projection, new.adapter_spec = pipeline.id_projection, pipeline.adapter_spec
-            new._face_analyzer = pipeline._face_analyzer
+        if getattr(pipeline, "identity_adapter", None) is not None and new.unet is pipeline.unet:
+            new.identity_adapter, new.adapter_spec = pipeline.identity_adapter, pipeline.adapter_spec
+            new._id_lora, new._face_analyzer = pipeline._id_lora, pipeline._face_analyzer
         return new
 
     # ---------------------------------------------------------------- loading
@@ -174,8 +191,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         ``weight_name="ip-adapter-faceid_sd15.bin"``) from a hub id, a folder, a file, or a
         state dict ``{"image_proj": ..., "ip_adapter": ...}`` already in memory.
 
-        Installs identity attention on every cross-attention layer, the projection model and,
-        for FaceID, its LoRA as the peft adapter ``"faceid"`` (kept beside any active LoRA).
+        Hooks identity attention into every cross-attention layer and, for FaceID, loads its
+        LoRA as the peft adapter ``"faceid"`` (kept beside any active LoRA). A previously
+        loaded identity adapter is replaced.
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
             path, state_dict = "the given state dict", pretrained_model_name_or_path_or_file
@@ -187,12 +205,23 @@ class IdentityPipelineMixin(FaceInputMixin):
             raise CheckpointError(self._unsupported_format_message(spec, path))
         check_adapter(self.unet, state_dict, spec, path)
 
-        self.unet.set_attn_processor(build_processors(self.unet, state_dict, spec))
-        self.id_projection = build_projection(state_dict, spec).to(device=self.unet.device, dtype=self.unet.dtype)
-        self.adapter_spec = spec
+        adapter = build_identity_adapter(self.unet, state_dict, spec)
+        if self.identity_adapter is not None:
+            self.unload_identity_adapter()
+        adapter.attach(self.unet)
+        self.identity_adapter, self.adapter_spec = adapter, spec
         lora = faceid_lora_state_dict(self.unet, state_dict)
         if lora:
+            self._id_lora = lora
             self._load_id_lora(lora)
+
+    def unload_identity_adapter(self) -> None:
+        """Remove the identity adapter and its LoRA: the pipeline is the base model again."""
+        if self.identity_adapter is not None:
+            self.identity_adapter.detach()
+        if self._id_lora is not None:
+            self._remove_id_lora()
+        self.identity_adapter, self.adapter_spec, self._id_lora = None, None, None
 
     def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
         if spec.format == "faceid_plus":
@@ -210,6 +239,10 @@ class IdentityPipelineMixin(FaceInputMixin):
             f"(it runs: {', '.join(self.supported_adapter_formats)}): use the matching idgen pipeline"
         )
 
+    # ---------------------------------------------------------------- the identity LoRA
+    def _user_lora_names(self) -> list[str]:
+        return [name for name in getattr(self.unet, "peft_config", {}) if name != ID_LORA_NAME]
+
     def _load_id_lora(self, lora: dict[str, torch.Tensor]) -> None:
         active = [name for name in self.get_active_adapters() if name != ID_LORA_NAME]
         if ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
@@ -217,107 +250,168 @@ class IdentityPipelineMixin(FaceInputMixin):
         self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
         self.set_adapters(active + [ID_LORA_NAME])
 
-    def _check_identity_call(self, kwargs: dict) -> None:
-        self._require_adapter()
-        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
-            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+    def _remove_id_lora(self) -> None:
+        """Delete the ``faceid`` peft adapter; with no other LoRA left, remove peft's wrappers
+        so the UNet holds its original modules."""
+        if ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+            return
+        others = self._user_lora_names()
+        if others:
+            active = [name for name in self.get_active_adapters() if name != ID_LORA_NAME]
+            self.delete_adapters(ID_LORA_NAME)
+            self.set_adapters(active or others)
+        else:
+            self.unet.unload_lora()
 
-    def append_identity(
+    def unload_lora_weights(self) -> None:
+        """diffusers' ``unload_lora_weights`` for the user's LoRAs; the identity adapter's own
+        LoRA stays (``unload_identity_adapter`` removes it)."""
+        if self._id_lora is None or ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+            return super().unload_lora_weights()
+        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
+        others = self._user_lora_names()
+        if others:
+            self.unet.delete_adapters(others)
+        self.unet.set_adapters([ID_LORA_NAME])
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self, name, None) is not None:
+                _remove_text_encoder_monkey_patch(getattr(self, name))
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """diffusers' fused projections. Fusing reads the base weights, so the identity LoRA is
+        merged into them first (peft would otherwise leave it out of the fused layers)."""
+        if unet and self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
+            self.unet.fuse_lora(adapter_names=[ID_LORA_NAME])
+        super().fuse_qkv_projections(unet=unet, vae=vae)
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        super().unfuse_qkv_projections(unet=unet, vae=vae)
+        if unet and self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
+            self.unet.unfuse_lora()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, writing the base model: the identity adapter is not
+        part of it (save its checkpoint separately) and its LoRA is taken out while saving."""
+        if self._id_lora is None or ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if self._user_lora_names():
+            raise RuntimeError(
+                "save_pretrained would write peft's LoRA wrappers into the UNet: fuse your LoRA "
+                "(pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it before saving"
+            )
+        active = self.get_active_adapters()
+        self.unet.unload_lora()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.load_lora_weights(self._id_lora, adapter_name=ID_LORA_NAME)
+            self.set_adapters(active)
+
+    # ---------------------------------------------------------------- calling
+    def _check_identity_call(self, ip_adapter_image, ip_adapter_image_embeds) -> IdentityAdapter:
+        if self.identity_adapter is None:
+            raise RuntimeError(
+                "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
+            )
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        return self.identity_adapter
+
+    def encode_id_tokens(
         self,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
         face_image: FaceImages | None,
         id_embeds: torch.Tensor | None,
         negative_face_image: FaceImages | None,
         negative_id_embeds: torch.Tensor | None,
-        face_index: int,
-        face_weights: Sequence[float] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Text embeddings (one row per prompt) with the identity tokens appended; returns them
-        and the number of identity tokens."""
-        batch_size, device = prompt_embeds.shape[0], prompt_embeds.device
-        id_embeds, negative_id_embeds = self.prepare_id_embeds(
-            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
-        )
-        tokens, negative_tokens = self.encode_id_tokens(id_embeds, negative_id_embeds, batch_size, device)
-        return (
-            torch.cat([prompt_embeds, tokens.to(prompt_embeds.dtype)], dim=1),
-            torch.cat([negative_prompt_embeds, negative_tokens.to(prompt_embeds.dtype)], dim=1),
-            tokens.shape[1],
-        )
-
-    def _require_adapter(self) -> FaceIDProjection | InstantIDResampler:
-        if self.id_projection is None:
-            raise RuntimeError(
-                "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
-            )
-        return self.id_projection
-
-    def _id_processors(self) -> dict[str, IDAttnProcessor]:
-        return {
-            name.rsplit(".processor", 1)[0]: processor
-            for name, processor in self.unet.attn_processors.items()
-            if isinstance(processor, IDAttnProcessor)
-        }
-
-    def set_id_scale(self, id_scale: IDScale) -> None:
-        """Weight of the identity branch: a float for every layer, or a dict per block or layer
-        (``{"down": 0.0, "mid": 1.0, "up": 0.8}``; see ``layer_id_scales``)."""
-        processors = self._id_processors()
-        for name, scale in layer_id_scales(list(processors), id_scale).items():
-            processors[name].scale = scale
-
-    def id_guidance_callback(
-        self, id_scale: IDScale, start: float, end: float, num_inference_steps: int, callback=None, tensor_inputs=None
-    ):
-        """Apply ``id_scale`` and return (step-end callback, its tensor inputs): the callback keeps
-        identity attention on only for steps ``i`` with ``start <= i/N`` and ``(i+1)/N <= end``
-        (ControlNet's rule), then runs the user's ``callback``."""
-        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
-        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-            tensor_inputs = callback.tensor_inputs
-        tensor_inputs = tensor_inputs if tensor_inputs is not None else ["latents"]
-        if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {start} and {end}")
-        processors = self._id_processors()
-        scales = layer_id_scales(list(processors), id_scale)
-
-        def apply(step: int, total: int) -> None:
-            keep = not (step / total < start or (step + 1) / total > end)
-            for name, processor in processors.items():
-                processor.scale = scales[name] if keep else 0.0
-
-        apply(0, num_inference_steps)
-        if start == 0.0 and end == 1.0:
-            return callback, tensor_inputs
-
-        def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
-            apply(step + 1, pipe.num_timesteps)
-            return callback(pipe, step, timestep, tensors) if callback is not None else tensors
-
-        return on_step_end, tensor_inputs
-
-    def encode_id_tokens(
-        self,
-        id_embeds: torch.Tensor,
-        negative_id_embeds: torch.Tensor | None,
         batch_size: int,
-        device: torch.device,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity tokens for the conditional and unconditional branches, one row per prompt.
 
         The unconditional tokens project ``negative_id_embeds``, zeros by default, as the
         reference implementations do.
         """
-        projection = self._require_adapter().to(device)
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
+        )
+        projection = self.identity_adapter.projection
         dim = projection.id_embed_dim
+        id_embeds = torch.as_tensor(id_embeds)
         if id_embeds.shape[-1] != dim:
             raise ValueError(f"id_embeds must be {dim}-d ArcFace vectors, got shape {tuple(id_embeds.shape)}")
         positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds")
         if negative_id_embeds is None:
             negative_id_embeds = torch.zeros_like(positive)
-        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds")
+        negative = self._batch_id_embeds(torch.as_tensor(negative_id_embeds), batch_size, "negative_id_embeds")
+        device = self._execution_device
+        self.identity_adapter.to(device=device, dtype=self.unet.dtype)
         both = torch.cat([negative, positive]).to(device=device, dtype=projection.dtype)
         negative_tokens, tokens = projection(both).chunk(2)
         return tokens, negative_tokens
+
+    @contextlib.contextmanager
+    def identity_conditioning(
+        self,
+        tokens: torch.Tensor,
+        negative_tokens: torch.Tensor,
+        num_images_per_prompt: int = 1,
+        id_scale: IDScale = 1.0,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+    ) -> Iterator["IdentityTokens"]:
+        """Condition the UNet on the identity for one generation call.
+
+        ``tokens`` hold one row per prompt. At every UNet call the identity keys/values match
+        its batch (classifier-free guidance or not, ``num_images_per_prompt`` copies), and the
+        step window ``id_guidance_start/end`` is read off the pipeline's real schedule
+        (``num_timesteps``), so custom ``timesteps=`` / ``sigmas=`` work. Outside the block the
+        UNet is plain.
+        """
+        if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0:
+            raise ValueError(
+                f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {id_guidance_start} and {id_guidance_end}"
+            )
+        adapter = self.identity_adapter
+        adapter.attach(self.unet)
+        scales = layer_id_scales(adapter.names, id_scale)
+        gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
+        batches = IdentityTokens(tokens, negative_tokens, num_images_per_prompt)
+        state = {"step": 0, "batch": None, "on": True}
+
+        def before_unet(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            if state["batch"] != sample.shape[0]:
+                adapter.set_tokens(batches.for_batch(sample.shape[0]), gates)
+                state["batch"] = sample.shape[0]
+            on = id_window(state["step"], max(self.num_timesteps, 1), id_guidance_start, id_guidance_end)
+            if on != state["on"]:
+                for name, gate in gates.items():
+                    gate.fill_(scales[name] if on else 0.0)
+                state["on"] = on
+            state["step"] += 1
+
+        handle = self.unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+        try:
+            yield batches
+        finally:
+            handle.remove()
+            adapter.clear()
+
+
+class IdentityTokens:
+    """Identity tokens of one call (one row per prompt), laid out for any batch the pipeline runs:
+    ``B * n`` rows (no CFG) or ``2 * B * n`` (unconditional half first), prompt by prompt."""
+
+    def __init__(self, tokens: torch.Tensor, negative_tokens: torch.Tensor, num_images_per_prompt: int):
+        self.positive = tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        self.negative = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def for_batch(self, batch: int) -> torch.Tensor:
+        rows = self.positive.shape[0]
+        if batch == rows:
+            return self.positive
+        if batch == 2 * rows:
+            return torch.cat([self.negative, self.positive])
+        raise ValueError(f"the UNet runs a batch of {batch} but the call has {rows} identity rows")

@@ -8,8 +8,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from idgen.adapters import cache_identity_kv
-
 from .identity import FaceImages, IDScale, IdentityPipelineMixin
 
 
@@ -34,15 +32,28 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         face_weights: Sequence[float] | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        num_inference_steps: int = 50,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        **kwargs,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
 
@@ -61,7 +72,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
         # 1. Check inputs
-        self._check_identity_call(kwargs)
+        self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         device = self._execution_device
 
         # 2. Encode the prompt once per prompt (the parent repeats it per image)
@@ -71,24 +82,22 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
 
-        # 3. Encode the identity and append its tokens to the text tokens
-        prompt_embeds, negative_prompt_embeds, _ = self.append_identity(
-            prompt_embeds, negative_prompt_embeds, face_image, id_embeds, negative_face_image, negative_id_embeds,
-            face_index, face_weights,
-        )
-        callback, tensor_inputs = self.id_guidance_callback(
-            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+        # 3. Encode the identity
+        tokens, negative_tokens = self.encode_id_tokens(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
+            face_weights,
         )
 
-        # 4. Denoise and decode: the parent's loop, with identity K/V computed once
-        with cache_identity_kv(self.unet):
+        # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
+        with self.identity_conditioning(
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end
+        ):
             return super().__call__(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                num_inference_steps=num_inference_steps,
-                cross_attention_kwargs=cross_attention_kwargs,
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=tensor_inputs,
-                **kwargs,
+                height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
+                sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, output_type=output_type, return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )

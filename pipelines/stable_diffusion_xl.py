@@ -26,11 +26,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from idgen.adapters import cache_identity_kv
 from idgen.faces import draw_kps
 from idgen.images import ImageInput, load_image
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin
+from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens
 
 
 def load_identitynet(pretrained_model_name_or_path: str, subfolder: str = "ControlNetModel", **kwargs) -> ControlNetModel:
@@ -91,27 +90,29 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         return bool(self.controlnets) and self.raw_id_embeds
 
     @contextlib.contextmanager
-    def _route_control_tokens(self, num_tokens: int) -> Iterator[None]:
-        """IdentityNet gets only the identity tokens; any other ControlNet only the text tokens."""
+    def _identitynet_tokens(self, batches: IdentityTokens) -> Iterator[None]:
+        """IdentityNet reads the identity tokens where the other ControlNets read the text."""
 
-        def keep(part: slice):
-            def hook(module, args, kwargs):
-                kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, part]
-                return args, kwargs
+        def hook(module, args, kwargs):
+            batch = kwargs["encoder_hidden_states"].shape[0]
+            kwargs["encoder_hidden_states"] = batches.for_batch(batch).to(kwargs["encoder_hidden_states"].dtype)
+            return args, kwargs
 
-            return hook
-
-        parts = [slice(-num_tokens, None) if i == 0 and self.has_identitynet else slice(None, -num_tokens)
-                 for i in range(len(self.controlnets))]
-        handles = [
-            net.register_forward_pre_hook(keep(part), with_kwargs=True, prepend=True)
-            for net, part in zip(self.controlnets, parts)
-        ]
+        handle = self.controlnets[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+
+    @property
+    def guidance_rescale(self) -> float:
+        return getattr(self, "_guidance_rescale", 0.0)
+
+    def check_inputs(self, *args, **kwargs):
+        """The ControlNet pipeline's checks, or plain SDXL's when there is no ControlNet."""
+        if self.controlnet is None:
+            return StableDiffusionXLPipeline.check_inputs(self, *args, **kwargs)
+        return super().check_inputs(*args, **kwargs)
 
     def kps_condition(
         self, face_kps: np.ndarray, source_size: tuple[int, int] | None, height: int | None, width: int | None
@@ -156,34 +157,55 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         kps_image: ImageInput | None = None,
         image: Any = None,
         prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
-        controlnet_conditioning_scale: float | list[float] = 0.8,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        **kwargs,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         """Generate SDXL images of the person in ``face_image`` (or given ``id_embeds``).
 
         Identity arguments are those of ``IDStableDiffusionPipeline``. With IdentityNet:
         ``kps_image`` takes the pose (keypoints) from another photo, ``face_kps`` (5, 2) gives
         them in output pixels; ``image`` holds the images of any further ControlNets;
-        ``controlnet_conditioning_scale`` (one value, or one per ControlNet) and
-        ``control_guidance_start/end`` work as in diffusers. Other arguments are
-        ``StableDiffusionXLControlNetPipeline.__call__``'s.
+        ``controlnet_conditioning_scale`` (one value, or one per ControlNet), ``guess_mode`` and
+        ``control_guidance_start/end`` work as in diffusers. With no ControlNet the call runs
+        plain SDXL's loop (``StableDiffusionXLPipeline.__call__``) on this pipeline. Other
+        arguments are diffusers'.
         """
         # 1. Check inputs
-        self._check_identity_call(kwargs)
+        self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         expected = len(self.controlnets) - self.has_identitynet
         if len(extra_images) != expected:
@@ -201,36 +223,41 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
 
-        # 3. Encode the identity, append its tokens, draw the IdentityNet keypoints
-        prompt_embeds, negative_prompt_embeds, num_id_tokens = self.append_identity(
-            prompt_embeds, negative_prompt_embeds, face_image, id_embeds, negative_face_image, negative_id_embeds,
-            face_index, face_weights,
+        # 3. Encode the identity; draw the IdentityNet keypoints
+        tokens, negative_tokens = self.encode_id_tokens(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
+            face_weights,
         )
         control_images = extra_images
         if self.has_identitynet:
             kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
             control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
-        callback, tensor_inputs = self.id_guidance_callback(
-            id_scale, id_guidance_start, id_guidance_end, num_inference_steps, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
         common = dict(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs,
+            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+            denoising_end=denoising_end, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            eta=eta, generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs, original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
         # 4. Denoise and decode: the parent's loop (plain SDXL's when there is no ControlNet)
-        with cache_identity_kv(self.unet):
+        with self.identity_conditioning(
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end
+        ) as batches:
             if not self.controlnets:
-                plain = StableDiffusionXLPipeline.from_pipe(self)
-                plain.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-                return plain(**common)
-            with self._route_control_tokens(num_id_tokens):
+                return StableDiffusionXLPipeline.__call__(self, guidance_rescale=guidance_rescale, **common)
+            if guidance_rescale:
+                raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loop")
+            routing = self._identitynet_tokens(batches) if self.has_identitynet else contextlib.nullcontext()
+            with routing:
                 return super().__call__(
                     image=control_images[0] if len(control_images) == 1 else control_images,
-                    controlnet_conditioning_scale=controlnet_conditioning_scale,
+                    controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
+                    control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                     **common,
                 )

@@ -52,6 +52,20 @@ def analyzer(preset):
     return FaceAnalyzer(preset.face_pack)
 
 
+#: Tolerance for float32 images reached by two code paths that compute the same values with
+#: different arithmetic (e.g. an embedding averaged in the pipeline or in the test): they agree to
+#: about 1e-6; exact equality is kept for the same arithmetic run twice.
+FP32_ATOL = 1e-4
+
+
+def assert_close(a, b, atol: float = FP32_ATOL) -> None:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.abs(a - b).max() <= atol, f"max difference {np.abs(a - b).max():.3g} > {atol}"
+
+
 def embedding(seed: int, scale: float = 1.0) -> torch.Tensor:
     """A seeded random identity vector of norm ``scale`` (InstantID takes raw vectors, norm ~20)."""
     return torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0) * scale

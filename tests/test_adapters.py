@@ -7,7 +7,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from idgen import CheckpointError, ModelNotFoundError
 from idgen.adapters import (
     FaceIDProjection,
-    IDAttnProcessor,
+    IdentityAdapter,
+    IdentityAttention,
     detect_format,
     load_adapter_state_dict,
     resolve_checkpoint_file,
@@ -30,21 +31,31 @@ def unet(preset):
 def test_identity_branch_adds_to_plain_attention():
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
-    processor = IDAttnProcessor(hidden_size=32, cross_attention_dim=24, num_tokens=4)
+    layer = IdentityAttention(hidden_size=32, cross_attention_dim=24, heads=4)
+    adapter = IdentityAdapter(torch.nn.Identity(), {"attn": layer})
+    layer.attach(attn)
     hidden, text, identity = torch.randn(2, 10, 32), torch.randn(2, 7, 24), torch.randn(2, 4, 24)
-    both = torch.cat([text, identity], dim=1)
-    plain = AttnProcessor2_0()(attn, hidden, text)
-    processor.scale = 0.0
-    assert torch.allclose(processor(attn, hidden, both), plain, atol=1e-6)
+    plain = attn(hidden, text)
+    scale = torch.tensor(0.0)
+    adapter.set_tokens(identity, {"attn": scale})
+    assert torch.allclose(attn(hidden, text), plain, atol=1e-6)
     # With a scale, the difference is exactly scale x (identity attention through to_out's linear part).
-    processor.scale = 0.5
-    half = processor(attn, hidden, both)
-    processor.scale = 1.0
-    full = processor(attn, hidden, both)
+    scale.fill_(0.5)
+    half = attn(hidden, text)
+    scale.fill_(1.0)
+    full = attn(hidden, text)
     assert torch.allclose(full - plain, 2 * (half - plain), atol=1e-5)
     assert (full - plain).abs().max() > 1e-2
-    with pytest.raises(ValueError, match="identity tokens"):
-        processor(attn, hidden, identity)
+    # Whatever processor computes the text attention, the identity branch stays.
+    attn.set_processor(AttnProcessor2_0())
+    assert torch.allclose(attn(hidden, text), full, atol=1e-6)
+    adapter.clear()
+    assert torch.equal(attn(hidden, text), plain)
+    adapter.set_tokens(identity[:1])
+    with pytest.raises(ValueError, match="batch of 1"):
+        attn(hidden, text)
+    layer.detach()
+    assert torch.equal(attn(hidden, text), plain)
 
 
 def test_projection_matches_the_reference_computation():

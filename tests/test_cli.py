@@ -17,7 +17,7 @@ def test_generate_end_to_end(tmp_path, preset, astronaut):
     out = tmp_path / "out.png"
     env = dict(os.environ, IDGEN_CACHE=os.environ["IDGEN_CACHE"])
     result = subprocess.run(
-        ["idgen", "generate", "--face", str(astronaut), "--prompt", "a photo of a person as an astronaut",
+        [sys.executable, "-m", "idgen", "generate", "--face", str(astronaut), "--prompt", "a photo of a person as an astronaut",
          "--out", str(out), "--steps", "4", "--num-images", "2", "--seed", "7", "--height", "64", "--width", "64"],
         capture_output=True, text=True, env=env, timeout=300,
     )

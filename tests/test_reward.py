@@ -51,7 +51,7 @@ def test_gradients_reach_the_trained_parameters_only(tmp_path, data):  # noqa: F
         assert all(not b.requires_grad for b in refl.identity.recognizer.buffers())
         if target == "lora":
             assert all("lora" in n for n, p in pipe.unet.named_parameters() if id(p) in trained)
-            assert model.projection.proj[0].weight.grad is None  # the identity adapter stays as it is
+            assert model.adapter.projection.proj[0].weight.grad is None  # the identity adapter stays as it is
         assert 0 < metrics["identity_reward"] <= 1
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_bad_configs_fail_before_training(tmp_path, data, photos, analyzer):
 
 def _launch(cfg_file, *extra):
     return subprocess.Popen(
-        ["accelerate", "launch", "--config_file", os.path.join(REPO, "configs", "accelerate_cpu.yaml"),
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(REPO, "configs", "accelerate_cpu.yaml"),
          "-m", "idgen.train.adapter", "--config", str(cfg_file), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )

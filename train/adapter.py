@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from idgen.adapters import (
-    IDAttnProcessor,
+    IdentityAdapter,
     identity_adapter_state_dict,
     init_identity_adapter_state_dict,
     save_adapter_checkpoint,
@@ -87,15 +87,15 @@ class AdapterTrainConfig:
 
 
 class TrainableIdentity(nn.Module):
-    """The trained parts (projection, identity K/V, LoRA) around a frozen UNet.
+    """The trained parts (the identity adapter: projection and identity K/V; the LoRA) around a
+    frozen UNet.
 
     Only the trained parts are registered, so checkpoints hold them and not the base model.
     """
 
-    def __init__(self, unet, projection, lora_name: str = ID_LORA_NAME):
+    def __init__(self, unet, adapter: IdentityAdapter, lora_name: str = ID_LORA_NAME):
         super().__init__()
-        self.projection = projection
-        self.processors = nn.ModuleList(p for p in unet.attn_processors.values() if isinstance(p, IDAttnProcessor))
+        self.adapter = adapter
         self.lora = nn.ModuleList(
             module[lora_name]
             for layer in unet.modules()
@@ -105,9 +105,11 @@ class TrainableIdentity(nn.Module):
         object.__setattr__(self, "unet", unet)  # used, not owned
 
     def forward(self, noisy, timesteps, text_embeds, id_embeds, added_cond_kwargs=None):
-        tokens = self.projection(id_embeds)
-        hidden = torch.cat([text_embeds, tokens.to(text_embeds.dtype)], dim=1)
-        return self.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added_cond_kwargs).sample
+        # The identity stays set after the forward: gradient checkpointing re-runs the UNet
+        # blocks during backward.
+        self.adapter.attach(self.unet)
+        self.adapter.set_tokens(self.adapter.projection(id_embeds))
+        return self.unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs).sample
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -165,7 +167,7 @@ def prepare_models(config: AdapterTrainConfig, accelerator, pipe, lora_name: str
         if module is not None:
             module.requires_grad_(False)
             module.to(accelerator.device, dtype=weight_dtype)
-    model = TrainableIdentity(pipe.unet, pipe.id_projection, lora_name)
+    model = TrainableIdentity(pipe.unet, pipe.identity_adapter, lora_name)
     model.to(dtype=torch.float32).requires_grad_(True)
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -247,8 +249,8 @@ def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
     pipe, sdxl = load_base(config)
     model, weight_dtype = prepare_models(config, accelerator, pipe)
     if config.identity_enhanced:
-        for processor in model.processors:
-            processor.text_enabled = False
+        for layer in model.adapter.layers:
+            layer.text_enabled = False
 
     def step_loss(model, batch, micro):
         return training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype), {}
@@ -260,7 +262,7 @@ def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
     model = fit(config, accelerator, model, dataset, step_loss, resume, on_step)
     path = os.path.join(config.output_dir, config.export_name)
     if accelerator.is_main_process:
-        save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.projection), path)
+        save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.adapter), path)
         accelerator.print(f"exported {path}")
     accelerator.end_training()
     return path
@@ -327,10 +329,10 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
     """A row of images, one per fixed validation identity (the first photos of the dataset)."""
     from PIL import Image
 
-    processors = [p for p in pipe.unet.attn_processors.values() if isinstance(p, IDAttnProcessor)]
-    text_enabled = [p.text_enabled for p in processors]
-    for processor in processors:
-        processor.text_enabled = True
+    layers = list(pipe.identity_adapter.layers)
+    text_enabled = [layer.text_enabled for layer in layers]
+    for layer in layers:
+        layer.text_enabled = True
     count = min(config.num_validation_identities, len(dataset))
     ids = dataset.id_embeds[:count]
     if config.adapter_format == "instantid":
@@ -339,8 +341,8 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
     for i in range(count):
         images += pipe(config.validation_prompt, id_embeds=ids[i], num_inference_steps=20, height=config.resolution,
                        width=config.resolution, generator=torch.Generator().manual_seed(config.seed)).images
-    for processor, enabled in zip(processors, text_enabled):
-        processor.text_enabled = enabled
+    for layer, enabled in zip(layers, text_enabled):
+        layer.text_enabled = enabled
     pipe.unet.train()
     grid = Image.new("RGB", (config.resolution * count, config.resolution))
     for i, image in enumerate(images):

@@ -217,7 +217,7 @@ def train(config: RewardTrainConfig, resume: str | None = None) -> tuple[str, di
             pipe.save_lora_weights(config.output_dir, unet_lora_layers=get_peft_model_state_dict(
                 pipe.unet, adapter_name=REWARD_LORA_NAME), safe_serialization=True)
         else:
-            save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.projection), path)
+            save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.adapter), path)
         accelerator.print(f"exported {path}")
     accelerator.end_training()
     return path, before, after

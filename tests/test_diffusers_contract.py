@@ -1,0 +1,217 @@
+"""idgen pipelines keep the contract diffusers holds its own pipelines to, with an identity loaded:
+save/load, unload, batching, dtypes, callbacks, attention processors, custom schedules, signatures."""
+
+import inspect
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from idgen import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
+from idgen.adapters import save_adapter_checkpoint
+from idgen.presets import get_preset, random_faceid_state_dict
+
+from .conftest import assert_close, embedding
+
+STEPS = 3
+
+
+def run(pipe, seed=0, **kwargs):
+    kwargs.setdefault("prompt", "a photo of a person")
+    kwargs.setdefault("output_type", "np")
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def fresh(preset):
+    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def xl(cache):
+    return get_preset("tiny-sdxl", root=str(cache))
+
+
+@pytest.fixture(scope="module")
+def faceid_xl_file(tmp_path_factory, xl):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(xl.base, subfolder="unet")
+    path = tmp_path_factory.mktemp("faceid-xl") / "ip-adapter-faceid_sdxl.safetensors"
+    save_adapter_checkpoint(random_faceid_state_dict(unet, seed=4), str(path))
+    return str(path)
+
+
+def faceid_xl(xl, faceid_xl_file, **kwargs):
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, **kwargs)
+    pipe.load_identity_adapter(faceid_xl_file)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_save_pretrained_writes_a_plain_base_and_unload_restores_it(tmp_path, preset):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = fresh(preset)
+    plain_keys = set(pipe.unet.state_dict())
+    plain = run(StableDiffusionPipeline.from_pipe(pipe), prompt="a photo")
+    pipe.load_identity_adapter(preset.adapter)
+    with_id = run(pipe, id_embeds=embedding(1))
+    pipe.save_pretrained(tmp_path / "saved")
+    assert run(pipe, id_embeds=embedding(1)).tobytes() == with_id.tobytes()  # the adapter is back after saving
+
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert set(reloaded.unet.state_dict()) == plain_keys
+    assert all(p.device.type == "cpu" for p in reloaded.unet.parameters())  # nothing left on "meta"
+    assert run(reloaded, prompt="a photo").tobytes() == plain.tobytes()
+
+    pipe.unload_identity_adapter()
+    assert set(pipe.unet.state_dict()) == plain_keys and not getattr(pipe.unet, "peft_config", {})
+    assert run(StableDiffusionPipeline.from_pipe(pipe), prompt="a photo").tobytes() == plain.tobytes()
+    with pytest.raises(RuntimeError, match="load_identity_adapter"):
+        run(pipe, id_embeds=embedding(1))
+
+
+def test_batch_and_num_images_per_prompt_equal_single_runs(pipe):
+    size = 64 // pipe.vae_scale_factor
+    shape = (4, pipe.unet.config.in_channels, size, size)  # 2 prompts x 2 images
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    ids = torch.stack([embedding(1), embedding(2)])
+    both = run(pipe, prompt=["a", "b"], id_embeds=ids, num_images_per_prompt=2, latents=latents, height=64, width=64)
+    assert both.shape[0] == 4
+    for i, prompt in enumerate(["a", "b"]):
+        single = run(pipe, prompt=prompt, id_embeds=ids[i], num_images_per_prompt=2, latents=latents[2 * i : 2 * i + 2],
+                     height=64, width=64)
+        assert_close(both[2 * i : 2 * i + 2], single)
+
+
+def test_callbacks_get_the_pipeline_and_its_tensors(pipe, xl, faceid_xl_file):
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((p, p.num_timesteps, sorted(tensors)))
+        return tensors
+
+    run(pipe, id_embeds=embedding(1), callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert [s[0] for s in seen] == [pipe] * STEPS and seen[0][1] == STEPS
+    assert seen[0][2] == ["latents", "prompt_embeds"]
+
+    seen.clear()
+    xl_pipe = faceid_xl(xl, faceid_xl_file)
+    inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+    run(xl_pipe, id_embeds=embedding(1), height=64, width=64, callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=inputs)
+    assert [s[0] for s in seen] == [xl_pipe] * STEPS and seen[0][1] == STEPS and seen[0][2] == sorted(inputs)
+
+
+def test_sdxl_without_controlnet_keeps_dtype_and_takes_any_vae(xl, faceid_xl_file):
+    from diffusers import AutoencoderTiny
+
+    pipe = faceid_xl(xl, faceid_xl_file, dtype=torch.bfloat16)
+    run(pipe, id_embeds=embedding(1), height=64, width=64)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.bfloat16}
+
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    tiny_vae = faceid_xl(xl, faceid_xl_file, vae=taesd)
+    image = run(tiny_vae, id_embeds=embedding(1), height=64, width=64)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("change", ["fuse_qkv_projections", "attention_slicing", "set_attn_processor"])
+def test_identity_survives_attention_changes(preset, change):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = fresh(preset)
+    pipe.load_identity_adapter(preset.adapter)
+    reference = run(pipe, id_embeds=embedding(1))
+    plain = run(pipe, id_embeds=embedding(1), id_scale=0.0)
+    if change == "fuse_qkv_projections":
+        pipe.fuse_qkv_projections()
+    elif change == "attention_slicing":
+        pipe.enable_attention_slicing(1)
+    else:
+        pipe.unet.set_attn_processor(AttnProcessor())
+    changed = run(pipe, id_embeds=embedding(1))
+    assert_close(changed, reference)
+    assert np.abs(changed - plain).max() > 1e-2  # the identity still acts
+
+
+def test_custom_timesteps_and_sigmas_follow_the_real_schedule(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    ts = [999, 666, 333, 1]
+    default = pipe.scheduler
+    try:
+        pipe.scheduler = EulerDiscreteScheduler.from_config(default.config)
+        with_ts = run(pipe, id_embeds=embedding(1), num_inference_steps=None, timesteps=ts)
+        assert np.isfinite(with_ts).all()
+        # Window over the real 4-step schedule: start 0.5 leaves the identity out of steps 0 and 1.
+        late = run(pipe, id_embeds=embedding(1), num_inference_steps=None, timesteps=ts, id_guidance_start=0.5)
+        assert np.abs(late - with_ts).max() > 1e-3
+        with_sigmas = run(pipe, id_embeds=embedding(1), num_inference_steps=None, sigmas=[14.6, 5.0, 1.0, 0.1])
+        assert np.isfinite(with_sigmas).all()
+    finally:
+        pipe.scheduler = default
+
+
+def test_diffusers_arguments_are_in_the_signature():
+    wanted = {"height", "width", "guidance_scale", "num_images_per_prompt", "generator", "latents", "output_type",
+              "return_dict", "timesteps", "sigmas", "eta", "callback_on_step_end"}
+    for cls in (IDStableDiffusionPipeline, IDStableDiffusionXLPipeline):
+        parameters = inspect.signature(cls.__call__).parameters
+        assert wanted <= set(parameters), wanted - set(parameters)
+        assert not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    from idgen.files import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(str(tmp_path / "out.png")) as staging:
+            open(staging, "wb").write(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out.png").st_mode) == 0o644
+
+
+def test_other_pipelines_sharing_the_unet_run_it_plain(preset, pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    init = Image.new("RGB", (64, 64), (120, 90, 60))
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    shared = run(img2img, image=init, strength=0.9)
+    pipe.identity_adapter.detach()  # no identity hooks at all
+    try:
+        assert run(img2img, image=init, strength=0.9).tobytes() == shared.tobytes()
+    finally:
+        pipe.identity_adapter.attach(pipe.unet)
+
+
+def test_unload_lora_weights_keeps_the_identity_lora(tmp_path, preset):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = fresh(preset)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=get_peft_model_state_dict(donor.unet))
+
+    pipe = fresh(preset)
+    pipe.load_identity_adapter(preset.adapter)
+    before = run(pipe, id_embeds=embedding(1))
+    pipe.load_lora_weights(str(tmp_path), adapter_name="style")
+    assert np.abs(run(pipe, id_embeds=embedding(1)) - before).max() > 1e-3
+    pipe.unload_lora_weights()
+    assert "faceid" in pipe.unet.peft_config and "style" not in pipe.unet.peft_config
+    assert_close(run(pipe, id_embeds=embedding(1)), before)
