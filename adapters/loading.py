@@ -132,24 +132,85 @@ class AdapterSpec:
     lora_rank: int | None
 
 
+#: Keys of each projection layout that detection and building read.
+_REQUIRED_PROJ_KEYS = {
+    "instantid": ("latents", "proj_in.weight", "proj_out.weight"),
+    "faceid_plus": ("norm.weight", "perceiver_resampler.proj_in.weight"),
+    "faceid": tuple(sorted(_FACEID_PROJ_KEYS)),
+}
+#: Every identity adapter projects ArcFace vectors.
+ID_EMBED_DIM = 512
+
+
+def validate_tensors(state_dict: dict[str, StateDict], path: str = "checkpoint") -> None:
+    """Every entry is a floating-point tensor with finite values; one line naming the key if not."""
+    for group, part in state_dict.items():
+        for key, value in part.items():
+            name = f"{group}.{key}"
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: {name} is a {type(value).__name__}, not a tensor: the file is not an adapter checkpoint")
+            if not value.is_floating_point():
+                raise CheckpointError(
+                    f"{path}: {name} has dtype {str(value.dtype).replace('torch.', '')}; adapter weights are floating "
+                    "point: the file is damaged or was written wrongly"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"{path}: {name} holds NaN or Inf values, which would generate black images: the weights "
+                    "are damaged (a diverged training run or a bad download); use another checkpoint"
+                )
+
+
+def _dim(tensor: torch.Tensor, axis: int, name: str, path: str) -> int:
+    if tensor.ndim <= axis:
+        raise CheckpointError(f"{path}: image_proj.{name} has shape {tuple(tensor.shape)}, too few dimensions for its layout")
+    return int(tensor.shape[axis])
+
+
 def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") -> AdapterSpec:
-    """Recognise the checkpoint format from its ``image_proj`` keys."""
+    """Recognise the checkpoint format from its ``image_proj`` keys and check the keys and shapes
+    that format needs."""
+    validate_tensors(state_dict, path)
     proj = state_dict["image_proj"]
     keys = set(proj)
+    if "latents" in keys or "proj_in.weight" in keys:
+        format = "instantid"
+    elif "perceiver_resampler.proj_in.weight" in keys:
+        format = "faceid_plus"
+    elif keys & _FACEID_PROJ_KEYS:
+        format = "faceid"
+    else:
+        raise CheckpointError(
+            f"{path}: unknown image_proj layout (keys: {', '.join(sorted(keys)[:6])}): expected an "
+            "IP-Adapter-FaceID (proj.0, proj.2, norm) or InstantID (latents, proj_in, layers, proj_out) checkpoint"
+        )
+    missing = [key for key in _REQUIRED_PROJ_KEYS[format] if key not in keys]
+    if missing:
+        raise CheckpointError(
+            f"{path} looks like a {format} adapter but image_proj lacks {', '.join(missing)}: the file is incomplete; "
+            "download or export it again"
+        )
     lora = state_dict["ip_adapter"].get("0.to_q_lora.down.weight")
-    rank = None if lora is None else int(lora.shape[0])
-    if "latents" in keys and "proj_in.weight" in keys:
-        latents = proj["latents"]
-        return AdapterSpec("instantid", int(proj["proj_out.weight"].shape[0]), int(latents.shape[1]), rank)
-    if "perceiver_resampler.proj_in.weight" in keys:
-        return AdapterSpec("faceid_plus", int(proj["norm.weight"].shape[0]), 4, rank)
-    if keys == _FACEID_PROJ_KEYS:
-        dim = int(proj["norm.weight"].shape[0])
-        return AdapterSpec("faceid", dim, int(proj["proj.2.weight"].shape[0]) // dim, rank)
-    raise CheckpointError(
-        f"{path}: unknown image_proj layout (keys: {', '.join(sorted(keys)[:6])}): expected an "
-        "IP-Adapter-FaceID (proj.0, proj.2, norm) or InstantID (latents, proj_in, layers, proj_out) checkpoint"
-    )
+    rank = None if lora is None else int(lora.shape[0]) if lora.ndim == 2 else 0
+    if format == "instantid":
+        spec = AdapterSpec(format, _dim(proj["proj_out.weight"], 0, "proj_out.weight", path),
+                           _dim(proj["latents"], 1, "latents", path), rank)
+        embed_dim = _dim(proj["proj_in.weight"], 1, "proj_in.weight", path)
+    elif format == "faceid_plus":
+        return AdapterSpec(format, _dim(proj["norm.weight"], 0, "norm.weight", path), 4, rank)
+    else:
+        dim = _dim(proj["norm.weight"], 0, "norm.weight", path)
+        out = _dim(proj["proj.2.weight"], 0, "proj.2.weight", path)
+        if dim == 0 or out % dim:
+            raise CheckpointError(f"{path}: image_proj.proj.2.weight has {out} outputs, not a multiple of the token width {dim}")
+        spec = AdapterSpec(format, dim, out // dim, rank)
+        embed_dim = _dim(proj["proj.0.weight"], 1, "proj.0.weight", path)
+    if embed_dim != ID_EMBED_DIM:
+        raise CheckpointError(
+            f"{path}: the projection takes {embed_dim}-d vectors but ArcFace embeddings are {ID_EMBED_DIM}-d: "
+            "this is not an ArcFace identity adapter"
+        )
+    return spec
 
 
 def _hidden_size(unet, name: str) -> int:
@@ -206,38 +267,60 @@ def check_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec, pat
         lora_parts = {k for k in has if k.split(".")[0] in _LORA_NAMES}
         if spec.lora_rank is not None and len(lora_parts) != 8:
             raise CheckpointError(f"{path}: layer {index} ({name}) has an incomplete LoRA ({sorted(lora_parts)})")
+        if lora_parts:
+            _check_lora_shapes(unet, state_dict["ip_adapter"], index, name, spec.lora_rank, path)
 
 
-def build_projection(state_dict: dict[str, StateDict], spec: AdapterSpec) -> FaceIDProjection | InstantIDResampler:
+def _check_lora_shapes(unet, ip_adapter: StateDict, index: int, name: str, rank: int, path: str) -> None:
+    attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+    for part, layer in zip(_LORA_NAMES, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+        layer = getattr(layer, "base_layer", layer)
+        for side, shape in (("down", (rank, layer.in_features)), ("up", (layer.out_features, rank))):
+            key = f"{index}.{part}.{side}.weight"
+            if tuple(ip_adapter[key].shape) != shape:
+                raise CheckpointError(
+                    f"{path}: ip_adapter.{key} has shape {tuple(ip_adapter[key].shape)}, layer {name} needs {shape} "
+                    f"(LoRA rank {rank}): the adapter was made for a different UNet or the file is damaged"
+                )
+
+
+def build_projection(
+    state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint"
+) -> FaceIDProjection | InstantIDResampler:
     """The projection model the checkpoint describes, with its weights (shapes read from the keys)."""
     proj = state_dict["image_proj"]
-    if spec.format == "instantid":
-        dim = int(proj["latents"].shape[2])
-        model = InstantIDResampler(
-            dim=dim,
-            depth=len({key.split(".")[1] for key in proj if key.startswith("layers.")}),
-            dim_head=64,  # the reference's; the checkpoint only fixes heads x dim_head
-            heads=int(proj["layers.0.0.to_q.weight"].shape[0]) // 64,
-            num_queries=spec.num_tokens,
-            embedding_dim=int(proj["proj_in.weight"].shape[1]),
-            output_dim=spec.cross_attention_dim,
-            ff_mult=int(proj["layers.0.1.1.weight"].shape[0]) // dim,
-        )
-    else:
-        model = FaceIDProjection(
-            id_embed_dim=int(proj["proj.0.weight"].shape[1]),
-            hidden_dim=int(proj["proj.0.weight"].shape[0]),
-            cross_attention_dim=spec.cross_attention_dim,
-            num_tokens=spec.num_tokens,
-        )
     try:
+        if spec.format == "instantid":
+            dim = int(proj["latents"].shape[2])
+            model = InstantIDResampler(
+                dim=dim,
+                depth=len({key.split(".")[1] for key in proj if key.startswith("layers.")}),
+                dim_head=64,  # the reference's; the checkpoint only fixes heads x dim_head
+                heads=int(proj["layers.0.0.to_q.weight"].shape[0]) // 64,
+                num_queries=spec.num_tokens,
+                embedding_dim=int(proj["proj_in.weight"].shape[1]),
+                output_dim=spec.cross_attention_dim,
+                ff_mult=int(proj["layers.0.1.1.weight"].shape[0]) // dim,
+            )
+        else:
+            model = FaceIDProjection(
+                id_embed_dim=int(proj["proj.0.weight"].shape[1]),
+                hidden_dim=int(proj["proj.0.weight"].shape[0]),
+                cross_attention_dim=spec.cross_attention_dim,
+                num_tokens=spec.num_tokens,
+            )
         model.load_state_dict(proj, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"image_proj does not match the {spec.format} layout: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, IndexError, ValueError, ZeroDivisionError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: image_proj does not match the {spec.format} layout ({detail}): the file is damaged or of another format"
+        ) from None
     return model
 
 
-def build_identity_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec) -> IdentityAdapter:
+def build_identity_adapter(
+    unet, state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint"
+) -> IdentityAdapter:
     """The projection and the identity attention of every cross-attention layer, with the
     checkpoint's weights, on the UNet's device and dtype (not yet attached)."""
     layers = {}
@@ -253,7 +336,7 @@ def build_identity_adapter(unet, state_dict: dict[str, StateDict], spec: Adapter
             }
         )
         layers[module] = layer
-    return IdentityAdapter(build_projection(state_dict, spec), layers).to(device=unet.device, dtype=unet.dtype)
+    return IdentityAdapter(build_projection(state_dict, spec, path), layers).to(device=unet.device, dtype=unet.dtype)
 
 
 def faceid_lora_state_dict(unet, state_dict: dict[str, StateDict]) -> StateDict:

@@ -205,7 +205,7 @@ class IdentityPipelineMixin(FaceInputMixin):
             raise CheckpointError(self._unsupported_format_message(spec, path))
         check_adapter(self.unet, state_dict, spec, path)
 
-        adapter = build_identity_adapter(self.unet, state_dict, spec)
+        adapter = build_identity_adapter(self.unet, state_dict, spec, path)
         if self.identity_adapter is not None:
             self.unload_identity_adapter()
         adapter.attach(self.unet)

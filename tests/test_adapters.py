@@ -128,3 +128,55 @@ def test_resolve_checkpoint_file(tmp_path):
         resolve_checkpoint_file("h94/IP-Adapter-FaceID")
     with pytest.raises(ModelNotFoundError, match="neither an existing file"):
         resolve_checkpoint_file("./nowhere/adapter.bin")
+
+
+def _faceid(unet, **changes):
+    state = random_faceid_state_dict(unet, lora_rank=4)
+    for key, value in changes.items():
+        group, name = key.split(":")
+        if value is None:
+            del state[group][name]
+        else:
+            state[group][name] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("instantid_partial", "lacks proj_out.weight"),
+        ("faceid_plus_partial", "lacks norm.weight"),
+        ("scalar_norm", "norm.weight has shape \\(\\), too few dimensions"),
+        ("lora_input_size", "ip_adapter.1.to_k_lora.down.weight has shape \\(4, 25\\)"),
+        ("lora_bool", "to_q_lora.up.weight has dtype bool"),
+        ("lora_int64", "to_q_lora.up.weight has dtype int64"),
+        ("lora_uint8", "to_q_lora.up.weight has dtype uint8"),
+        ("projection_256", "takes 256-d vectors but ArcFace embeddings are 512-d"),
+        ("nan", "ip_adapter.1.to_k_ip.weight holds NaN or Inf"),
+        ("inf", "image_proj.proj.0.bias holds NaN or Inf"),
+    ],
+)
+def test_malformed_adapters_are_refused_at_load_with_one_line(pipe, unet, case, match):
+    from idgen.presets import random_instantid_state_dict
+
+    lora_up = _faceid(unet)["ip_adapter"]["0.to_q_lora.up.weight"]
+    states = {
+        "instantid_partial": lambda: {**random_instantid_state_dict(unet), "image_proj": {
+            k: v for k, v in random_instantid_state_dict(unet)["image_proj"].items() if k != "proj_out.weight"}},
+        "faceid_plus_partial": lambda: {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(8, 8)},
+                                        "ip_adapter": {}},
+        "scalar_norm": lambda: _faceid(unet, **{"image_proj:norm.weight": torch.tensor(1.0)}),
+        "lora_input_size": lambda: _faceid(unet, **{"ip_adapter:1.to_k_lora.down.weight": torch.zeros(4, 25)}),
+        "lora_bool": lambda: _faceid(unet, **{"ip_adapter:0.to_q_lora.up.weight": lora_up > 0}),
+        "lora_int64": lambda: _faceid(unet, **{"ip_adapter:0.to_q_lora.up.weight": lora_up.long()}),
+        "lora_uint8": lambda: _faceid(unet, **{"ip_adapter:0.to_q_lora.up.weight": lora_up.to(torch.uint8)}),
+        "projection_256": lambda: _faceid(unet, **{"image_proj:proj.0.weight": torch.zeros(1024, 256)}),
+        "nan": lambda: _faceid(unet, **{"ip_adapter:1.to_k_ip.weight": torch.full_like(
+            _faceid(unet)["ip_adapter"]["1.to_k_ip.weight"], float("nan"))}),
+        "inf": lambda: _faceid(unet, **{"image_proj:proj.0.bias": torch.full((1024,), float("inf"))}),
+    }
+    before = pipe.identity_adapter
+    with pytest.raises(CheckpointError, match=match) as error:
+        pipe.load_identity_adapter(states[case]())
+    assert "\n" not in str(error.value)
+    assert pipe.identity_adapter is before  # the pipeline keeps the adapter it had

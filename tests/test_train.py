@@ -225,3 +225,34 @@ def test_accumulation_and_gradient_checkpointing(tmp_path, data):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in mixed.values())
+
+
+def test_ema_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, data):
+    kwargs = dict(use_ema=True, ema_decay=0.5, checkpointing_steps=3, checkpoints_total_limit=3)
+    whole = load_file(train(config(data, tmp_path / "whole", max_train_steps=6, **kwargs)))
+    train(config(data, tmp_path / "cut", max_train_steps=3, **kwargs))  # stops with checkpoint-3
+    checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-3"
+    assert sorted(os.listdir(checkpoint)) == ["ema.safetensors", "model.safetensors", "optimizer.pt", "train_state.json"]
+    resumed = load_file(train(config(data, tmp_path / "cut", max_train_steps=6, **kwargs), resume="latest"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+class _Payload:
+    """A pickle of this runs code when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors", "ema.safetensors", "train_state.json"])
+def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, data, name):
+    kwargs = dict(use_ema=True, max_train_steps=2, checkpointing_steps=2)
+    train(config(data, tmp_path / "run", **kwargs))
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Payload(str(marker))}, tmp_path / "run" / "checkpoints" / "checkpoint-2" / name)
+    with pytest.raises(IDGenError, match=f"{name} \\(.*\\) could not be read safely"):
+        train(config(data, tmp_path / "run", **dict(kwargs, max_train_steps=4)), resume="latest")
+    assert not marker.exists()

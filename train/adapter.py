@@ -30,7 +30,7 @@ from idgen.adapters import (
 from idgen.errors import IDGenError
 from idgen.pipelines.identity import ID_LORA_NAME
 
-from .checkpoints import resolve_resume, save_checkpoint
+from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from .config import run_training_cli
 from .data import FaceDataset
 
@@ -188,14 +188,11 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMAModel(trained, decay=config.ema_decay) if config.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     resumed = resolve_resume(checkpoints, resume)
     start_step = 0
     if resumed:
-        accelerator.load_state(resumed[0])
-        start_step = resumed[1]
+        start_step = load_checkpoint(resumed[0], accelerator, model, optimizer, ema)
         accelerator.print(f"resumed from {resumed[0]} at step {start_step}")
     micro_steps = config.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
@@ -228,7 +225,7 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in metrics.items()})
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-            save_checkpoint(accelerator, checkpoints, step, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, checkpoints, step, config.checkpoints_total_limit, model, optimizer, ema)
         if on_step is not None and accelerator.is_main_process:
             on_step(step)
     progress.close()

@@ -1,4 +1,12 @@
-"""Resumable training state: ``accelerator.save_state`` written atomically, the last K kept."""
+"""Resumable training state, written atomically, the last K kept, read back without running code.
+
+A checkpoint folder holds only data formats: the trained weights (``model.safetensors``), the
+EMA weights (``ema.safetensors``), the optimizer's and the gradient scaler's state
+(``optimizer.pt``, ``scaler.pt``: tensors and numbers, read with ``torch.load(weights_only=True)``)
+and ``train_state.json``. There is no random state to restore: every random draw of a step is
+seeded by the run's seed and the step number. Checkpoints get copied between machines, so a
+file that would need code to load is refused with one line.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,14 @@ import os
 import re
 import shutil
 
+import torch
+
 from idgen.errors import IDGenError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, SCALER_FILE, STATE_FILE = (
+    "model.safetensors", "ema.safetensors", "optimizer.pt", "scaler.pt", "train_state.json",
+)
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -20,25 +33,86 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, folder: str, step: int, keep: int) -> str:
-    """Save the full training state for ``step``. It is written under a hidden name and renamed
-    into place, so a kill mid-write leaves the previous checkpoint as the latest good one."""
+def _ema_tensors(ema) -> dict[str, torch.Tensor]:
+    return {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+
+
+def save_checkpoint(accelerator, folder: str, step: int, keep: int, model, optimizer, ema=None) -> str:
+    """Save the training state for ``step``. It is written under a hidden name and renamed into
+    place, so a kill mid-write leaves the previous checkpoint as the latest good one."""
+    from safetensors.torch import save_file
+
     final = os.path.join(folder, f"checkpoint-{step}")
     staging = os.path.join(folder, f".tmp-checkpoint-{step}")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(folder, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    if accelerator.is_main_process:
-        with open(os.path.join(staging, "train_state.json"), "w") as handle:
-            json.dump({"step": step}, handle)
+        os.makedirs(staging)
+        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        save_file(weights, os.path.join(staging, MODEL_FILE))
+        torch.save(optimizer.state_dict(), os.path.join(staging, OPTIMIZER_FILE))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), os.path.join(staging, SCALER_FILE))
+        state = {"step": step}
+        if ema is not None:
+            save_file(_ema_tensors(ema), os.path.join(staging, EMA_FILE))
+            state["ema_optimization_step"] = int(ema.optimization_step)
+        with open(os.path.join(staging, STATE_FILE), "w") as handle:
+            json.dump(state, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for _, old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _read(path: str, what: str):
+    """Read one checkpoint file as data only; one line naming the file when it cannot be."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        if path.endswith(".json"):
+            with open(path) as handle:
+                return json.load(handle)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise IDGenError(
+            f"{path} ({what}) could not be read safely ({type(err).__name__}: {first}): the checkpoint is "
+            "damaged or not one idgen wrote; resume from another checkpoint or start without --resume"
+        ) from None
+
+
+def load_checkpoint(path: str, accelerator, model, optimizer, ema=None) -> int:
+    """Restore a checkpoint written by ``save_checkpoint``; returns its step."""
+    state = _read(os.path.join(path, STATE_FILE), "training state")
+    weights = _read(os.path.join(path, MODEL_FILE), "trained weights")
+    target = accelerator.unwrap_model(model)
+    expected = target.state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise IDGenError(
+            f"{path} holds weights of another model than this run trains (different adapter, LoRA rank or base): "
+            "resume with the config it was written with, or start without --resume"
+        )
+    target.load_state_dict(weights)
+    optimizer.load_state_dict(_read(os.path.join(path, OPTIMIZER_FILE), "optimizer state"))
+    scaler_file = os.path.join(path, SCALER_FILE)
+    if accelerator.scaler is not None and os.path.isfile(scaler_file):
+        accelerator.scaler.load_state_dict(_read(scaler_file, "gradient scaler state"))
+    if ema is not None:
+        ema_file = os.path.join(path, EMA_FILE)
+        if not os.path.isfile(ema_file):
+            raise IDGenError(f"{path} has no EMA weights but this run uses EMA: resume with use_ema as it was written")
+        shadow = _read(ema_file, "EMA weights")
+        if len(shadow) != len(ema.shadow_params):
+            raise IDGenError(f"{ema_file} holds {len(shadow)} EMA tensors, this run has {len(ema.shadow_params)}")
+        for i, param in enumerate(ema.shadow_params):
+            param.data.copy_(shadow[f"shadow.{i}"])
+        ema.optimization_step = int(state.get("ema_optimization_step", state["step"]))
+    return int(state["step"])
 
 
 def resolve_resume(folder: str, resume: str | None) -> tuple[str, int] | None:
@@ -51,8 +125,7 @@ def resolve_resume(folder: str, resume: str | None) -> tuple[str, int] | None:
             return None
         step, path = found[-1]
         return path, step
-    state = os.path.join(resume, "train_state.json")
+    state = os.path.join(resume, STATE_FILE)
     if not os.path.isfile(state):
         raise IDGenError(f"{resume} is not a complete training checkpoint (no train_state.json): pass latest or a checkpoint-N folder")
-    with open(state) as handle:
-        return resume, int(json.load(handle)["step"])
+    return resume, int(_read(state, "training state")["step"])
