@@ -1,4 +1,4 @@
-"""Identity adapters: attention processors, projection models and checkpoint loading."""
+"""Identity adapters: identity attention, projection models and checkpoint loading."""
 
 from .attention import IdentityAdapter, IdentityAttention
 from .loading import (
