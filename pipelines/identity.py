@@ -240,6 +240,11 @@ class IdentityPipelineMixin(FaceInputMixin):
         )
 
     # ---------------------------------------------------------------- the identity LoRA
+    @property
+    def _has_id_lora(self) -> bool:
+        """Whether this pipeline's identity adapter has its LoRA loaded in the UNet."""
+        return self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {})
+
     def _user_lora_names(self) -> list[str]:
         return [name for name in getattr(self.unet, "peft_config", {}) if name != ID_LORA_NAME]
 
@@ -253,7 +258,7 @@ class IdentityPipelineMixin(FaceInputMixin):
     def _remove_id_lora(self) -> None:
         """Delete the ``faceid`` peft adapter; with no other LoRA left, remove peft's wrappers
         so the UNet holds its original modules."""
-        if ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+        if not self._has_id_lora:
             return
         others = self._user_lora_names()
         if others:
@@ -266,7 +271,7 @@ class IdentityPipelineMixin(FaceInputMixin):
     def unload_lora_weights(self) -> None:
         """diffusers' ``unload_lora_weights`` for the user's LoRAs; the identity adapter's own
         LoRA stays (``unload_identity_adapter`` removes it)."""
-        if self._id_lora is None or ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+        if not self._has_id_lora:
             return super().unload_lora_weights()
         from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
 
@@ -281,42 +286,39 @@ class IdentityPipelineMixin(FaceInputMixin):
     def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         """diffusers' fused projections. Fusing reads the base weights, so the identity LoRA is
         merged into them first (peft would otherwise leave it out of the fused layers)."""
-        if unet and self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
+        if unet and self._has_id_lora:
             self.unet.fuse_lora(adapter_names=[ID_LORA_NAME])
         super().fuse_qkv_projections(unet=unet, vae=vae)
 
     def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         super().unfuse_qkv_projections(unet=unet, vae=vae)
-        if unet and self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
+        if unet and self._has_id_lora:
             self.unet.unfuse_lora()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """diffusers' ``save_pretrained``, writing the base model: the identity adapter is not
         part of it (save its checkpoint separately) and its LoRA is taken out while saving."""
-        if self._id_lora is None or ID_LORA_NAME not in getattr(self.unet, "peft_config", {}):
+        if not self._has_id_lora:
             return super().save_pretrained(save_directory, *args, **kwargs)
         if self._user_lora_names():
             raise RuntimeError(
                 "save_pretrained would write peft's LoRA wrappers into the UNet: fuse your LoRA "
                 "(pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it before saving"
             )
-        active = self.get_active_adapters()
         self.unet.unload_lora()
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            self.load_lora_weights(self._id_lora, adapter_name=ID_LORA_NAME)
-            self.set_adapters(active)
+            self._load_id_lora(self._id_lora)
 
     # ---------------------------------------------------------------- calling
-    def _check_identity_call(self, ip_adapter_image, ip_adapter_image_embeds) -> IdentityAdapter:
+    def _check_identity_call(self, ip_adapter_image, ip_adapter_image_embeds) -> None:
         if self.identity_adapter is None:
             raise RuntimeError(
                 "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
             )
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
-        return self.identity_adapter
 
     def encode_id_tokens(
         self,
@@ -405,13 +407,12 @@ class IdentityTokens:
     ``B * n`` rows (no CFG) or ``2 * B * n`` (unconditional half first), prompt by prompt."""
 
     def __init__(self, tokens: torch.Tensor, negative_tokens: torch.Tensor, num_images_per_prompt: int):
-        self.positive = tokens.repeat_interleave(num_images_per_prompt, dim=0)
-        self.negative = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        positive = tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        negative = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        self._by_batch = {len(positive): positive, 2 * len(positive): torch.cat([negative, positive])}
 
     def for_batch(self, batch: int) -> torch.Tensor:
-        rows = self.positive.shape[0]
-        if batch == rows:
-            return self.positive
-        if batch == 2 * rows:
-            return torch.cat([self.negative, self.positive])
-        raise ValueError(f"the UNet runs a batch of {batch} but the call has {rows} identity rows")
+        if batch not in self._by_batch:
+            rows = min(self._by_batch)
+            raise ValueError(f"the UNet runs a batch of {batch} but the call has {rows} identity rows")
+        return self._by_batch[batch]
