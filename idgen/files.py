@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from typing import Iterator
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on any
-    error it is removed and ``path`` is left as it was."""
+    error it is removed and ``path`` is left as it was. The file is created with mode 0666 less
+    the umask, as any new file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
+    staging = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+    os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield staging
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; a new file follows the umask
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
