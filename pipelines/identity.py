@@ -217,6 +217,7 @@ class IdentityPipelineMixin(FaceInputMixin):
 
     def unload_identity_adapter(self) -> None:
         """Remove the identity adapter and its LoRA: the pipeline is the base model again."""
+        self._require_id_lora_unmerged("unload_identity_adapter")
         if self.identity_adapter is not None:
             self.identity_adapter.detach()
         if self._id_lora is not None:
@@ -244,6 +245,15 @@ class IdentityPipelineMixin(FaceInputMixin):
     def _has_id_lora(self) -> bool:
         """Whether this pipeline's identity adapter has its LoRA loaded in the UNet."""
         return self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {})
+
+    def _require_id_lora_unmerged(self, action: str) -> None:
+        """Refuse ``action`` while ``fuse_qkv_projections`` has the identity LoRA merged into the
+        base weights: taking the LoRA out then would leave it baked into the model."""
+        if any(ID_LORA_NAME in getattr(module, "merged_adapters", ()) for module in self.unet.modules()):
+            raise RuntimeError(
+                f"{action} needs the identity LoRA apart from the base weights, but fused projections hold it "
+                "merged: call pipe.unfuse_qkv_projections() first"
+            )
 
     def _user_lora_names(self) -> list[str]:
         return [name for name in getattr(self.unet, "peft_config", {}) if name != ID_LORA_NAME]
@@ -305,6 +315,7 @@ class IdentityPipelineMixin(FaceInputMixin):
                 "save_pretrained would write peft's LoRA wrappers into the UNet: fuse your LoRA "
                 "(pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it before saving"
             )
+        self._require_id_lora_unmerged("save_pretrained")
         self.unet.unload_lora()
         try:
             super().save_pretrained(save_directory, *args, **kwargs)

@@ -126,7 +126,7 @@ def test_sdxl_without_controlnet_keeps_dtype_and_takes_any_vae(xl, faceid_xl_fil
 
 
 @pytest.mark.parametrize("change", ["fuse_qkv_projections", "attention_slicing", "set_attn_processor"])
-def test_identity_survives_attention_changes(preset, change):
+def test_identity_survives_attention_changes(tmp_path, preset, change):
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe = fresh(preset)
@@ -142,6 +142,14 @@ def test_identity_survives_attention_changes(preset, change):
     changed = run(pipe, id_embeds=embedding(1))
     assert_close(changed, reference)
     assert np.abs(changed - plain).max() > 1e-2  # the identity still acts
+    if change == "fuse_qkv_projections":  # the FaceID LoRA is merged: taking it out now would bake it in
+        for action in (lambda: pipe.save_pretrained(tmp_path), pipe.unload_identity_adapter):
+            with pytest.raises(RuntimeError, match="unfuse_qkv_projections"):
+                action()
+        assert not os.listdir(tmp_path)
+        pipe.unfuse_qkv_projections()
+        assert_close(run(pipe, id_embeds=embedding(1)), reference)
+        pipe.unload_identity_adapter()
 
 
 def test_custom_timesteps_and_sigmas_follow_the_real_schedule(pipe):
