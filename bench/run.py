@@ -130,7 +130,7 @@ def real_photos() -> list[str]:
 def bench_face_analysis(repeats: int) -> dict:
     from idgen import FaceAnalyzer
     from idgen.faces import insightface_root
-    from idgen.images import load_image
+    from idgen.faces import load_image
     from idgen.presets import get_preset
 
     photos = [np.asarray(load_image(p)) for p in real_photos()]

@@ -1,8 +1,7 @@
 """idgen: identity-preserving image generation with diffusers."""
 
 from .errors import CheckpointError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
-from .faces import Face, FaceAnalyzer, draw_kps
-from .images import load_image
+from .faces import Face, FaceAnalyzer, draw_kps, load_image
 from .version import __version__
 
 

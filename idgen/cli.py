@@ -179,7 +179,7 @@ def run_eval(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from .evaluation import ClipScorer, DlibRecognizer, Report, Sample, face_similarity, load_identities, write_report
+    from .eval import ClipScorer, DlibRecognizer, Report, Sample, face_similarity, load_identities, write_report
     from .presets import TINY_PRESETS, get_preset
 
     try:

@@ -29,7 +29,7 @@ NEGATIVE = "lowres, bad anatomy, worst quality, low quality, blurry, monochrome"
 
 def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
     """The uploaded photo with each detected face's box and 5 keypoints drawn on it."""
-    from .images import load_image
+    from .faces import load_image
 
     photo = load_image(image, analyzer.max_pixels)
     faces = analyzer.analyze(photo)

@@ -23,8 +23,7 @@ from idgen.adapters import (
     resolve_checkpoint_file,
 )
 from idgen.errors import CheckpointError
-from idgen.faces import FaceAnalyzer
-from idgen.images import ImageInput
+from idgen.faces import FaceAnalyzer, ImageInput
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
 

@@ -26,8 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from idgen.faces import draw_kps
-from idgen.images import ImageInput, load_image
+from idgen.faces import ImageInput, draw_kps, load_image
 
 from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens
 

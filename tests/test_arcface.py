@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from idgen.arcface import DifferentiableArcFace, IResNet, OnnxRecognizer, align_faces, iresnet, similarity_matrices
 from idgen.faces import align_face, arcface_template, similarity_transform
+from idgen.faces.arcface import DifferentiableArcFace, IResNet, OnnxRecognizer, align_faces, iresnet, similarity_matrices
 
 
 def randomise_batchnorm(model, seed=0):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from idgen.cli import main
-from idgen.evaluation import ClipScorer, DlibRecognizer, face_similarity
+from idgen.eval import ClipScorer, DlibRecognizer, face_similarity
 
 
 def test_independent_recognizer_ranks_same_person_above_different(astronaut, group_photo, analyzer):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from idgen.arcface import DifferentiableArcFace
+from idgen.faces.arcface import DifferentiableArcFace
 from idgen.train.reward import RewardTrainConfig, setup, train
 from idgen.train.rewards import AestheticHead, AestheticReward, IdentityReward
 

@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from idgen.errors import IDGenError
-from idgen.faces import FaceAnalyzer
+from idgen.faces import IMAGE_SUFFIXES, FaceAnalyzer, load_image
 from idgen.files import atomic_path
-from idgen.images import IMAGE_SUFFIXES, load_image
 
 INDEX, SKIPPED, INFO = "index.jsonl", "skipped.jsonl", "dataset.json"
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from idgen.adapters import identity_adapter_state_dict, save_adapter_checkpoint
-from idgen.arcface import DifferentiableArcFace
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
+from idgen.faces.arcface import DifferentiableArcFace
 
 from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, training_loss
 from .config import run_training_cli

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idgen.arcface import DifferentiableArcFace
-from idgen.errors import IDGenError
-from idgen.evaluation import clip_preprocess
-from idgen.faces import FaceAnalyzer, NoFaceError
+from idgen.errors import IDGenError, NoFaceError
+from idgen.eval.metrics import clip_preprocess
+from idgen.faces import FaceAnalyzer
+from idgen.faces.arcface import DifferentiableArcFace
 
 
 class IdentityReward(nn.Module):

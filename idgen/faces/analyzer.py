@@ -1,42 +1,25 @@
 """Face analysis: detection, 5 keypoints, ArcFace alignment and the 512-d identity embedding.
 
-Two detectors feed one recognizer code path:
-
-* ``scrfd``: the detection model of an insightface pack (``buffalo_l``, ``antelopev2``),
-  the production path, exactly as the reference repos run it;
-* ``dlib``: dlib's HOG detector and 68-point landmarks reduced to the 5 ArcFace points
-  (weights ship in the ``face_recognition_models`` package, so it works offline).
-
-The recognizer is always the first ArcFace ONNX model of the pack (``w600k_r50.onnx``,
-``glintr100.onnx`` or any model with the same inputs and outputs), run by insightface.
+Two detectors (``detection.py``) feed one recognizer code path: the first ArcFace ONNX model
+of the pack (``w600k_r50.onnx``, ``glintr100.onnx`` or any model with the same inputs and
+outputs), run by insightface.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import importlib.util
 import io
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import cv2
 import numpy as np
 
-from .errors import ModelNotFoundError, NoFaceError
+from ..errors import ModelNotFoundError, NoFaceError
+from .alignment import align_face
+from .detection import DlibDetector, ScrfdDetector
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-#: insightface's ArcFace template: where the 5 keypoints land in a 112x112 crop.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
-
-KPS_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 #: Metadata key the project writes into ONNX files whose weights are random.
 RANDOM_WEIGHTS_KEY = "idgen.random_weights"
@@ -62,111 +45,6 @@ class Face:
         return float((self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1]))
 
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, shift) mapping ``src`` points onto ``dst``.
-
-    Umeyama's closed form, the estimate insightface's ``norm_crop`` uses. Returns a 2x3 matrix.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    cov = dst_c.T @ src_c / len(src)
-    u, s, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(cov) < 0:
-        d[1] = -1
-    rotation = u @ np.diag(d) @ vt
-    scale = (s * d).sum() / src_c.var(0).sum()
-    shift = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, shift[:, None]]).astype(np.float32)
-
-
-def arcface_template(size: int = 112) -> np.ndarray:
-    """The ArcFace template for a ``size`` crop (multiples of 112 scale it; of 128 also shift it)."""
-    if size % 112 == 0:
-        return ARCFACE_TEMPLATE * (size / 112.0)
-    if size % 128 == 0:
-        ratio = size / 128.0
-        return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0], dtype=np.float32)
-    raise ValueError(f"ArcFace crops are multiples of 112 or 128 pixels, got {size}")
-
-
-def align_face(rgb: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp the face with keypoints ``kps`` onto the ArcFace template (insightface ``norm_crop``)."""
-    matrix = similarity_transform(kps, arcface_template(size))
-    return cv2.warpAffine(rgb, matrix, (size, size), borderValue=0.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Detectors: detect(rgb) -> list of (bbox (4,), score, kps (5, 2))
-# --------------------------------------------------------------------------------------------
-Detection = tuple[np.ndarray, float, np.ndarray]
-
-
-def dlib_models_dir() -> str:
-    """Folder of the dlib model files shipped by the ``face_recognition_models`` package."""
-    # Importing the package itself needs pkg_resources, gone from current setuptools: find it instead.
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the dlib face models are not installed: pip install face_recognition_models dlib-bin"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], "models")
-
-
-class DlibDetector:
-    """dlib HOG face detector + 68-point landmarks reduced to the 5 ArcFace keypoints."""
-
-    name = "dlib"
-    #: HOG's 80-px window, upsampled once, finds faces down to about this width.
-    min_face_size = 40
-
-    def __init__(self, threshold: float = 0.2, upsample: int = 1, max_side: int = 2048):
-        import dlib
-
-        self.threshold = threshold
-        self.upsample = upsample
-        self.max_side = max_side
-        self._detector = dlib.get_frontal_face_detector()
-        self._landmarks = dlib.shape_predictor(
-            os.path.join(dlib_models_dir(), "shape_predictor_68_face_landmarks.dat")
-        )
-
-    def detect(self, rgb: np.ndarray) -> list[Detection]:
-
-        scale = min(1.0, self.max_side / max(rgb.shape[:2]))
-        work = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        rects, scores, _ = self._detector.run(np.ascontiguousarray(work), self.upsample, self.threshold)
-        detections = []
-        for rect, score in zip(rects, scores):
-            points = np.array([[p.x, p.y] for p in self._landmarks(work, rect).parts()], dtype=np.float32)
-            kps = np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
-            bbox = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float32)
-            detections.append((bbox / scale, float(score), kps / scale))
-        return detections
-
-
-class ScrfdDetector:
-    """The SCRFD detection model of an insightface pack (letterbox to ``det_size``, NMS 0.4)."""
-
-    name = "scrfd"
-
-    def __init__(self, model: Any, det_size: int = 640, det_thresh: float = 0.5, on_gpu: bool = False):
-        self.model = model
-        self.det_size = det_size
-        self.min_face_size = 16
-        # insightface's prepare() switches the session to CPU for a negative ctx_id.
-        model.prepare(0 if on_gpu else -1, input_size=(det_size, det_size), det_thresh=det_thresh)
-
-    def detect(self, rgb: np.ndarray) -> list[Detection]:
-        bboxes, kpss = self.model.detect(np.ascontiguousarray(rgb[:, :, ::-1]), max_num=0)
-        return [(b[:4].astype(np.float32), float(b[4]), k.astype(np.float32)) for b, k in zip(bboxes, kpss)]
-
-
-# --------------------------------------------------------------------------------------------
-# Packs
-# --------------------------------------------------------------------------------------------
 def insightface_root() -> str:
     return os.path.expanduser(os.environ.get("INSIGHTFACE_HOME", "~/.insightface"))
 
@@ -353,32 +231,3 @@ class FaceAnalyzer:
         if raw:
             mean = mean * np.average([face.embedding_norm for face in faces], weights=weights)
         return mean.astype(np.float32)
-
-
-#: InstantID's keypoint colours (RGB), by keypoint index.
-KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
-
-
-def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) -> "Image.Image":
-    """The IdentityNet condition image, drawn as InstantID's was trained on.
-
-    Black canvas of ``image_size`` (width, height); an ellipse from each eye and mouth corner to
-    the nose in that point's colour, dimmed to 60%; then a full-colour disc of radius 10 on each
-    keypoint.
-    """
-    from PIL import Image
-
-    width, height = image_size
-    kps = np.asarray(kps, dtype=np.float64)
-    canvas = np.zeros((height, width, 3), dtype=np.float64)
-    for start in (0, 1, 3, 4):
-        (x0, y0), (x1, y1) = kps[start], kps[2]
-        length = float(np.hypot(x0 - x1, y0 - y1))
-        angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
-        centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
-        polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), angle, 0, 360, 1)
-        cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[start])
-    canvas = (canvas * 0.6).astype(np.uint8)
-    for index, (x, y) in enumerate(kps):
-        cv2.circle(canvas, (int(x), int(y)), 10, KPS_COLORS[index], -1)
-    return Image.fromarray(canvas)

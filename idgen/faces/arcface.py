@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
-from .faces import arcface_template
+from ..errors import CheckpointError
+from .alignment import arcface_template
 
 # ------------------------------------------------------------------------------ iresnet
 IRESNET_LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}

@@ -1,0 +1,89 @@
+"""Metrics: how well an identity is kept (FaceSim, an independent recognizer's FaceSim) and
+how well the prompt is followed (CLIP-T)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import NoFaceError
+from ..faces import FaceAnalyzer, ImageInput, dlib_models_dir, load_image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's preprocessing, differentiable: centre square, bicubic resize, normalise.
+    ``images`` (B, 3, H, W) in [0, 1]."""
+    side = min(images.shape[-2:])
+    top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
+    square = images[..., top : top + side, left : left + side]
+    pixels = F.interpolate(square, size=(size, size), mode="bicubic", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1) for im in images])
+
+
+class ClipScorer:
+    """CLIP-T: cosine between a prompt's and an image's CLIP embeddings."""
+
+    def __init__(self, model_name_or_path: str):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.name = model_name_or_path
+        self.model = CLIPModel.from_pretrained(model_name_or_path).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_name_or_path)
+
+    @torch.no_grad()
+    def score(self, image: Image.Image, prompt: str) -> float:
+        pixels = clip_preprocess(pil_to_tensor([image]), self.model.config.vision_config.image_size)
+        tokens = self.tokenizer([prompt], padding="max_length", truncation=True,
+                                max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        out = self.model(input_ids=tokens.input_ids, pixel_values=pixels)
+        return float((F.normalize(out.image_embeds, dim=-1) * F.normalize(out.text_embeds, dim=-1)).sum())
+
+
+class DlibRecognizer:
+    """An independent recognizer: dlib's detector, 5-point model and 128-d ResNet (its own
+    pipeline end to end, sharing nothing with the ArcFace path)."""
+
+    name = "dlib_resnet_v1"
+
+    def __init__(self):
+        import dlib
+
+        models = dlib_models_dir()
+        self._detector = dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(os.path.join(models, "shape_predictor_5_face_landmarks.dat"))
+        self._net = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def descriptor(self, image: ImageInput) -> np.ndarray | None:
+        """(128,) descriptor of the largest face, or None."""
+        rgb = np.ascontiguousarray(np.asarray(load_image(image)))
+        rects, _, _ = self._detector.run(rgb, 1, 0.2)
+        if not rects:
+            return None
+        rect = max(rects, key=lambda r: r.width() * r.height())
+        return np.asarray(self._net.compute_face_descriptor(rgb, self._shape(rgb, rect)), dtype=np.float32)
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def face_similarity(analyzer: FaceAnalyzer, image: ImageInput, reference: np.ndarray) -> float | None:
+    """FaceSim: cosine between the ArcFace embedding of the largest face in ``image`` and
+    ``reference``; None when no face is found."""
+    try:
+        return float(analyzer.get_face(image).embedding @ reference)
+    except NoFaceError:
+        return None
