@@ -2,6 +2,7 @@
 
 from .errors import CheckpointError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
 from .faces import Face, FaceAnalyzer, draw_kps, load_image
+from .session import Session, SessionOptions, start_session
 from .version import __version__
 
 
@@ -26,8 +27,11 @@ __all__ = [
     "ImageError",
     "ModelNotFoundError",
     "NoFaceError",
+    "Session",
+    "SessionOptions",
     "__version__",
     "draw_kps",
     "load_identitynet",
     "load_image",
+    "start_session",
 ]

@@ -6,17 +6,10 @@ import argparse
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
-from .errors import IDGenError, ModelNotFoundError
-
-DEFAULT_ADAPTER = "h94/IP-Adapter-FaceID"
-DEFAULT_WEIGHT_NAME = "ip-adapter-faceid_sd15.bin"
-DEFAULT_FACE_PACK = "buffalo_l"
-ARC2FACE_FACE_PACK = "antelopev2"  # with arcface.onnx added, as Arc2Face asks
+from .errors import IDGenError
+from .session import DEFAULT_FACE_PACK, METHODS
 
 
 def _positive_int(text: str) -> int:
@@ -63,10 +56,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: 'tiny', 'tiny-sdxl' or 'tiny-arc2face' (offline presets), a hub id or a local "
                         "diffusers folder; SD1.5 or SDXL is read from it")
     parser.add_argument("--adapter", default=None,
-                        help=f"identity adapter: hub id, folder or file (default: {DEFAULT_ADAPTER} for SD1.5, "
-                        f"{SDXL_ADAPTER} for SDXL; the preset's for the tiny bases); "
+                        help=f"identity adapter: hub id, folder or file (default: {METHODS['faceid'].default_adapter} for "
+                        f"SD1.5, {METHODS['instantid'].default_adapter} for SDXL; the preset's for the tiny bases); "
                         "an Arc2Face repo or folder (FoivosPar/Arc2Face) selects Arc2Face")
-    parser.add_argument("--weight-name", default=None, help=f"file inside --adapter (default: {DEFAULT_WEIGHT_NAME})")
+    parser.add_argument("--weight-name", default=None, help="file inside --adapter (default: the method's usual file, e.g. "
+                        f"{METHODS['faceid'].default_weight_name})")
     parser.add_argument("--subfolder", default=None, help="subfolder of --adapter")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
@@ -154,15 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _face_pack(name: str) -> str:
-    """A face pack name or folder; 'tiny' is the offline preset's."""
-    if name == "tiny":
-        from .presets import get_preset
-
-        return get_preset("tiny").face_pack
-    return name
-
-
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -175,72 +160,40 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm.auto import tqdm
+def _session(args: argparse.Namespace):
+    from .session import SessionOptions, start_session
 
-    from .eval import ClipScorer, DlibRecognizer, Report, Sample, face_similarity, load_identities, write_report
-    from .presets import TINY_PRESETS, get_preset
+    return start_session(SessionOptions.from_namespace(args))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .eval.run import evaluate
 
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         raise IDGenError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     prompts = _prompts(args)
-    identities = load_identities(args.refs)
-    session = start_session(args)
-    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}  # unit, for FaceSim
-    id_embeds = references
-    if session.models.raw_id_embeds:
-        id_embeds = {name: session.analyzer.identity(photos, raw=True) for name, photos in identities.items()}
-    second = DlibRecognizer()
-    second_refs = {}
-    for name, photos in identities.items():
-        found = [d for d in map(second.descriptor, photos) if d is not None]
-        second_refs[name] = np.mean(found, axis=0) if found else None
-    clip_name = args.clip_model or (get_preset(args.base).clip if args.base in TINY_PRESETS else DEFAULT_CLIP)
-    clip = None if clip_name == "none" else ClipScorer(clip_name)
-
-    pipe = session.load(args)
-    pipe.set_progress_bar_config(disable=True)
-    report = Report(config={**session.metadata(args), "refs": args.refs, "prompts": prompts, "seeds": seeds,
-                            "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
-    jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
-    for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
-        call = dict(session.call_kwargs(args, prompt), id_embeds=torch.from_numpy(id_embeds[name]),
-                    generator=torch.Generator().manual_seed(seed))
-        if getattr(pipe, "has_identitynet", False):
-            call.update(kps_image=identities[name][0])
-        image = pipe(**call).images[0]
-        file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
-        os.makedirs(os.path.join(args.out, "images", name), exist_ok=True)
-        _save_png(image, os.path.join(args.out, file), {"prompt": prompt, "seed": str(seed), "identity": name})
-        facesim = face_similarity(session.analyzer, image, references[name])
-        descriptor = second.descriptor(image)
-        report.samples.append(Sample(
-            identity=name, prompt=prompt, seed=seed, file=file, face_detected=facesim is not None, facesim=facesim,
-            facesim_second=None if descriptor is None or second_refs[name] is None
-            else second.similarity(descriptor, second_refs[name]),
-            clip_t=clip.score(image, prompt) if clip else None,
-        ))
-    write_report(report, args.out, prompts)
+    report = evaluate(_session(args), args.refs, prompts, seeds, args.out, args.clip_model)
     summary = report.summary()
     print(f"{summary['images']} images, face detection rate {summary['face_detection_rate']:.2f}, "
           f"FaceSim {summary['facesim'] if summary['facesim'] is not None else 'n/a'}, report in {args.out}/report.md")
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo as serve
+    from .demo import serve
+    from .session import SessionOptions
 
-    serve(args)
+    serve(SessionOptions.from_namespace(args), args.host, args.port)
 
 
 def run_prepare_data(args: argparse.Namespace) -> None:
     from idgen.train.data import prepare_data
 
     from .faces import FaceAnalyzer
+    from .session import face_pack
 
-    report = prepare_data(args.folder, args.out, FaceAnalyzer(_face_pack(args.face_model), detector=args.detector),
+    report = prepare_data(args.folder, args.out, FaceAnalyzer(face_pack(args.face_model), detector=args.detector),
                           min_face_size=args.min_face_size)
     for item in report.skipped:
         print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
@@ -259,228 +212,31 @@ def _output_paths(out: str, count: int) -> list[str]:
     return [f"{stem}-{i}.png" for i in range(count)]
 
 
-def _save_png(image, path: str, metadata: dict[str, str]) -> None:
-    """Write ``image`` with text metadata, atomically: a reader never sees a partial file."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .files import atomic_path
-
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value)
-    with atomic_path(path) as staging:
-        image.save(staging, format="PNG", pnginfo=info)
-
-
-def _device_and_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
-#: Sampling defaults of each method's reference (steps, guidance).
-DEFAULTS = {"faceid": (30, 7.5), "arc2face": (25, 3.0), "sdxl": (30, 5.0)}
-SDXL_ADAPTER = "InstantX/InstantID"
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
-
-
-@dataclass
-class Models:
-    """What ``idgen generate`` runs, resolved from the flags."""
-
-    kind: str  # "faceid" (SD1.5), "sdxl" (InstantID or FaceID-SDXL) or "arc2face"
-    base: str
-    adapter: str
-    weight_name: str | None
-    face_model: str
-    random_parts: list[str]
-
-    @property
-    def raw_id_embeds(self) -> bool:
-        """InstantID takes the recognizer's raw (un-normalised) vector."""
-        return self.kind == "sdxl" and _is_instantid(self.adapter, self.weight_name)
-
-
-def _is_arc2face(adapter: str | None) -> bool:
-    return adapter is not None and (os.path.isdir(os.path.join(adapter, "arc2face")) or "arc2face" in adapter.lower())
-
-
-def _is_sdxl(base: str) -> bool:
-    """Whether a base model (hub id or folder) is SDXL, from its model_index.json."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(base)
-    except Exception as err:  # offline, missing repo, bad folder
-        raise _base_model_error(base, err) from None
-    return "XL" in config.get("_class_name", "")
-
-
-def _base_model_error(base: str, err: Exception) -> ModelNotFoundError:
-    first_line = str(err).splitlines()[0][:200] if str(err) else ""
-    return ModelNotFoundError(
-        f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
-        "a reachable hub id, or leave --base out for the offline tiny preset"
-    )
-
-
-def _is_instantid(adapter: str, weight_name: str | None) -> bool:
-    """InstantID's layout: a repo or folder with ``ControlNetModel/`` beside ``ip-adapter.bin``."""
-    return weight_name == INSTANTID_WEIGHT_NAME or adapter == SDXL_ADAPTER or os.path.isdir(
-        os.path.join(adapter, "ControlNetModel")
-    )
-
-
-def _resolve_models(args: argparse.Namespace) -> Models:
-    from .presets import TINY_PRESETS, get_preset
-
-    base, adapter, weight_name, face_model, random_parts = args.base, args.adapter, args.weight_name, args.face_model, []
-    if base in TINY_PRESETS:
-        preset = get_preset(base)
-        if adapter is None:
-            adapter, random_parts = preset.adapter, ["base", "adapter"]
-        elif _is_arc2face(adapter):
-            raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
-                             "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
-        base, face_model = preset.base, face_model or preset.face_pack
-    if _is_arc2face(adapter) or args.base == "tiny-arc2face":
-        kind = "arc2face"
-    else:
-        kind = "sdxl" if _is_sdxl(base) else "faceid"
-        if adapter is None:
-            adapter = SDXL_ADAPTER if kind == "sdxl" else DEFAULT_ADAPTER
-        if weight_name is None and _is_instantid(adapter, weight_name):
-            weight_name = INSTANTID_WEIGHT_NAME
-        elif weight_name is None and adapter == DEFAULT_ADAPTER:
-            weight_name = "ip-adapter-faceid_sdxl.bin" if kind == "sdxl" else DEFAULT_WEIGHT_NAME
-    instantid = kind == "sdxl" and _is_instantid(adapter, weight_name)
-    face_model = face_model or (ARC2FACE_FACE_PACK if kind == "arc2face" or instantid else DEFAULT_FACE_PACK)
-    return Models(kind, base, adapter, weight_name, face_model, random_parts)
-
-
-def _load_pipeline(models: Models, adapter_file: str | None, dtype):
-    from .pipelines import IDArc2FacePipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline, load_identitynet
-
-    try:
-        if models.kind == "arc2face":
-            return IDArc2FacePipeline.from_arc2face(models.adapter, base_model=models.base, dtype=dtype)
-        if models.kind == "sdxl":
-            controlnet = None
-            if _is_instantid(models.adapter, models.weight_name):
-                controlnet = load_identitynet(models.adapter, dtype=dtype)
-            pipe = IDStableDiffusionXLPipeline.from_pretrained(models.base, controlnet=controlnet, dtype=dtype)
-        else:
-            pipe = IDStableDiffusionPipeline.from_pretrained(models.base, dtype=dtype)
-    except Exception as err:  # offline, missing repo, bad folder
-        raise _base_model_error(models.base, err) from None
-    pipe.load_identity_adapter(adapter_file)
-    return pipe
-
-
-@dataclass
-class Session:
-    """Models chosen by the flags, the face analyzer and the sampling settings."""
-
-    models: Models
-    analyzer: object
-    adapter_file: str | None
-    steps: int
-    guidance: float
-
-    def load(self, args: argparse.Namespace):
-        """The pipeline, on its device, with the analyzer set."""
-        device, dtype = _device_and_dtype(args.device, args.dtype)
-        pipe = _load_pipeline(self.models, self.adapter_file, dtype)
-        pipe.set_face_analyzer(self.analyzer)
-        pipe.to(device)
-        pipe.set_progress_bar_config(desc="denoising")
-        return pipe
-
-    def id_scale(self, args: argparse.Namespace):
-        if args.id_scale is not None:
-            return args.id_scale
-        return 0.8 if self.models.raw_id_embeds else 1.0
-
-    def call_kwargs(self, args: argparse.Namespace, prompt: str | None) -> dict:
-        """Arguments of a pipeline call common to generate and eval."""
-        call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=args.height, width=args.width)
-        if self.models.kind != "arc2face":
-            call.update(prompt=prompt, id_scale=self.id_scale(args), id_guidance_start=args.id_start,
-                        id_guidance_end=args.id_end)
-        return call
-
-    def metadata(self, args: argparse.Namespace) -> dict[str, str]:
-        from .version import __version__
-
-        meta = {
-            "steps": str(self.steps),
-            "guidance": str(self.guidance),
-            "id_scale": str(self.id_scale(args)),
-            "id_window": f"{args.id_start}-{args.id_end}",
-            "method": "instantid" if self.models.raw_id_embeds else self.models.kind,
-            "base_model": args.base,
-            "adapter": f"{self.models.adapter}" + (f" ({self.models.weight_name})" if self.models.weight_name else ""),
-            "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
-            "idgen_version": __version__,
-        }
-        if self.models.random_parts:
-            meta["random_weights"] = (
-                "random weights in: " + ", ".join(self.models.random_parts) + " (offline preset; images carry no likeness)"
-            )
-        return meta
-
-
-def start_session(args: argparse.Namespace) -> Session:
-    """Resolve the models and check the adapter file and face models, before any base model loads."""
-    from .faces import FaceAnalyzer
-
-    models = _resolve_models(args)
-    steps, guidance = DEFAULTS[models.kind]
-    steps, guidance = args.steps or steps, guidance if args.guidance is None else args.guidance
-    if not args.id_start < args.id_end:
-        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
-    adapter_file = None
-    if models.kind != "arc2face":
-        from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
-
-        adapter_file = resolve_checkpoint_file(models.adapter, models.weight_name, args.subfolder)
-        detect_format(load_adapter_state_dict(adapter_file), adapter_file)
-    analyzer = FaceAnalyzer(_face_pack(models.face_model), detector=args.detector)
-    if analyzer.recognizer_random:
-        models.random_parts.append("face recognizer")
-    return Session(models, analyzer, adapter_file, steps, guidance)
-
-
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .files import save_png
+
     paths = _output_paths(args.out, args.num_images)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
-    session = start_session(args)
-    models, analyzer = session.models, session.analyzer
-    if models.kind != "arc2face" and not args.prompt:
+    session = _session(args)
+    method = session.method
+    if method.uses_prompt and not args.prompt:
         raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
-    id_embeds = torch.from_numpy(analyzer.identity(args.face, args.face_index, raw=models.raw_id_embeds))
-    negative_id_embeds = None
-    if args.negative_face:
-        negative_id_embeds = torch.from_numpy(analyzer.identity(args.negative_face, args.face_index, raw=models.raw_id_embeds))
-    pipe = session.load(args)
+    id_embeds = session.identity(args.face)
+    negative_id_embeds = session.identity(args.negative_face) if args.negative_face else None
+    pipe = session.load()
 
     call = dict(
-        session.call_kwargs(args, args.prompt),
+        session.call_kwargs(args.prompt),
         id_embeds=id_embeds,
         negative_id_embeds=negative_id_embeds,
         num_images_per_prompt=args.num_images,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
-    if models.kind != "arc2face":
+    if method.uses_prompt:
         call.update(negative_prompt=args.negative_prompt)
-    if models.kind == "sdxl" and pipe.has_identitynet:
+    if getattr(pipe, "has_identitynet", False):
         call.update(kps_image=args.kps_image or args.face[0], controlnet_conditioning_scale=args.identitynet_scale)
     elif args.kps_image:
         raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
@@ -491,10 +247,10 @@ def run_generate(args: argparse.Namespace) -> None:
         "seed": str(args.seed),
         "negative_faces": ", ".join(args.negative_face or []),
         "faces": ", ".join(args.face),
-        **session.metadata(args),
+        **session.metadata(),
     }
     for image, path in zip(result.images, paths):
-        _save_png(image, path, metadata)
+        save_png(image, path, metadata)
         print(path)
 
 

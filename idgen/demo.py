@@ -6,7 +6,6 @@ large upload) shows a readable message in the page, and the app keeps working.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from .errors import IDGenError
 from .faces import KPS_COLORS, FaceAnalyzer
+from .session import Session, SessionOptions, start_session
 
 #: Prompt templates: "{prompt}" is the user's text.
 STYLES = {
@@ -50,8 +50,8 @@ def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
 class DemoApp:
     """What a click runs, separate from the UI so it can be called directly."""
 
-    def __init__(self, pipe, analyzer: FaceAnalyzer, session, args: argparse.Namespace):
-        self.pipe, self.analyzer, self.session, self.args = pipe, analyzer, session, args
+    def __init__(self, session: Session, pipe):
+        self.session, self.pipe, self.analyzer = session, pipe, session.analyzer
         self.has_identitynet = getattr(pipe, "has_identitynet", False)
 
     def preview(self, files) -> Image.Image | None:
@@ -72,15 +72,15 @@ class DemoApp:
         try:
             if not files:
                 raise IDGenError("upload at least one face photo first")
-            if self.session.models.kind != "arc2face" and not (prompt or "").strip():
+            if self.session.method.uses_prompt and not (prompt or "").strip():
                 raise IDGenError("write a prompt first")
             photos = [_path(f) for f in files]
-            id_embeds = torch.from_numpy(self.analyzer.identity(photos, raw=getattr(self.pipe, "raw_id_embeds", False)))
+            id_embeds = self.session.identity(photos, 0)
             text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
-            call = dict(self.session.call_kwargs(self.args, text), id_embeds=id_embeds,
+            call = dict(self.session.call_kwargs(text), id_embeds=id_embeds,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
                         num_images_per_prompt=int(num_images), generator=torch.Generator().manual_seed(int(seed)))
-            if self.session.models.kind != "arc2face":
+            if self.session.method.uses_prompt:
                 call.update(id_scale=float(id_scale), negative_prompt=negative_prompt or None)
             if self.has_identitynet:
                 call.update(kps_image=_path(pose) if pose is not None else photos[0],
@@ -118,7 +118,7 @@ def build_demo(app: DemoApp):
                 prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
                 style = gr.Dropdown(list(STYLES), value="none", label="Style")
-                default_scale = app.session.id_scale(app.args)
+                default_scale = app.session.id_scale
                 id_scale = gr.Slider(0.0, 1.5, value=default_scale if isinstance(default_scale, float) else 1.0, step=0.05,
                                      label="Identity strength (id_scale)")
                 identitynet = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="IdentityNet strength",
@@ -141,25 +141,22 @@ def build_demo(app: DemoApp):
 
 
 def _model_note(app: DemoApp) -> str:
-    meta = app.session.metadata(app.args)
+    meta = app.session.metadata()
     note = f"Base: `{meta['base_model']}`, method: {meta['method']}."
     if "random_weights" in meta:
         note += " **Offline tiny preset: random weights, the images are noise** (pass --base/--adapter for real models)."
     return note
 
 
-def run_demo(args: argparse.Namespace) -> None:
+def serve(options: SessionOptions, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Load the models once, then serve the UI."""
-    from .cli import start_session
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise IDGenError('the demo needs gradio: pip install "idgen[demo]"') from None
-    session = start_session(args)
-    pipe = session.load(args)
-    app = DemoApp(pipe, session.analyzer, session, args)
+    session = start_session(options)
+    app = DemoApp(session, session.load())
     demo = build_demo(app)
-    print(f"idgen demo on http://{args.host}:{args.port}", flush=True)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    print(f"idgen demo on http://{host}:{port}", flush=True)
+    demo.queue().launch(server_name=host, server_port=port, share=False, show_error=True)

@@ -23,3 +23,14 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def save_png(image, path: str, metadata: dict[str, str]) -> None:
+    """Write a PIL ``image`` as PNG with text ``metadata``, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value)
+    with atomic_path(path) as staging:
+        image.save(staging, format="PNG", pnginfo=info)

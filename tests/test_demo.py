@@ -27,16 +27,11 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
     """The click handlers themselves: a preview with the face drawn, images with captions, and
     gr.Error (a message in the page) for a photo with no face."""
     gr = pytest.importorskip("gradio")
-    import argparse
-
-    from idgen.cli import _add_model_arguments, start_session
     from idgen.demo import DemoApp, build_demo
+    from idgen.session import start_session
 
-    parser = argparse.ArgumentParser()
-    _add_model_arguments(parser)
-    args = parser.parse_args(["--steps", "2", "--height", "64", "--width", "64"])
-    session = start_session(args)
-    app = DemoApp(session.load(args), session.analyzer, session, args)
+    session = start_session(steps=2, height=64, width=64)
+    app = DemoApp(session, session.load())
     preview = app.preview([str(astronaut)])
     assert preview.size == (512, 512) and preview.getpixel((203, 101)) != Image.open(astronaut).convert("RGB").getpixel((203, 101))
     results = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 3, 2)

@@ -135,12 +135,12 @@ class StepBatches(torch.utils.data.Sampler):
 
 def load_base(config: AdapterTrainConfig):
     """The frozen base pipeline, its identity adapter to train, and the face-pack info."""
-    from idgen.cli import _is_sdxl
     from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
     from idgen.presets import TINY_PRESETS, get_preset
+    from idgen.session import is_sdxl
 
     base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
-    sdxl = _is_sdxl(base)
+    sdxl = is_sdxl(base)
     if config.adapter_format == "instantid" and not sdxl:
         raise IDGenError(f"adapter_format instantid is an SDXL adapter but base {config.base} is not SDXL: use an SDXL base")
     pipe = (IDStableDiffusionXLPipeline if sdxl else IDStableDiffusionPipeline).from_pretrained(base)

@@ -1,0 +1,63 @@
+"""``idgen eval``: for each reference identity, prompt and seed, generate and measure."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..session import Session
+from .metrics import ClipScorer, DlibRecognizer, face_similarity
+from .report import Report, Sample, load_identities, write_report
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], out: str,
+             clip_model: str | None = None) -> Report:
+    """Generate every (identity, prompt, seed) image into ``out/images`` and write the report.
+
+    ``clip_model``: CLIP for CLIP-T (hub id or folder; default the tiny preset's for a tiny base,
+    else ``DEFAULT_CLIP``), or ``"none"`` to skip it.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..files import save_png
+    from ..presets import TINY_PRESETS, get_preset
+
+    options = session.options
+    identities = load_identities(refs)
+    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}  # unit, for FaceSim
+    second = DlibRecognizer()
+    second_refs = {}
+    for name, photos in identities.items():
+        found = [d for d in map(second.descriptor, photos) if d is not None]
+        second_refs[name] = np.mean(found, axis=0) if found else None
+    clip_name = clip_model or (get_preset(options.base).clip if options.base in TINY_PRESETS else DEFAULT_CLIP)
+    clip = None if clip_name == "none" else ClipScorer(clip_name)
+
+    pipe = session.load()
+    pipe.set_progress_bar_config(disable=True)
+    report = Report(config={**session.metadata(), "refs": refs, "prompts": prompts, "seeds": seeds,
+                            "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
+    id_embeds = {name: session.identity(photos, 0) for name, photos in identities.items()}
+    jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
+    for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
+        call = dict(session.call_kwargs(prompt), id_embeds=id_embeds[name], generator=torch.Generator().manual_seed(seed))
+        if getattr(pipe, "has_identitynet", False):
+            call.update(kps_image=identities[name][0])
+        image = pipe(**call).images[0]
+        file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
+        os.makedirs(os.path.join(out, "images", name), exist_ok=True)
+        save_png(image, os.path.join(out, file), {"prompt": prompt, "seed": str(seed), "identity": name})
+        facesim = face_similarity(session.analyzer, image, references[name])
+        descriptor = second.descriptor(image)
+        report.samples.append(Sample(
+            identity=name, prompt=prompt, seed=seed, file=file, face_detected=facesim is not None, facesim=facesim,
+            facesim_second=None if descriptor is None or second_refs[name] is None
+            else second.similarity(descriptor, second_refs[name]),
+            clip_t=clip.score(image, prompt) if clip else None,
+        ))
+    write_report(report, out, prompts)
+    return report

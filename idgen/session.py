@@ -1,0 +1,275 @@
+"""From "base + adapter + face model + options" to a ready pipeline and its call arguments.
+
+The one loader behind ``idgen generate``, ``idgen eval``, the demo and Python callers::
+
+    from idgen import start_session
+
+    session = start_session(base="stabilityai/stable-diffusion-xl-base-1.0", adapter="InstantX/InstantID")
+    pipe = session.load()
+    image = pipe(**session.call_kwargs("a photo of a person"), id_embeds=session.identity(["me.jpg"])).images[0]
+
+Each identity method is one row of ``METHODS``: how its checkpoints are recognised, which
+pipeline runs it, its face models and sampling defaults. A new method adds a row (and its
+modules in ``adapters/`` and ``pipelines/``), not branches here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .errors import IDGenError, ModelNotFoundError
+from .faces import FaceAnalyzer, ImageInput
+
+DEFAULT_FACE_PACK = "buffalo_l"
+FACEID_REPO = "h94/IP-Adapter-FaceID"
+INSTANTID_REPO = "InstantX/InstantID"
+INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
+
+
+def _is_arc2face(adapter: str, weight_name: str | None) -> bool:
+    return os.path.isdir(os.path.join(adapter, "arc2face")) or "arc2face" in adapter.lower()
+
+
+def _is_instantid(adapter: str, weight_name: str | None) -> bool:
+    """InstantID's layout: a repo or folder with ``ControlNetModel/`` beside ``ip-adapter.bin``."""
+    return weight_name == INSTANTID_WEIGHT_NAME or adapter == INSTANTID_REPO or os.path.isdir(
+        os.path.join(adapter, "ControlNetModel")
+    )
+
+
+def _is_faceid_repo(adapter: str, weight_name: str | None) -> bool:
+    return adapter == FACEID_REPO
+
+
+@dataclass(frozen=True)
+class Method:
+    """One identity method: how its adapter is recognised, what runs it, and its defaults
+    (those of its reference implementation)."""
+
+    name: str  # recorded in the images' metadata
+    family: str  # "sd15", "sdxl" or "arc2face": the base models it runs on
+    pipeline: str  # class name in idgen.pipelines
+    recognises: Callable[[str, str | None], bool]  # (adapter, weight_name) -> is this method's
+    steps: int = 30
+    guidance: float = 7.5
+    id_scale: float = 1.0
+    face_pack: str = DEFAULT_FACE_PACK
+    default_adapter: str | None = None  # used when no adapter is given for this family
+    default_weight_name: str | None = None  # file inside a recognised repo
+    raw_id_embeds: bool = False  # the recognizer's raw (un-normalised) vector, as InstantID was trained
+    identitynet: bool = False  # InstantID's ControlNet, from the adapter repo's ControlNetModel/
+    uses_prompt: bool = True  # Arc2Face generates from the identity alone
+
+
+#: Identity methods, in the order they are tried; the last of each family is its fallback.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("arc2face", "arc2face", "IDArc2FacePipeline", _is_arc2face, steps=25, guidance=3.0,
+               face_pack="antelopev2", uses_prompt=False),  # antelopev2 with Arc2Face's arcface.onnx added
+        Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, default_adapter=FACEID_REPO,
+               default_weight_name="ip-adapter-faceid_sd15.bin"),
+        Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, guidance=5.0, id_scale=0.8,
+               face_pack="antelopev2", default_adapter=INSTANTID_REPO, default_weight_name=INSTANTID_WEIGHT_NAME,
+               raw_id_embeds=True, identitynet=True),
+        Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, guidance=5.0,
+               default_weight_name="ip-adapter-faceid_sdxl.bin"),
+    )
+}
+
+
+@dataclass
+class SessionOptions:
+    """What to run and how: the flags ``idgen generate``, ``eval`` and ``demo`` share."""
+
+    base: str = "tiny"
+    adapter: str | None = None
+    weight_name: str | None = None
+    subfolder: str | None = None
+    face_model: str | None = None
+    detector: str = "auto"
+    face_index: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    id_scale: float | dict[str, float] | None = None
+    id_start: float = 0.0
+    id_end: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> "SessionOptions":
+        """The options found on a parsed argparse namespace."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def is_sdxl(base: str) -> bool:
+    """Whether a base model (hub id or folder) is SDXL, from its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(base)
+    except Exception as err:  # offline, missing repo, bad folder
+        raise _base_model_error(base, err) from None
+    return "XL" in config.get("_class_name", "")
+
+
+def _base_model_error(base: str, err: Exception) -> ModelNotFoundError:
+    first_line = str(err).splitlines()[0][:200] if str(err) else ""
+    return ModelNotFoundError(
+        f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
+        "a reachable hub id, or leave --base out for the offline tiny preset"
+    )
+
+
+def face_pack(name: str) -> str:
+    """A face pack name or folder; 'tiny' is the offline preset's."""
+    if name == "tiny":
+        from .presets import get_preset
+
+        return get_preset("tiny").face_pack
+    return name
+
+
+def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> tuple[Method, str, str | None]:
+    """The method that runs ``adapter`` on ``base``, with the adapter and weight name filled in."""
+    arc2face = METHODS["arc2face"]
+    if adapter is not None and arc2face.recognises(adapter, weight_name):
+        return arc2face, adapter, weight_name
+    family = [m for m in METHODS.values() if m.family == ("sdxl" if is_sdxl(base) else "sd15")]
+    if adapter is None:
+        method = next(m for m in family if m.default_adapter)
+        adapter = method.default_adapter
+    else:
+        method = next((m for m in family if m.recognises(adapter, weight_name)), family[-1])
+    if weight_name is None and method.recognises(adapter, None):
+        weight_name = method.default_weight_name
+    return method, adapter, weight_name
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+@dataclass
+class Session:
+    """The models chosen by the options, the face analyzer and the sampling settings; ``load()``
+    makes the pipeline, ``call_kwargs()`` / ``identity()`` its call arguments."""
+
+    options: SessionOptions
+    method: Method
+    base: str  # resolved: a preset's folder, a hub id or a folder
+    adapter: str
+    weight_name: str | None
+    analyzer: FaceAnalyzer
+    adapter_file: str | None  # the checked checkpoint file (None for Arc2Face, loaded from its folder)
+    steps: int
+    guidance: float
+    random_parts: list[str] = field(default_factory=list)
+
+    def load(self):
+        """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
+        from . import pipelines
+
+        device, dtype = _device_and_dtype(self.options.device, self.options.dtype)
+        cls = getattr(pipelines, self.method.pipeline)
+        try:
+            if self.method.family == "arc2face":
+                pipe = cls.from_arc2face(self.adapter, base_model=self.base, dtype=dtype)
+            else:
+                extra = {}
+                if self.method.family == "sdxl":
+                    extra["controlnet"] = pipelines.load_identitynet(self.adapter, dtype=dtype) if self.method.identitynet else None
+                pipe = cls.from_pretrained(self.base, dtype=dtype, **extra)
+        except Exception as err:  # offline, missing repo, bad folder
+            raise _base_model_error(self.base, err) from None
+        if self.adapter_file is not None:
+            pipe.load_identity_adapter(self.adapter_file)
+        pipe.set_face_analyzer(self.analyzer)
+        pipe.to(device)
+        pipe.set_progress_bar_config(desc="denoising")
+        return pipe
+
+    @property
+    def id_scale(self) -> float | dict[str, float]:
+        return self.method.id_scale if self.options.id_scale is None else self.options.id_scale
+
+    def identity(self, photos: Sequence[ImageInput], face_index: int | None = None):
+        """The (512,) identity tensor of ``photos`` (one person), as this method takes it."""
+        import torch
+
+        index = self.options.face_index if face_index is None else face_index
+        return torch.from_numpy(self.analyzer.identity(photos, index, raw=self.method.raw_id_embeds))
+
+    def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
+        """Pipeline call arguments shared by generate, eval and the demo."""
+        call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.options.height,
+                    width=self.options.width)
+        if self.method.uses_prompt:
+            call.update(prompt=prompt, id_scale=self.id_scale, id_guidance_start=self.options.id_start,
+                        id_guidance_end=self.options.id_end)
+        return call
+
+    def metadata(self) -> dict[str, str]:
+        """What made the images, for their PNG metadata and reports."""
+        from .version import __version__
+
+        meta = {
+            "steps": str(self.steps),
+            "guidance": str(self.guidance),
+            "id_scale": str(self.id_scale),
+            "id_window": f"{self.options.id_start}-{self.options.id_end}",
+            "method": self.method.name,
+            "base_model": self.options.base,
+            "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
+            "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
+            "idgen_version": __version__,
+        }
+        if self.random_parts:
+            meta["random_weights"] = (
+                "random weights in: " + ", ".join(self.random_parts) + " (offline preset; images carry no likeness)"
+            )
+        return meta
+
+
+def start_session(options: SessionOptions | None = None, **overrides: Any) -> Session:
+    """Resolve the models and check the adapter file and face models, before any base model loads,
+    so that a wrong path or checkpoint fails in seconds."""
+    from .presets import TINY_PRESETS, get_preset
+
+    options = dataclasses.replace(options or SessionOptions(), **overrides)
+    if not options.id_start < options.id_end:
+        raise IDGenError(f"--id-start ({options.id_start}) must be below --id-end ({options.id_end})")
+    base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
+    if base in TINY_PRESETS:
+        preset = get_preset(base)
+        if adapter is None:
+            adapter, random_parts = preset.adapter, ["base", "adapter"]
+        elif METHODS["arc2face"].recognises(adapter, options.weight_name):
+            raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
+                             "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
+        base, face_model = preset.base, face_model or preset.face_pack
+    method, adapter, weight_name = resolve_method(base, adapter, options.weight_name)
+    adapter_file = None
+    if method.family != "arc2face":
+        from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
+
+        adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
+        detect_format(load_adapter_state_dict(adapter_file), adapter_file)
+    analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector)
+    if analyzer.recognizer_random:
+        random_parts.append("face recognizer")
+    steps = options.steps or method.steps
+    guidance = method.guidance if options.guidance is None else options.guidance
+    return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, random_parts)
