@@ -9,6 +9,7 @@ import warnings
 from typing import Sequence
 
 from .errors import IDGenError
+from .faces import DEFAULT_MAX_PIXELS
 from .session import DEFAULT_FACE_PACK, METHODS
 
 
@@ -16,6 +17,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"at most 1000 (the timesteps the schedulers were trained on), got {value}")
     return value
 
 
@@ -53,8 +61,8 @@ def _fraction(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
-                        help="base model: 'tiny', 'tiny-sdxl' or 'tiny-arc2face' (offline presets), a hub id or a local "
-                        "diffusers folder; SD1.5 or SDXL is read from it")
+                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl' or 'tiny-arc2face' (offline presets), "
+                        "a hub id or a local diffusers folder; SD1.5 or SDXL is read from it")
     parser.add_argument("--adapter", default=None,
                         help=f"identity adapter: hub id, folder or file (default: {METHODS['faceid'].default_adapter} for "
                         f"SD1.5, {METHODS['instantid'].default_adapter} for SDXL; the preset's for the tiny bases); "
@@ -62,11 +70,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-name", default=None, help="file inside --adapter (default: the method's usual file, e.g. "
                         f"{METHODS['faceid'].default_weight_name})")
     parser.add_argument("--subfolder", default=None, help="subfolder of --adapter")
+    parser.add_argument("--identitynet", default=None, metavar="PATH",
+                        help="InstantID's IdentityNet (a folder or repo with ControlNetModel/, or the ControlNet folder), "
+                        "for an adapter that has none beside it, e.g. one you trained; 'none' runs without it")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
     parser.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
-    parser.add_argument("--face-index", type=int, default=0, help="which face of the photo, largest first")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30; Arc2Face 25)")
+    parser.add_argument("--face-index", type=int, action="append", default=None, metavar="N",
+                        help="which face of each face photo, 0 = largest; repeat it to give one per --face photo")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"largest photo accepted, in pixels (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--steps", type=_steps, default=None, help="denoising steps (default 30; Arc2Face 25)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
     parser.add_argument("--id-scale", type=_id_scale, default=None,
                         help="identity strength: a number, or per block as down=0,mid=1,up=0.8 "
@@ -96,9 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="face photo; repeat for several photos of the same person")
     gen.add_argument("--negative-face", action="append", default=None, metavar="PHOTO",
                      help="a face to steer away from (through the unconditional branch); repeatable")
+    gen.add_argument("--negative-face-index", type=int, default=0, metavar="N",
+                     help="which face of the --negative-face photos, 0 = largest")
     gen.add_argument("--prompt", default=None, help="what to make (required, except for Arc2Face)")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--out", default="out.png", help="output PNG; with --num-images N, OUT-0.png ... are written")
+    gen.add_argument("--out", default="out.png",
+                     help="output PNG; with --num-images N, OUT-0.png ... are written, image i with seed SEED+i")
     _add_model_arguments(gen)
     gen.add_argument("--kps-image", default=None, metavar="PHOTO",
                      help="InstantID: take the face position and pose from this photo")
@@ -163,7 +180,46 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _session(args: argparse.Namespace):
     from .session import SessionOptions, start_session
 
-    return start_session(SessionOptions.from_namespace(args))
+    options = SessionOptions.from_namespace(args)
+    options.face_index = _face_index(args)
+    return start_session(options)
+
+
+def _face_index(args: argparse.Namespace) -> int | list[int]:
+    """One --face-index for every photo, or one per --face photo."""
+    indices = args.face_index or [0]
+    if len(indices) == 1:
+        return indices[0]
+    photos = getattr(args, "face", None)
+    if photos is None or len(indices) != len(photos):
+        count = f"{len(photos)} --face photo(s)" if photos else "photos whose number varies"
+        raise IDGenError(f"{len(indices)} --face-index values for {count}: give one, or one per --face photo")
+    return indices
+
+
+def _uses_prompt(args: argparse.Namespace) -> bool:
+    """From the names alone (no model is read): whether the method takes a prompt (not Arc2Face)."""
+    arc2face = METHODS["arc2face"]
+    return not (args.base == "tiny-arc2face" or (args.adapter and arc2face.recognises(args.adapter, args.weight_name)))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks that need no model: they run before the heavy imports, so a typo fails at once."""
+    if getattr(args, "id_start", 0.0) >= getattr(args, "id_end", 1.0):
+        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
+    if hasattr(args, "face_index"):
+        _face_index(args)
+    if args.command == "generate":
+        _output_paths(args.out, args.num_images)
+        if _uses_prompt(args) and not args.prompt:
+            raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
+        if not _uses_prompt(args):
+            ignored = [flag for flag, given in (
+                ("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--id-scale", args.id_scale),
+                ("--id-start", args.id_start != 0.0), ("--id-end", args.id_end != 1.0)) if given]
+            if ignored:
+                print(f"idgen: warning: Arc2Face generates from the identity alone: ignoring {', '.join(ignored)}",
+                      file=sys.stderr)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -213,18 +269,17 @@ def _output_paths(out: str, count: int) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from .files import save_png
 
     paths = _output_paths(args.out, args.num_images)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
     method = session.method
-    if method.uses_prompt and not args.prompt:
-        raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
     id_embeds = session.identity(args.face)
-    negative_id_embeds = session.identity(args.negative_face) if args.negative_face else None
+    negative_id_embeds = session.identity(args.negative_face, args.negative_face_index) if args.negative_face else None
+    identitynet = session.identitynet is not None
+    if args.kps_image and not identitynet:
+        raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
     pipe = session.load()
 
     call = dict(
@@ -232,25 +287,26 @@ def run_generate(args: argparse.Namespace) -> None:
         id_embeds=id_embeds,
         negative_id_embeds=negative_id_embeds,
         num_images_per_prompt=args.num_images,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        generator=session.generators(args.seed, args.num_images),
     )
+    kps_image = args.kps_image or args.face[0]
     if method.uses_prompt:
         call.update(negative_prompt=args.negative_prompt)
-    if getattr(pipe, "has_identitynet", False):
-        call.update(kps_image=args.kps_image or args.face[0], controlnet_conditioning_scale=args.identitynet_scale)
-    elif args.kps_image:
-        raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
+    if identitynet:
+        call.update(kps_image=kps_image, face_index=session.options.face_index,
+                    controlnet_conditioning_scale=args.identitynet_scale)
     result = pipe(**call)
-    metadata = {
-        "prompt": args.prompt or "",
-        "negative_prompt": args.negative_prompt or "",
-        "seed": str(args.seed),
-        "negative_faces": ", ".join(args.negative_face or []),
-        "faces": ", ".join(args.face),
-        **session.metadata(),
-    }
-    for image, path in zip(result.images, paths):
-        save_png(image, path, metadata)
+    settings = dict(
+        prompt=args.prompt if method.uses_prompt else None,
+        negative_prompt=args.negative_prompt if method.uses_prompt else None,
+        faces=", ".join(args.face), face_index=session.options.face_index,
+        negative_faces=", ".join(args.negative_face) if args.negative_face else None,
+        negative_face_index=args.negative_face_index if args.negative_face else None,
+        kps_image=kps_image if identitynet else None,
+        identitynet_scale=args.identitynet_scale if identitynet else None,
+    )
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        save_png(image, path, session.image_metadata(pipe, args.seed + i, **settings))
         print(path)
 
 
@@ -265,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         args.run(args)
     except IDGenError as err:
         print(f"idgen: error: {err}", file=sys.stderr)

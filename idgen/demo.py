@@ -7,6 +7,8 @@ large upload) shows a readable message in the page, and the app keeps working.
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,9 @@ STYLES = {
 NEGATIVE = "lowres, bad anatomy, worst quality, low quality, blurry, monochrome"
 
 
-def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
-    """The uploaded photo with each detected face's box and 5 keypoints drawn on it."""
+def face_preview(analyzer: FaceAnalyzer, image: Any, selected: int = 0) -> Image.Image:
+    """The uploaded photo with each detected face's box, number (0 = largest) and 5 keypoints
+    drawn on it; the ``selected`` face in green."""
     from .faces import load_image
 
     photo = load_image(image, analyzer.max_pixels)
@@ -40,7 +43,10 @@ def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
     draw = ImageDraw.Draw(photo)
     width = max(2, photo.width // 200)
     for rank, face in enumerate(faces):
-        draw.rectangle([float(v) for v in face.bbox], outline=(0, 255, 0) if rank == 0 else (255, 160, 0), width=width)
+        colour = (0, 255, 0) if rank == selected else (255, 160, 0)
+        draw.rectangle([float(v) for v in face.bbox], outline=colour, width=width)
+        draw.text((float(face.bbox[0]) + width, float(face.bbox[1]) + width), str(rank), fill=colour,
+                  font_size=max(12, int(face.bbox[3] - face.bbox[1]) // 6))
         for (x, y), colour in zip(face.kps, KPS_COLORS):
             r = width * 2
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
@@ -50,41 +56,50 @@ def face_preview(analyzer: FaceAnalyzer, image: Any) -> Image.Image:
 class DemoApp:
     """What a click runs, separate from the UI so it can be called directly."""
 
-    def __init__(self, session: Session, pipe):
+    def __init__(self, session: Session, pipe, out_dir: str | None = None):
         self.session, self.pipe, self.analyzer = session, pipe, session.analyzer
         self.has_identitynet = getattr(pipe, "has_identitynet", False)
+        # Results are PNG files with the same metadata as the CLI's (the gallery would re-encode images).
+        self.out_dir = out_dir or tempfile.mkdtemp(prefix="idgen-demo-")
 
-    def preview(self, files) -> Image.Image | None:
+    def preview(self, files, face_index: float = 0) -> Image.Image | None:
         import gradio as gr
 
         if not files:
             return None
         try:
-            return face_preview(self.analyzer, _path(files[0]))
+            return face_preview(self.analyzer, _path(files[0]), int(face_index or 0))
         except IDGenError as err:
             raise gr.Error(str(err)) from None
 
     def generate(self, files, pose, prompt, negative_prompt, style, id_scale, identitynet_scale, steps, guidance,
-                 seed, num_images) -> list[tuple[Image.Image, str]]:
+                 seed, num_images, face_index: float = 0) -> list[tuple[str, str]]:
+        """Generate, write each image as PNG with its metadata, and return (path, caption) pairs."""
         import gradio as gr
-        import torch
+
+        from .files import save_png
 
         try:
             if not files:
                 raise IDGenError("upload at least one face photo first")
             if self.session.method.uses_prompt and not (prompt or "").strip():
                 raise IDGenError("write a prompt first")
-            photos = [_path(f) for f in files]
-            id_embeds = self.session.identity(photos, 0)
+            photos, seed, face_index = [_path(f) for f in files], int(seed), int(face_index or 0)
+            id_embeds = self.session.identity(photos, face_index)
             text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
             call = dict(self.session.call_kwargs(text), id_embeds=id_embeds,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
-                        num_images_per_prompt=int(num_images), generator=torch.Generator().manual_seed(int(seed)))
+                        num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
+            settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style)
             if self.session.method.uses_prompt:
                 call.update(id_scale=float(id_scale), negative_prompt=negative_prompt or None)
+                settings.update(prompt=text, negative_prompt=negative_prompt or None, id_scale=float(id_scale))
             if self.has_identitynet:
-                call.update(kps_image=_path(pose) if pose is not None else photos[0],
+                kps_image = _path(pose) if pose is not None else photos[0]
+                call.update(kps_image=kps_image, face_index=face_index if pose is None else 0,
                             controlnet_conditioning_scale=float(identitynet_scale))
+                settings.update(identitynet_scale=float(identitynet_scale),
+                                kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
         except IDGenError as err:
             message = str(err)
@@ -92,7 +107,12 @@ class DemoApp:
                 if isinstance(photo, str):  # uploads live in a temporary folder: name the file only
                     message = message.replace(photo, os.path.basename(photo))
             raise gr.Error(message) from None
-        return [(image, f"seed {int(seed)} #{i} · id_scale {float(id_scale):.2f} · {text}") for i, image in enumerate(images)]
+        results = []
+        for i, image in enumerate(images):
+            path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
+            save_png(image, path, self.session.image_metadata(self.pipe, seed + i, **settings))
+            results.append((path, f"seed {seed + i} · id_scale {float(id_scale):.2f} · {text}"))
+        return results
 
 
 def _path(item: Any) -> Any:
@@ -112,7 +132,10 @@ def build_demo(app: DemoApp):
         with gr.Row():
             with gr.Column():
                 files = gr.File(label="Face photos", file_count="multiple", file_types=["image"], elem_id="faces")
-                detected = gr.Image(label="Detected face", interactive=False, elem_id="detected", height=240)
+                detected = gr.Image(label="Detected faces (green: the one used)", interactive=False, elem_id="detected",
+                                    height=240)
+                face_index = gr.Number(value=0, precision=0, minimum=0, label="Face number (0 = largest; as on the preview)",
+                                       elem_id="face_index")
                 pose = gr.Image(label="Pose photo (optional)", type="filepath", visible=app.has_identitynet,
                                 elem_id="pose")
                 prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
@@ -129,14 +152,16 @@ def build_demo(app: DemoApp):
                 count = gr.Slider(1, 4, value=1, step=1, label="Images")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="Results", elem_id="gallery", columns=2, height=520)
-        files.change(app.preview, inputs=files, outputs=detected)
+                gallery = gr.Gallery(label="Results (PNG with settings as metadata)", elem_id="gallery", columns=2,
+                                     height=520, format="png")
+        files.change(app.preview, inputs=[files, face_index], outputs=detected)
+        face_index.change(app.preview, inputs=[files, face_index], outputs=detected)
 
         def generate(*values, progress=gr.Progress(track_tqdm=True)):  # the bar follows diffusers' tqdm
             return app.generate(*values)
 
         run.click(generate, inputs=[files, pose, prompt, negative, style, id_scale, identitynet, steps, guidance, seed,
-                                    count], outputs=gallery)
+                                    count, face_index], outputs=gallery)
     return demo
 
 

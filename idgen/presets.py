@@ -20,10 +20,11 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 7
-TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl")
+PRESET_FORMAT = 8
+TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
+FACEID_SDXL_FILE = "ip-adapter-faceid_sdxl.safetensors"
 
 
 def cache_dir() -> str:
@@ -322,6 +323,7 @@ def _build_tiny(folder: str, seed: int) -> None:
     instantid = os.path.join(folder, "instantid")
     tiny_identitynet(sdxl.unet, seed).save_pretrained(os.path.join(instantid, "ControlNetModel"))
     save_adapter_checkpoint(random_instantid_state_dict(sdxl.unet, seed), os.path.join(instantid, INSTANTID_FILE))
+    save_adapter_checkpoint(random_faceid_state_dict(sdxl.unet, seed), os.path.join(folder, "faceid-sdxl", FACEID_SDXL_FILE))
     clip, tokenizer = tiny_clip(seed)
     clip.save_pretrained(os.path.join(folder, "clip"))
     tokenizer.save_pretrained(os.path.join(folder, "clip"))
@@ -333,7 +335,8 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
     ``tiny``: SD1.5-shaped base + FaceID adapter. ``tiny-arc2face``: the same base supplies
     tokenizer, VAE and scheduler; ``adapter`` is the folder in Arc2Face's layout.
     ``tiny-sdxl``: SDXL-shaped base; ``adapter`` is a folder in InstantID's layout
-    (``ip-adapter.bin`` + ``ControlNetModel/``).
+    (``ip-adapter.bin`` + ``ControlNetModel/``). ``tiny-faceid-sdxl``: the same base with a
+    FaceID-SDXL adapter file.
     """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
@@ -353,6 +356,7 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         "tiny": ("base", os.path.join("adapter", ADAPTER_FILE)),
         "tiny-arc2face": ("base", "arc2face"),
         "tiny-sdxl": ("sdxl", "instantid"),
+        "tiny-faceid-sdxl": ("sdxl", os.path.join("faceid-sdxl", FACEID_SDXL_FILE)),
     }[name]
     return Preset(
         name=name,

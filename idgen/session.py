@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .errors import IDGenError, ModelNotFoundError
-from .faces import FaceAnalyzer, ImageInput
+from .faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, ImageInput
 
 DEFAULT_FACE_PACK = "buffalo_l"
 FACEID_REPO = "h94/IP-Adapter-FaceID"
@@ -53,6 +53,7 @@ class Method:
     family: str  # "sd15", "sdxl" or "arc2face": the base models it runs on
     pipeline: str  # class name in idgen.pipelines
     recognises: Callable[[str, str | None], bool]  # (adapter, weight_name) -> is this method's
+    checkpoint_format: str | None = None  # adapters.detect_format's name for its checkpoints
     steps: int = 30
     guidance: float = 7.5
     id_scale: float = 1.0
@@ -70,12 +71,12 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("arc2face", "arc2face", "IDArc2FacePipeline", _is_arc2face, steps=25, guidance=3.0,
                face_pack="antelopev2", uses_prompt=False),  # antelopev2 with Arc2Face's arcface.onnx added
-        Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, default_adapter=FACEID_REPO,
+        Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, "faceid", default_adapter=FACEID_REPO,
                default_weight_name="ip-adapter-faceid_sd15.bin"),
-        Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, guidance=5.0, id_scale=0.8,
-               face_pack="antelopev2", default_adapter=INSTANTID_REPO, default_weight_name=INSTANTID_WEIGHT_NAME,
-               raw_id_embeds=True, identitynet=True),
-        Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, guidance=5.0,
+        Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, "instantid", guidance=5.0,
+               id_scale=0.8, face_pack="antelopev2", default_adapter=INSTANTID_REPO,
+               default_weight_name=INSTANTID_WEIGHT_NAME, raw_id_embeds=True, identitynet=True),
+        Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
                default_weight_name="ip-adapter-faceid_sdxl.bin"),
     )
 }
@@ -89,9 +90,11 @@ class SessionOptions:
     adapter: str | None = None
     weight_name: str | None = None
     subfolder: str | None = None
+    identitynet: str | None = None  # InstantID's IdentityNet: folder or hub id ("none": without it)
     face_model: str | None = None
     detector: str = "auto"
-    face_index: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    face_index: int | list[int] = 0
     steps: int | None = None
     guidance: float | None = None
     id_scale: float | dict[str, float] | None = None
@@ -152,13 +155,23 @@ def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> t
     return method, adapter, weight_name
 
 
-def _device_and_dtype(device: str, dtype: str):
+def device_and_dtype(device: str, dtype: str):
+    """The torch device and dtype for ``--device`` / ``--dtype`` (``auto``: CUDA and float16 when
+    there is a GPU), checked against what this machine and torch build have."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise IDGenError(f"--device {device} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise IDGenError(f"--device {device}: this machine (torch {torch.__version__}) has no {kind} device "
+                         "torch can use: use --device cpu, or auto to pick the best one found")
     if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
+        dtype = "float16" if kind in ("cuda", "mps") else "float32"
     return device, getattr(torch, dtype)
 
 
@@ -176,24 +189,37 @@ class Session:
     adapter_file: str | None  # the checked checkpoint file (None for Arc2Face, loaded from its folder)
     steps: int
     guidance: float
+    identitynet: str | None = None  # where InstantID's IdentityNet loads from
     random_parts: list[str] = field(default_factory=list)
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
         from . import pipelines
 
-        device, dtype = _device_and_dtype(self.options.device, self.options.dtype)
+        device, dtype = device_and_dtype(self.options.device, self.options.dtype)
         cls = getattr(pipelines, self.method.pipeline)
+        extra = {}
+        if self.identitynet is not None:
+            try:
+                extra["controlnet"] = pipelines.load_identitynet(self.identitynet, dtype=dtype)
+            except Exception as err:  # missing folder or repo, offline, not a ControlNet
+                raise ModelNotFoundError(
+                    f"could not load InstantID's IdentityNet from {self.identitynet} ({type(err).__name__}): pass "
+                    "--identitynet with a ControlNetModel folder or InstantX/InstantID"
+                ) from None
+        elif self.method.family == "sdxl":
+            extra["controlnet"] = None
         try:
             if self.method.family == "arc2face":
                 pipe = cls.from_arc2face(self.adapter, base_model=self.base, dtype=dtype)
             else:
-                extra = {}
-                if self.method.family == "sdxl":
-                    extra["controlnet"] = pipelines.load_identitynet(self.adapter, dtype=dtype) if self.method.identitynet else None
                 pipe = cls.from_pretrained(self.base, dtype=dtype, **extra)
         except Exception as err:  # offline, missing repo, bad folder
             raise _base_model_error(self.base, err) from None
+        limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
+        if self.steps > limit:
+            raise IDGenError(f"--steps {self.steps} is more than the {limit} timesteps the scheduler was trained on: "
+                             f"use at most {limit} (20-50 is usual)")
         if self.adapter_file is not None:
             pipe.load_identity_adapter(self.adapter_file)
         pipe.set_face_analyzer(self.analyzer)
@@ -221,6 +247,22 @@ class Session:
                         id_guidance_end=self.options.id_end)
         return call
 
+    def generators(self, seed: int, count: int) -> list:
+        """One CPU generator per image, seeded ``seed + i``: image i is reproduced alone with seed + i."""
+        import torch
+
+        return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
+
+    def image_metadata(self, pipe, seed: int, **settings: Any) -> dict[str, str]:
+        """PNG metadata of one image: its seed, the session's settings, the call's ``settings`` that
+        acted (they override the session's; None ones are left out), and the pipeline's (scheduler,
+        dtype, device)."""
+        meta = {"seed": str(seed), **self.metadata()}
+        meta.update({key: str(value) for key, value in settings.items() if value is not None})
+        meta.update(scheduler=type(pipe.scheduler).__name__, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                    device=str(pipe.device))
+        return meta
+
     def metadata(self) -> dict[str, str]:
         """What made the images, for their PNG metadata and reports."""
         from .version import __version__
@@ -228,11 +270,12 @@ class Session:
         meta = {
             "steps": str(self.steps),
             "guidance": str(self.guidance),
-            "id_scale": str(self.id_scale),
-            "id_window": f"{self.options.id_start}-{self.options.id_end}",
+            **({"id_scale": str(self.id_scale), "id_window": f"{self.options.id_start}-{self.options.id_end}"}
+               if self.method.uses_prompt else {}),  # Arc2Face has neither
             "method": self.method.name,
             "base_model": self.options.base,
             "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
+            **({"identitynet": self.identitynet} if self.identitynet else {}),
             "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
             "idgen_version": __version__,
         }
@@ -251,6 +294,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     options = dataclasses.replace(options or SessionOptions(), **overrides)
     if not options.id_start < options.id_end:
         raise IDGenError(f"--id-start ({options.id_start}) must be below --id-end ({options.id_end})")
+    device_and_dtype(options.device, options.dtype)  # a wrong device fails now, not after loading
     base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
     if base in TINY_PRESETS:
         preset = get_preset(base)
@@ -266,10 +310,38 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
 
         adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
-        detect_format(load_adapter_state_dict(adapter_file), adapter_file)
-    analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector)
+        found = detect_format(load_adapter_state_dict(adapter_file), adapter_file).format
+        if found != method.checkpoint_format:  # a trained or renamed checkpoint: its keys decide
+            method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
+                          method)
+    identitynet = _identitynet(method, adapter, options.identitynet)
+    analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
+                            max_pixels=options.max_pixels)
     if analyzer.recognizer_random:
         random_parts.append("face recognizer")
     steps = options.steps or method.steps
     guidance = method.guidance if options.guidance is None else options.guidance
-    return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, random_parts)
+    return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
+                   random_parts)
+
+
+def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str | None:
+    """Where InstantID's IdentityNet loads from: ``--identitynet``, else the adapter's own repo or
+    folder (``ControlNetModel/``); None for methods without one, or ``--identitynet none``."""
+    if identitynet == "none":
+        return None
+    if not method.identitynet:
+        if identitynet is not None:
+            raise IDGenError(f"--identitynet is InstantID's; the {method.name} adapter {adapter} runs without it: "
+                             "leave it out")
+        return None
+    if identitynet is not None:
+        return identitynet
+    for folder in (adapter, os.path.dirname(adapter) if os.path.isfile(adapter) else None):
+        if folder is not None and (folder == INSTANTID_REPO or os.path.isdir(os.path.join(folder, "ControlNetModel"))):
+            return folder
+    raise IDGenError(
+        f"{adapter} is an InstantID adapter with no IdentityNet beside it (no ControlNetModel/ folder): pass "
+        "--identitynet with InstantID's (InstantX/InstantID, or a folder holding ControlNetModel/), or "
+        "--identitynet none to run the adapter alone"
+    )

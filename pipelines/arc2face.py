@@ -89,6 +89,7 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
+        prompt: None = None,
         face_image: FaceImages | None = None,
         id_embeds: torch.Tensor | None = None,
         negative_face_image: FaceImages | None = None,
@@ -104,10 +105,11 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
         ``face_image`` takes one photo, a list of photos of one person (averaged), or a list
         of lists (one identity per sample); ``id_embeds`` (512,) or (N, 512). The negative
         branch is the empty prompt, or ``negative_face_image`` / ``negative_id_embeds``.
-        Other arguments are ``StableDiffusionPipeline.__call__``'s; there is no prompt.
+        Other arguments are ``StableDiffusionPipeline.__call__``'s. ``prompt`` stands first, as in
+        the other pipelines, and must stay None: there is no prompt.
         """
         # 1. Check inputs and encode the identity
-        if kwargs.get("prompt") is not None:
+        if prompt is not None:
             raise ValueError("Arc2Face takes no prompt: the identity is its whole condition")
         id_embeds, negative_id_embeds = self.prepare_id_embeds(
             face_image, id_embeds, negative_face_image, negative_id_embeds, 1, face_index, face_weights

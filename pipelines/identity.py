@@ -4,6 +4,7 @@ turning face photos into ArcFace ``id_embeds`` and ``id_embeds`` into identity t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator, Sequence, Union
 
@@ -32,6 +33,32 @@ ID_LORA_NAME = "faceid"
 
 
 IDScale = Union[float, dict]
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records containing any of ``fragments``: diffusers notices that do not apply."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+# ModelMixin.to(dtype=...) warns about modules "kept in float32" even when there are none.
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("should be kept in float32: []"))
+
+
+@contextlib.contextmanager
+def _quiet_text_encoder_lora() -> Iterator[None]:
+    """FaceID's LoRA is for the UNet only: drop diffusers' notice that the text encoders got none."""
+    logger, drop = logging.getLogger("diffusers.loaders.lora_base"), _DropMessages("No LoRA keys associated to CLIPText")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 #: Short block names accepted in an ``id_scale`` dict.
 _BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
@@ -119,9 +146,10 @@ class FaceInputMixin:
             raise ValueError("pass at most one of negative_face_image= and negative_id_embeds=")
         if face_image is not None:
             id_embeds = self.encode_identity(face_image, batch_size, face_index, face_weights)
-        if negative_face_image is not None:
-            negative_id_embeds = self.encode_identity(negative_face_image, batch_size, face_index)
-        return id_embeds, negative_id_embeds
+        if negative_face_image is not None:  # its largest face: face_index picks among the face photos'
+            negative_id_embeds = self.encode_identity(negative_face_image, batch_size)
+        as_tensor = lambda x: x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, np.float32))
+        return as_tensor(id_embeds), as_tensor(negative_id_embeds)
 
     @staticmethod
     def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -261,7 +289,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         active = [name for name in self.get_active_adapters() if name != ID_LORA_NAME]
         if ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
             self.delete_adapters(ID_LORA_NAME)
-        self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
+        with _quiet_text_encoder_lora():
+            self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
         self.set_adapters(active + [ID_LORA_NAME])
 
     def _remove_id_lora(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -33,7 +34,10 @@ from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens
 
 def load_identitynet(pretrained_model_name_or_path: str, subfolder: str = "ControlNetModel", **kwargs) -> ControlNetModel:
     """InstantID's IdentityNet: a diffusers SDXL ``ControlNetModel`` from the InstantID layout
-    (``InstantX/InstantID`` or a local copy, ``ControlNetModel/`` subfolder)."""
+    (``InstantX/InstantID`` or a local copy, ``ControlNetModel/`` subfolder), or a local
+    ControlNet folder itself."""
+    if os.path.isfile(os.path.join(pretrained_model_name_or_path, "config.json")):
+        subfolder = None
     return ControlNetModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 
@@ -118,25 +122,42 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     ) -> Image.Image:
         """The IdentityNet image: keypoints of a ``source_size`` photo drawn at the output size (the
         reference draws at the photo's size and lets the ControlNet resize). ``source_size`` None:
-        the keypoints are already in output pixels (default output size when none is given)."""
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        source_size = source_size or (width or default, height or default)
-        size = (width or source_size[0], height or source_size[1])
+        the keypoints are already in output pixels."""
+        size = self.output_size(source_size, height, width)
+        source_size = source_size or size
         scale = np.array([size[0] / source_size[0], size[1] / source_size[1]])
         return draw_kps(size, np.asarray(face_kps, dtype=np.float64) * scale)
 
-    def _pose(self, face_image, face_kps, kps_image, face_index: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    def _pose(self, face_image, face_kps, kps_image, face_index: int | Sequence[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Keypoints and the size of the photo they belong to: ``face_kps`` as given (output
-        pixels), or the largest face of ``kps_image`` (the pose photo) or of the first face photo."""
+        pixels), or the largest face of ``kps_image`` (the pose photo), or the ``face_index``
+        face of the first face photo."""
         if face_kps is not None:
             return np.asarray(face_kps), None
-        source = kps_image if kps_image is not None else face_image
+        source, index = (kps_image, 0) if kps_image is not None else (face_image, face_index)
         while isinstance(source, (list, tuple)):
             source = source[0]
+        index = index if isinstance(index, (int, np.integer)) else list(index)[0]
         if source is None:
             raise ValueError("IdentityNet needs keypoints: pass face_image=, kps_image= or face_kps=")
         image = load_image(source, self.face_analyzer.max_pixels)
-        return self.face_analyzer.get_face(image, face_index).kps, image.size
+        return self.face_analyzer.get_face(image, index).kps, image.size
+
+    def output_size(self, source_size: tuple[int, int] | None, height: int | None, width: int | None) -> tuple[int, int]:
+        """(width, height) of the output: as given; else the base model's native resolution on the
+        long side with the pose photo's aspect (multiples of 64 for SDXL), never the photo's own
+        pixel size (a 4032x3024 phone photo renders at 1024x768, not 12 megapixels)."""
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        multiple = 8 * self.vae_scale_factor
+        if source_size is None or (height and width):
+            return width or native, height or native
+        aspect = source_size[1] / source_size[0]  # height / width
+        snap = lambda value: max(multiple, int(round(value / multiple)) * multiple)
+        if width:
+            return width, snap(width * aspect)
+        if height:
+            return snap(height / aspect), height
+        return (native, snap(native * aspect)) if aspect <= 1 else (snap(native / aspect), native)
 
     # ---------------------------------------------------------------- call
     @torch.no_grad()
@@ -206,6 +227,11 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 1. Check inputs
         self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        if not self.has_identitynet and (kps_image is not None or face_kps is not None):
+            raise ValueError(
+                "kps_image= and face_kps= drive InstantID's IdentityNet, which this pipeline does not have: load an "
+                "InstantID adapter and pass controlnet=load_identitynet(...) to from_pretrained, or leave them out"
+            )
         expected = len(self.controlnets) - self.has_identitynet
         if len(extra_images) != expected:
             raise ValueError(
@@ -230,6 +256,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         control_images = extra_images
         if self.has_identitynet:
             kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
+            width, height = self.output_size(source_size, height, width)
             control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
         common = dict(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

@@ -66,6 +66,11 @@ def test_generation_from_photos_and_embeddings(arc2face, analyzer, astronaut):
     assert two.shape[0] == 2
     with pytest.raises(ValueError, match="no prompt"):
         arc2face(prompt="a person", id_embeds=emb)
+    # prompt stands first, as in the other pipelines: positional calls fail with the same message
+    with pytest.raises(ValueError, match="no prompt"):
+        arc2face("a person", id_embeds=emb)
+    # numpy arrays are embeddings too (float64 included), as in the other pipelines
+    assert np.abs(run(arc2face, id_embeds=emb.numpy().astype(np.float64)) - from_photo).max() <= 1e-5
 
 
 def test_arcface_onnx_wins_in_an_antelopev2_pack(tmp_path, preset):
@@ -87,6 +92,16 @@ def test_cli_arc2face(tmp_path, cache, astronaut, capsys):
     assert main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--out", str(out),
                  "--steps", "2", "--height", "64", "--width", "64"]) == 0
     meta = Image.open(out).text
-    assert meta["method"] == "arc2face" and meta["guidance"] == "3.0" and meta["prompt"] == ""
+    assert meta["method"] == "arc2face" and meta["guidance"] == "3.0"
+    assert not {"prompt", "id_scale", "id_window"} & set(meta), "Arc2Face records only what acted"
+    capsys.readouterr()
+    # Flags Arc2Face has no use for: one warning, the same pixels, and not in the metadata.
+    ignored = tmp_path / "ignored.png"
+    assert main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--out", str(ignored), "--steps", "2",
+                 "--height", "64", "--width", "64", "--prompt", "a cat", "--id-scale", "0.3", "--id-start", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ignoring --prompt, --id-scale, --id-start") == 1
+    assert np.array_equal(np.asarray(Image.open(ignored)), np.asarray(Image.open(out)))
+    assert "prompt" not in Image.open(ignored).text
     assert main(["generate", "--face", str(astronaut), "--out", str(out)]) == 2
     assert "--prompt is required" in capsys.readouterr().err

@@ -1,15 +1,18 @@
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from idgen.adapters import save_adapter_checkpoint
 from idgen.cli import main
-from idgen.presets import random_faceid_state_dict
+from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict
 
 
 def test_generate_end_to_end(tmp_path, preset, astronaut):
@@ -29,6 +32,8 @@ def test_generate_end_to_end(tmp_path, preset, astronaut):
     assert images[0].size == (64, 64)
     meta = images[0].text
     assert meta["prompt"] == "a photo of a person as an astronaut" and meta["seed"] == "7"
+    assert images[1].text["seed"] == "8"  # image i has seed + i, so it can be made again alone
+    assert meta["scheduler"] == "DDIMScheduler" and meta["dtype"] == "float32" and meta["face_index"] == "0"
     assert meta["base_model"] == "tiny" and meta["adapter"].endswith(".safetensors")
     assert meta["idgen_version"] and "random" in meta["random_weights"]
     assert images[0].tobytes() != images[1].tobytes()
@@ -69,6 +74,11 @@ def bad_adapter(tmp_path_factory, preset, astronaut):
         ("bad-checkpoint", "cut.safetensors could not be read"),
         ("bad-base", "could not load base model"),
         ("bad-out", "must end in .png"),
+        ("max-pixels", "raise the limit (max_pixels=, --max-pixels)"),
+        ("device-cuda", "has no cuda device torch can use"),
+        ("device-mps", "has no mps device torch can use"),
+        ("device-bad", "--device bad is not a device"),
+        ("instantid-alone", "no IdentityNet beside it (no ControlNetModel/ folder): pass --identitynet"),
     ],
 )
 def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astronaut, bad_adapter, capsys):
@@ -91,6 +101,17 @@ def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astron
         extra = ["--adapter", str(bad_adapter)]
     elif case == "bad-base":
         extra = ["--base", str(tmp_path / "no-such-model"), "--face-model", preset.face_pack, "--adapter", preset.adapter]
+    elif case == "max-pixels":
+        extra = ["--max-pixels", "10000"]
+    elif case.startswith("device-"):
+        device = case.split("-")[1]
+        if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+            pytest.skip(f"this machine has {device}")
+        extra = ["--device", device]
+    elif case == "instantid-alone":  # a trained InstantID adapter: a file with no IdentityNet beside it
+        xl = get_preset("tiny-sdxl")
+        shutil.copy(os.path.join(xl.adapter, INSTANTID_FILE), tmp_path / "trained.bin")
+        extra = ["--base", "tiny-sdxl", "--adapter", str(tmp_path / "trained.bin")]
     out = str(tmp_path / ("out.jpg" if case == "bad-out" else "out.png"))
     code = main(["generate", "--face", face, "--prompt", "p", "--out", out, "--steps", "1", *extra])
     err = capsys.readouterr().err.strip().splitlines()
@@ -124,3 +145,77 @@ def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
     assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out),
                  "--id-start", "0.6", "--id-end", "0.5"]) == 2
     assert "--id-start (0.6) must be below --id-end (0.5)" in capsys.readouterr().err
+
+
+def test_image_i_is_reproduced_alone_from_its_seed(tmp_path, preset, astronaut, capsys):
+    common = ["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "2", "--height", "64", "--width", "64"]
+    assert main([*common, "--out", str(tmp_path / "batch.png"), "--num-images", "3", "--seed", "10"]) == 0
+    assert main([*common, "--out", str(tmp_path / "alone.png"), "--seed", "12"]) == 0
+    batch, alone = Image.open(tmp_path / "batch-2.png"), Image.open(tmp_path / "alone.png")
+    assert batch.text["seed"] == alone.text["seed"] == "12"
+    # to one 8-bit level: a batch of 3 and a batch of 1 round float32 differently
+    assert np.abs(np.asarray(batch, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
+    assert np.abs(np.asarray(Image.open(tmp_path / "batch-1.png"), dtype=int) - np.asarray(alone, dtype=int)).max() > 10
+
+
+def test_face_index_is_per_photo_and_not_applied_to_the_negative_face(tmp_path, preset, analyzer, astronaut, group_photo,
+                                                                      capsys):
+    out = tmp_path / "out.png"
+    common = ["generate", "--prompt", "p", "--out", str(out), "--steps", "1", "--height", "64", "--width", "64"]
+    # The second-largest face of the group photo, with the (single-face) astronaut as the negative identity.
+    assert main([*common, "--face", str(group_photo), "--face-index", "1", "--negative-face", str(astronaut)]) == 0, \
+        capsys.readouterr().err
+    assert Image.open(out).text["face_index"] == "1" and Image.open(out).text["negative_face_index"] == "0"
+    # One index per photo: face 2 of the group photo, face 0 of the astronaut.
+    assert main([*common, "--face", str(group_photo), "--face", str(astronaut), "--face-index", "2", "--face-index", "0"]) == 0
+    assert Image.open(out).text["face_index"] == "[2, 0]"
+    per_photo = analyzer.identity([group_photo, astronaut], [2, 0])
+    expected = analyzer.identity([group_photo], 2) + analyzer.identity([astronaut], 0)
+    assert np.allclose(per_photo, expected / np.linalg.norm(expected), atol=1e-6)
+    capsys.readouterr()
+    assert main([*common, "--face", str(astronaut), "--face-index", "0", "--face-index", "1"]) == 2
+    assert "2 --face-index values for 1 --face photo(s)" in capsys.readouterr().err
+
+
+def test_arguments_are_checked_before_the_models_are_imported(tmp_path, astronaut):
+    """A missing --prompt fails at once: neither torch nor diffusers has been imported."""
+    script = (
+        "import sys\nfrom idgen.cli import main\n"
+        f"code = main(['generate', '--face', {str(astronaut)!r}, '--out', {str(tmp_path / 'o.png')!r}])\n"
+        "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert result.stderr.strip() == "idgen: error: --prompt is required (only Arc2Face generates from the identity alone)"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "2000"])
+    assert exit_info.value.code == 2
+
+
+def test_trained_instantid_adapter_pairs_with_an_identitynet(tmp_path, cache, astronaut, capsys):
+    xl = get_preset("tiny-sdxl")
+    shutil.copy(os.path.join(xl.adapter, INSTANTID_FILE), tmp_path / "trained.bin")
+    common = ["generate", "--base", "tiny-sdxl", "--adapter", str(tmp_path / "trained.bin"), "--face", str(astronaut),
+              "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64"]
+    out = tmp_path / "paired.png"
+    assert main([*common, "--identitynet", xl.adapter, "--out", str(out)]) == 0, capsys.readouterr().err
+    meta = Image.open(out).text
+    assert meta["method"] == "instantid" and meta["identitynet"] == xl.adapter and meta["identitynet_scale"] == "0.8"
+    assert main([*common, "--identitynet", "none", "--out", str(tmp_path / "alone.png")]) == 0
+    meta = Image.open(tmp_path / "alone.png").text
+    assert meta["method"] == "instantid" and "identitynet" not in meta  # the adapter alone: raw embeddings still
+    # The same as the original folder layout, which finds its IdentityNet itself.
+    assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--prompt", "p", "--steps", "1",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "folder.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "folder.png")))
+
+
+def test_tiny_faceid_sdxl_preset(tmp_path, cache, astronaut, capsys):
+    out = tmp_path / "faceid-xl.png"
+    assert main(["generate", "--base", "tiny-faceid-sdxl", "--face", str(astronaut), "--prompt", "p", "--steps", "1",
+                 "--height", "64", "--width", "64", "--out", str(out)]) == 0, capsys.readouterr().err
+    meta = Image.open(out).text
+    assert meta["method"] == "faceid-sdxl" and meta["id_scale"] == "1.0" and "identitynet" not in meta
+    assert main(["generate", "--base", "tiny-faceid-sdxl", "--face", str(astronaut), "--prompt", "p",
+                 "--kps-image", str(astronaut), "--out", str(out)]) == 2
+    assert "--kps-image needs InstantID" in capsys.readouterr().err

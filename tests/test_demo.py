@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -35,7 +36,19 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
     preview = app.preview([str(astronaut)])
     assert preview.size == (512, 512) and preview.getpixel((203, 101)) != Image.open(astronaut).convert("RGB").getpixel((203, 101))
     results = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 3, 2)
-    assert len(results) == 2 and results[0][0].size == (64, 64) and "seed 3" in results[0][1] and "cinematic" in results[0][1]
+    assert len(results) == 2 and "seed 3" in results[0][1] and "cinematic" in results[0][1] and "seed 4" in results[1][1]
+    first, second = (Image.open(path) for path, _ in results)
+    assert first.format == "PNG" and first.size == (64, 64)
+    assert (first.text["seed"], second.text["seed"]) == ("3", "4") and first.text["method"] == "faceid"
+    assert first.text["style"] == "cinematic" and first.text["steps"] == "2" and first.text["id_scale"] == "0.8"
+    # Each image has its own seed: the second one alone, from seed 4, is the same image (to one
+    # 8-bit level: a batch of 2 and a batch of 1 round float32 differently).
+    alone = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 4, 1)
+    other = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 5, 1)
+    difference = lambda a, b: np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(b, dtype=int)).max()
+    assert difference(alone[0][0], second) <= 1 and difference(other[0][0], second) > 10
+    with pytest.raises(gr.Error, match="face_index=1 but .* has 1 face"):
+        app.generate([str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 1)
     blank = Image.new("RGB", (200, 200), (40, 80, 120))
     with pytest.raises(gr.Error, match="no face found"):
         app.generate([blank], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)

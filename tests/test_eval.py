@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -67,9 +68,20 @@ def test_eval_report_on_the_tiny_preset(tmp_path, preset, astronaut, group_photo
         assert os.path.exists(out / sample["file"]) and -1 <= sample["clip_t"] <= 1
         assert sample["face_detected"] == (sample["facesim"] is not None)
     assert 0 <= report["summary"]["face_detection_rate"] <= 1
-    assert Image.open(out / "grid.png").size == (28 * 4 + 192 * 2, 28 + 192 * 2)
+    # The grid: a reference column, then every prompt x seed (2 x 2), a row per identity.
+    grid = Image.open(out / "grid.png").convert("RGB")
+    assert grid.width == 112 + 192 + 2 * 2 * 192 and grid.height > 2 * 192
+    eileen_top = grid.height - 2 * 192
+    reference = grid.crop((112, eileen_top, 112 + 192, eileen_top + 192))
+    assert np.array_equal(np.asarray(reference), np.asarray(ImageOps.fit(Image.open(refs / "eileen" / "a.jpg"), (192, 192))))
+    seed1 = grid.crop((112 + 2 * 192, eileen_top + 96, 112 + 3 * 192, eileen_top + 192))  # below the FaceSim label
+    expected = Image.open(out / "images" / "eileen" / "000-seed1.png").convert("RGB").resize((192, 192)).crop((0, 96, 192, 192))
+    assert np.array_equal(np.asarray(seed1), np.asarray(expected))
     text = (out / "report.md").read_text()
     assert "| eileen |" in text and "random weights" in text and "![grid](grid.png)" in text
     assert main(["eval", "--refs", str(tmp_path / "none"), "--prompt", "p", "--out", str(out)]) == 2
     assert main(["eval", "--refs", str(refs), "--out", str(out)]) == 2
     assert "no prompt" in capsys.readouterr().err
+    # --face-index picks the face of the reference photos (these have one each).
+    assert main(["eval", "--refs", str(refs), "--prompt", "p", "--out", str(out), "--face-index", "1"]) == 2
+    assert "face_index=1 but" in capsys.readouterr().err

@@ -83,6 +83,31 @@ def test_callback_and_size(pipe):
     assert seen == [(i, (1, 4, 8, 12)) for i in range(STEPS)]
 
 
+def test_adapter_loads_without_notices_that_do_not_apply(preset):
+    """diffusers' "no LoRA keys for CLIPTextModel" (FaceID's LoRA is the UNet's) and "kept in
+    float32: []" (there are no such modules) are dropped; its other warnings still show."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever DIFFUSERS_VERBOSITY said
+    try:
+        fresh = IDStableDiffusionPipeline.from_pretrained(preset.base)
+        fresh.load_identity_adapter(preset.adapter)
+        fresh.unet.to(dtype=torch.float32)
+        logging.getLogger("diffusers.models.modeling_utils").warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [record.getMessage() for record in records]
+    assert not [m for m in messages if "No LoRA keys associated" in m or "kept in float32: []" in m], messages
+    assert "another warning" in messages
+
+
 def test_bad_calls(preset, pipe):
     with pytest.raises(ValueError, match="exactly one"):
         run(pipe)

@@ -198,6 +198,28 @@ def test_faceid_sdxl_parity_with_diffusers(tmp_path, xl):
     got = run(ours, id_embeds=emb, id_scale=0.6)
     assert np.abs(expected - got).max() <= 1e-5
     assert differ(got, run(ours, id_embeds=embedding(5, scale=1.0), id_scale=0.6), 1e-2)
+    # Keypoints drive IdentityNet, which FaceID-SDXL does not have: refused, as on the command line.
+    with pytest.raises(ValueError, match="kps_image= and face_kps= drive InstantID's IdentityNet"):
+        run(ours, id_embeds=emb, kps_image="pose.jpg")
+
+
+def test_instantid_renders_at_the_native_resolution_not_the_photo_size(instantid, astronaut):
+    """A 4:3 photo of 1536x1152 pixels gives a native-size 4:3 image (multiples of 8 latents),
+    not a 1536x1152 one; the keypoints move with it."""
+    photo = Image.new("RGB", (1536, 1152), (128, 128, 128))
+    photo.paste(Image.open(astronaut).convert("RGB"), (512, 320))
+    native = instantid.unet.config.sample_size * instantid.vae_scale_factor
+    multiple = 8 * instantid.vae_scale_factor
+    expected = (native, int(round(native * 0.75 / multiple)) * multiple)
+    assert instantid.output_size((1536, 1152), None, None) == expected
+    assert instantid.output_size((1536, 1152), None, 256) == (256, 192)  # one side given: the aspect is kept
+    assert instantid.output_size((1152, 1536), 256, None) == (192, 256)
+    assert instantid.output_size((1536, 1152), 72, 96) == (96, 72)  # both given: as given
+    image = instantid("a person", id_embeds=embedding(0), kps_image=photo, num_inference_steps=1).images[0]
+    assert image.size == expected
+    condition = instantid.kps_condition(np.array([[700, 420], [800, 420], [750, 480], [710, 530], [790, 530]]),
+                                        (1536, 1152), None, None)
+    assert condition.size == expected and np.asarray(condition).any()
 
 
 def test_mismatched_adapters(tmp_path, xl, preset, instantid):

@@ -256,3 +256,74 @@ def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, data, name):
     with pytest.raises(IDGenError, match=f"{name} \\(.*\\) could not be read safely"):
         train(config(data, tmp_path / "run", **dict(kwargs, max_train_steps=4)), resume="latest")
     assert not marker.exists()
+
+
+def test_prepare_data_keeps_each_photo_and_one_recognizer(photos, analyzer, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    for name in ("astronaut.jpg", "person0.jpg"):
+        (first / name).write_bytes((photos / name).read_bytes())
+    (second / "astronaut.jpg").write_bytes((photos / "person1.jpg").read_bytes())  # same name, another photo
+    out = tmp_path / "prepared"
+    assert prepare_data(str(first), str(out), analyzer, progress=False).added == 2
+    assert prepare_data(str(second), str(out), analyzer, progress=False).added == 1
+    dataset = FaceDataset(str(out), 64)
+    assert sorted(r["path"] for r in dataset.records) == sorted(
+        str(p) for p in (first / "astronaut.jpg", first / "person0.jpg", second / "astronaut.jpg"))
+    for i, record in enumerate(dataset.records):  # every photo loads from its own folder
+        expected = Image.open(record["path"]).convert("RGB").resize((64, 64))
+        assert abs(float(dataset.pixels(i)[0].mean()) - (np.asarray(expected, np.float32).mean() / 127.5 - 1)) < 0.05
+    # Another recognizer's embeddings do not join the dataset.
+    from idgen import FaceAnalyzer
+    from idgen.presets import write_random_recognizer
+
+    other_pack = tmp_path / "other-pack"
+    other_pack.mkdir()
+    write_random_recognizer(str(other_pack / "arcface_random.onnx"), seed=5)  # same file name, other weights
+    with pytest.raises(IDGenError, match="was embedded with arcface_random.onnx .* embeddings of two recognizers"):
+        prepare_data(str(second), str(out), FaceAnalyzer(str(other_pack)), progress=False)
+    # A new --min-face-size applies to the photos already prepared, both ways.
+    sizes = {r["path"]: r["face_size"] for r in dataset.records}
+    threshold = sorted(sizes.values())[1] + 1  # drops the two smallest faces
+    report = prepare_data(str(first), str(out), analyzer, min_face_size=int(threshold), progress=False)
+    assert report.total == 1
+    skipped = [json.loads(line) for line in open(out / "skipped.jsonl")]
+    assert sum(row["reason"].startswith("face too small") for row in skipped) == 2
+    # Back to the default 64: this folder's photos dropped as too small are looked at again.
+    dropped = [path for path, size in sizes.items() if size < threshold]
+    back = [path for path in dropped if path.startswith(str(first)) and sizes[path] >= 64]
+    assert back, sizes
+    assert prepare_data(str(first), str(out), analyzer, progress=False).total == 1 + len(back)
+
+
+def test_a_finished_run_is_not_restarted_by_accident(tmp_path, data):
+    run = tmp_path / "run"
+    train(config(data, run, max_train_steps=2))
+    with pytest.raises(IDGenError, match="already holds a run .* --resume latest .* --overwrite"):
+        train(config(data, run, max_train_steps=2))
+    train(config(data, run, max_train_steps=2), overwrite=True)
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [1, 2]  # the old run's metrics are gone, not appended to
+    with pytest.raises(IDGenError, match="pass only one"):
+        train(config(data, run, max_train_steps=2), resume="latest", overwrite=True)
+
+
+def test_instantid_ignores_a_faceid_lora_rank(capsys):
+    cfg = AdapterTrainConfig(adapter_format="instantid", lora_rank=4)
+    cfg.check()
+    assert cfg.lora_rank is None and "lora_rank (4) is FaceID's LoRA" in capsys.readouterr().err
+
+
+def test_training_errors_are_one_line_under_accelerate_launch(tmp_path):
+    """`accelerate launch -q` (as the README runs it): our one error line, no launcher traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+         os.path.join(REPO, "configs", "accelerate_cpu.yaml"), "-m", "idgen.train.adapter", "--config", str(bad)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr, result.stderr
+    assert lines[-1].startswith("idgen: error:") and "unknown field 'learning_rat'" in lines[-1]

@@ -30,7 +30,7 @@ from idgen.adapters import (
 from idgen.errors import IDGenError
 from idgen.pipelines.identity import ID_LORA_NAME
 
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import load_checkpoint, prepare_run_folder, resolve_resume, save_checkpoint
 from .config import run_training_cli
 from .data import FaceDataset
 
@@ -75,7 +75,10 @@ class AdapterTrainConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise IDGenError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.lora_rank is not None and self.adapter_format != "faceid":
-            raise IDGenError("lora_rank is FaceID's LoRA: use it with adapter_format: faceid")
+            # FaceID's LoRA; a FaceID config reused with --adapter-format instantid still runs.
+            print(f"idgen: note: lora_rank ({self.lora_rank}) is FaceID's LoRA; InstantID trains none: ignoring it",
+                  file=sys.stderr)
+            self.lora_rank = None
         for name in ("text_dropout", "id_dropout", "both_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise IDGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -234,14 +237,16 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     return accelerator.unwrap_model(model)
 
 
-def train(config: AdapterTrainConfig, resume: str | None = None) -> str:
-    """Run (or resume) adapter training; returns the exported adapter file."""
+def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool = False) -> str:
+    """Run (or resume) adapter training; returns the exported adapter file. ``overwrite``
+    replaces a run already in ``output_dir`` (without it, or ``resume``, such a run is refused)."""
     from accelerate import Accelerator
 
     config.check()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
     )
+    prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
     pipe, sdxl = load_base(config)
     model, weight_dtype = prepare_models(config, accelerator, pipe)

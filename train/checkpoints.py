@@ -129,3 +129,25 @@ def resolve_resume(folder: str, resume: str | None) -> tuple[str, int] | None:
     if not os.path.isfile(state):
         raise IDGenError(f"{resume} is not a complete training checkpoint (no train_state.json): pass latest or a checkpoint-N folder")
     return resume, int(_read(state, "training state")["step"])
+
+
+def prepare_run_folder(accelerator, output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start a fresh run over one that left checkpoints (it would overwrite its adapter,
+    append to its metrics from step 1, and leave its checkpoints for a later resume to mix in),
+    unless ``overwrite`` says to replace it: then its checkpoints and metrics are removed first."""
+    if resume and overwrite:
+        raise IDGenError("--resume continues a run and --overwrite replaces it: pass only one")
+    found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
+    if not found or resume:
+        return
+    if not overwrite:
+        raise IDGenError(
+            f"{output_dir} already holds a run (checkpoints up to step {found[-1][0]}): pass --resume latest to "
+            "continue it, --overwrite to start over (its checkpoints and metrics are deleted), or another output_dir"
+        )
+    if accelerator.is_main_process:
+        shutil.rmtree(os.path.join(output_dir, "checkpoints"))
+        metrics = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            os.remove(metrics)
+    accelerator.wait_for_everyone()

@@ -107,10 +107,12 @@ def run_training_cli(cls: type, train, argv: list[str] | None, prog: str, descri
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help=f"YAML or JSON config (fields of {cls.__name__})")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds a run (deletes its checkpoints and metrics)")
     add_config_arguments(parser, cls)
     args = parser.parse_args(argv)
     try:
-        train(load_config(cls, args.config, overrides_from(args)), args.resume)
+        train(load_config(cls, args.config, overrides_from(args)), args.resume, overwrite=args.overwrite)
     except IDGenError as err:
         print(f"idgen: error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Re-running processes only photos not seen before (same path, size and modificati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -26,11 +27,36 @@ INDEX, SKIPPED, INFO = "index.jsonl", "skipped.jsonl", "dataset.json"
 
 @dataclass
 class Record:
-    file: str  # relative to the source folder
+    file: str  # relative to its source folder
     caption: str
     shard: str
     row: int
     signature: str
+    path: str  # the photo itself (absolute): a dataset may gather several folders
+    face_size: float  # the face box's shorter side, in pixels
+
+
+def _recognizer_sha256(analyzer: FaceAnalyzer) -> str:
+    """What makes embeddings comparable: the recognizer model itself (its file's SHA-256)."""
+    digest = hashlib.sha256()
+    with open(analyzer.recognizer.model_file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_recognizer(out: str, info: dict, analyzer: FaceAnalyzer, sha256: str) -> None:
+    """One dataset, one recognizer: embeddings of two models are not comparable."""
+    if "recognizer" not in info:
+        return
+    same = (info["recognizer_sha256"] == sha256 if "recognizer_sha256" in info
+            else info["recognizer"] == analyzer.info["recognizer"])  # datasets written before the hash was kept
+    if not same:
+        raise IDGenError(
+            f"{out} was embedded with {info['recognizer']} (pack {info.get('pack')}), this run uses "
+            f"{analyzer.info['recognizer']} (pack {analyzer.pack_dir}): embeddings of two recognizers do not mix; "
+            "use the same --face-model, or another --out"
+        )
 
 
 @dataclass
@@ -95,13 +121,25 @@ def prepare_data(
     under ``min_face_size`` pixels or no readable image are reported in ``skipped.jsonl``."""
     if not os.path.isdir(folder):
         raise IDGenError(f"{folder} is not a folder: pass the folder of face photos")
+    info, sha256 = _read_info(out), _recognizer_sha256(analyzer)
+    _check_recognizer(out, info, analyzer, sha256)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-    records = _read_jsonl(os.path.join(out, INDEX))
+    source = os.path.abspath(folder)
+    records = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, INDEX))]
     skipped = _read_jsonl(os.path.join(out, SKIPPED))
-    seen = {(r["file"], r["signature"]) for r in records + skipped}
+    if info.get("min_face_size") != min_face_size:  # a new threshold applies to every photo, old ones too
+        small = [r for r in records if _face_size(out, r) < min_face_size]
+        records = [r for r in records if r not in small]
+        # this folder's photos skipped as too small are looked at again below
+        skipped = [r for r in skipped if not (r["reason"].startswith("face too small") and os.path.commonpath(
+            [r.get("path") or os.path.join(info.get("source", source), r["file"]), source]) == source)]
+        skipped += [{"file": r["file"], "path": r["path"], "signature": r["signature"],
+                     "reason": f"face too small (under {min_face_size} px)"} for r in small]
+    seen = {(r.get("path") or os.path.join(info.get("source", source), r["file"]), r["signature"])
+            for r in records + skipped}
     files = find_images(folder)
     captions = read_captions(folder, files)
-    todo = [f for f in files if (f, _signature(os.path.join(folder, f))) not in seen]
+    todo = [f for f in files if (os.path.join(source, f), _signature(os.path.join(folder, f))) not in seen]
 
     rows: dict[str, list] = {"id_embeds": [], "embedding_norm": [], "kps": [], "bbox": [], "aligned": []}
     new_records, new_skipped = [], []
@@ -112,7 +150,8 @@ def prepare_data(
         try:
             faces = analyzer.analyze(load_image(path, analyzer.max_pixels))
         except IDGenError as err:
-            new_skipped.append({"file": file, "signature": signature, "reason": f"unreadable: {err}"})
+            new_skipped.append({"file": file, "path": os.path.join(source, file), "signature": signature,
+                                "reason": f"unreadable: {err}"})
             continue
         reason = None
         if not faces:
@@ -122,7 +161,8 @@ def prepare_data(
         elif min(faces[0].bbox[2] - faces[0].bbox[0], faces[0].bbox[3] - faces[0].bbox[1]) < min_face_size:
             reason = f"face too small (under {min_face_size} px)"
         if reason:
-            new_skipped.append({"file": file, "signature": signature, "reason": reason})
+            new_skipped.append({"file": file, "path": os.path.join(source, file), "signature": signature,
+                                "reason": reason})
             continue
         face = faces[0]
         rows["id_embeds"].append(face.embedding)
@@ -130,7 +170,9 @@ def prepare_data(
         rows["kps"].append(face.kps.astype(np.float32))
         rows["bbox"].append(face.bbox.astype(np.float32))
         rows["aligned"].append(face.aligned)
-        new_records.append(Record(file, captions.get(os.path.normpath(file), ""), shard, len(new_records), signature))
+        size = float(min(face.bbox[2] - face.bbox[0], face.bbox[3] - face.bbox[1]))
+        new_records.append(Record(file, captions.get(os.path.normpath(file), ""), shard, len(new_records), signature,
+                                  os.path.join(source, file), size))
 
     if new_records:  # the shard first, then the index that points at it: a crash loses no index entry
         tensors = {key: torch.from_numpy(np.stack(value)) for key, value in rows.items()}
@@ -140,8 +182,33 @@ def prepare_data(
     skipped += new_skipped
     _write_atomic(os.path.join(out, INDEX), "".join(json.dumps(r) + "\n" for r in records))
     _write_atomic(os.path.join(out, SKIPPED), "".join(json.dumps(r) + "\n" for r in skipped))
-    _write_atomic(os.path.join(out, INFO), json.dumps({"source": os.path.abspath(folder), **analyzer.info}, indent=1))
+    sources = [*info.get("sources", [info["source"]] if "source" in info else []), source]
+    _write_atomic(os.path.join(out, INFO), json.dumps({
+        "sources": list(dict.fromkeys(sources)), "min_face_size": min_face_size, **analyzer.info,
+        "recognizer_sha256": sha256}, indent=1))
     return PrepareReport(added=len(new_records), skipped=new_skipped, total=len(records))
+
+
+def _read_info(out: str) -> dict:
+    path = os.path.join(out, INFO)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _with_path(record: dict, info: dict) -> dict:
+    """Datasets written before records held their own path: the one source folder they had."""
+    if "path" not in record:
+        record = {**record, "path": os.path.join(info["source"], record["file"])}
+    return record
+
+
+def _face_size(out: str, record: dict) -> float:
+    if "face_size" in record:
+        return record["face_size"]
+    bbox = load_file(os.path.join(out, "shards", f"{record['shard']}.safetensors"))["bbox"][record["row"]]
+    return float(min(bbox[2] - bbox[0], bbox[3] - bbox[1]))
 
 
 class FaceDataset(torch.utils.data.Dataset):
@@ -154,8 +221,8 @@ class FaceDataset(torch.utils.data.Dataset):
                 f"{prepared} holds no usable face photo: run `idgen prepare-data PHOTOS --out {prepared}` "
                 f"on a folder with one clear face per photo (see {os.path.join(prepared, SKIPPED)})"
             )
-        with open(os.path.join(prepared, INFO)) as handle:
-            self.source = json.load(handle)["source"]
+        info = _read_info(prepared)
+        index = [_with_path(r, info) for r in index]
         shards = {name: load_file(os.path.join(prepared, "shards", f"{name}.safetensors")) for name in {r["shard"] for r in index}}
         self.records = index
         self.id_embeds = torch.stack([shards[r["shard"]]["id_embeds"][r["row"]] for r in index])
@@ -169,7 +236,7 @@ class FaceDataset(torch.utils.data.Dataset):
     def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The photo resized and centre-cropped to ``resolution`` (C, H, W in [-1, 1]) and its
         keypoints moved with it."""
-        image = load_image(os.path.join(self.source, self.records[index]["file"]))
+        image = load_image(self.records[index]["path"])
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         kps = self.kps[index] * torch.tensor([size[0] / image.width, size[1] / image.height])

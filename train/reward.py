@@ -27,6 +27,7 @@ from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
 
 from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, training_loss
+from .checkpoints import prepare_run_folder
 from .config import run_training_cli
 from .data import FaceDataset
 from .rewards import AestheticReward, IdentityReward
@@ -193,13 +194,15 @@ def setup(config: RewardTrainConfig, accelerator):
     return pipe, model, refl, train_set, held_out
 
 
-def train(config: RewardTrainConfig, resume: str | None = None) -> tuple[str, dict, dict]:
-    """Run (or resume) reward fine-tuning; returns (export path, held-out rewards before, after)."""
+def train(config: RewardTrainConfig, resume: str | None = None, overwrite: bool = False) -> tuple[str, dict, dict]:
+    """Run (or resume) reward fine-tuning; returns (export path, held-out rewards before, after).
+    ``overwrite`` as in adapter training."""
     from accelerate import Accelerator
 
     config.check()
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision=config.mixed_precision)
+    prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
     pipe, model, refl, train_set, held_out = setup(config, accelerator)
     before = refl.evaluate(model, held_out)
     accelerator.print(f"held-out identity reward before: {before['identity_reward']:.4f}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from ..errors import IDGenError
-from ..faces import IMAGE_SUFFIXES
+from ..faces import IMAGE_SUFFIXES, load_image
 
 def load_identities(folder: str) -> dict[str, list[str]]:
     """Reference photos, one sub-folder per identity."""
@@ -72,8 +73,9 @@ def _format(value) -> str:
     return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_report(report: Report, out: str, prompts: list[str]) -> None:
-    """``report.json``, ``report.md`` and ``grid.png`` (identities x prompts, first seed)."""
+def write_report(report: Report, out: str, prompts: list[str], references: dict[str, str] | None = None) -> None:
+    """``report.json``, ``report.md`` and ``grid.png`` (see ``write_grid``; ``references``: a photo
+    per identity for its first column)."""
     data = report.to_dict()
     with open(os.path.join(out, "report.json"), "w") as handle:
         json.dump(data, handle, indent=1)
@@ -89,19 +91,42 @@ def write_report(report: Report, out: str, prompts: list[str]) -> None:
     lines += ["", "![grid](grid.png)", ""]
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write("\n".join(lines))
+    write_grid(report, out, prompts, references or {})
+
+
+def write_grid(report: Report, out: str, prompts: list[str], references: dict[str, str], cell: int = 192) -> None:
+    """``grid.png``: a row per identity, its reference photo first, then every prompt x seed with
+    its FaceSim; prompts are wrapped over their seeds' columns."""
     identities = sorted({s.identity for s in report.samples})
-    first = min(s.seed for s in report.samples)
-    cells = {(s.identity, s.prompt): s for s in report.samples if s.seed == first}
-    cell, label = 192, 28
-    grid = Image.new("RGB", (label * 4 + cell * len(prompts), label + cell * len(identities)), "white")
+    seeds = sorted({s.seed for s in report.samples})
+    cells = {(s.identity, s.prompt, s.seed): s for s in report.samples}
+    span = cell * len(seeds)  # one prompt's columns
+    wrapped = [textwrap.wrap(prompt, max(8, span // 7)) or [""] for prompt in prompts]
+    line = 12
+    header = line * (max(map(len, wrapped)) + 1) + 8
+    label = 112
+    grid = Image.new("RGB", (label + cell + span * len(prompts), header + cell * len(identities)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, prompt in enumerate(prompts):
-        draw.text((label * 4 + j * cell + 4, 6), prompt[:28], fill="black")
+    draw.text((label + 4, header - line - 4), "reference", fill="black")
+    for j, lines in enumerate(wrapped):
+        left = label + cell + j * span
+        for k, text in enumerate(lines):
+            draw.text((left + 4, 4 + k * line), text, fill="black")
+        for k, seed in enumerate(seeds):
+            draw.text((left + k * cell + 4, header - line - 4), f"seed {seed}", fill="gray")
     for i, name in enumerate(identities):
-        draw.text((4, label + i * cell + cell // 2), name[:14], fill="black")
+        top = header + i * cell
+        for k, text in enumerate(textwrap.wrap(name, 16)[:6]):
+            draw.text((4, top + cell // 2 - line + k * line), text, fill="black")
+        if name in references:
+            grid.paste(ImageOps.fit(load_image(references[name]), (cell, cell)), (label, top))
         for j, prompt in enumerate(prompts):
-            sample = cells[(name, prompt)]
-            image = Image.open(os.path.join(out, sample.file)).convert("RGB").resize((cell, cell))
-            grid.paste(image, (label * 4 + j * cell, label + i * cell))
-            draw.text((label * 4 + j * cell + 4, label + i * cell + 4), f"sim {_format(sample.facesim)}", fill="yellow")
+            for k, seed in enumerate(seeds):
+                sample = cells.get((name, prompt, seed))
+                if sample is None:
+                    continue
+                left = label + cell + j * span + k * cell
+                image = Image.open(os.path.join(out, sample.file)).convert("RGB").resize((cell, cell))
+                grid.paste(image, (left, top))
+                draw.text((left + 4, top + 4), f"sim {_format(sample.facesim)}", fill="yellow")
     grid.save(os.path.join(out, "grid.png"))

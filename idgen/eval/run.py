@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from ..errors import IDGenError
 from ..session import Session
 from .metrics import ClipScorer, DlibRecognizer, face_similarity
 from .report import Report, Sample, load_identities, write_report
@@ -28,7 +29,11 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
 
     options = session.options
     identities = load_identities(refs)
-    references = {name: session.analyzer.identity(photos) for name, photos in identities.items()}  # unit, for FaceSim
+    face_index = options.face_index
+    if not isinstance(face_index, int):
+        raise IDGenError("idgen eval takes one --face-index for every reference photo")
+    # unit vectors, for FaceSim
+    references = {name: session.analyzer.identity(photos, face_index) for name, photos in identities.items()}
     second = DlibRecognizer()
     second_refs = {}
     for name, photos in identities.items():
@@ -41,7 +46,7 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     pipe.set_progress_bar_config(disable=True)
     report = Report(config={**session.metadata(), "refs": refs, "prompts": prompts, "seeds": seeds,
                             "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
-    id_embeds = {name: session.identity(photos, 0) for name, photos in identities.items()}
+    id_embeds = {name: session.identity(photos) for name, photos in identities.items()}
     jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
     for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
         call = dict(session.call_kwargs(prompt), id_embeds=id_embeds[name], generator=torch.Generator().manual_seed(seed))
@@ -50,7 +55,7 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
         image = pipe(**call).images[0]
         file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
         os.makedirs(os.path.join(out, "images", name), exist_ok=True)
-        save_png(image, os.path.join(out, file), {"prompt": prompt, "seed": str(seed), "identity": name})
+        save_png(image, os.path.join(out, file), session.image_metadata(pipe, seed, prompt=prompt, identity=name))
         facesim = face_similarity(session.analyzer, image, references[name])
         descriptor = second.descriptor(image)
         report.samples.append(Sample(
@@ -59,5 +64,5 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
             else second.similarity(descriptor, second_refs[name]),
             clip_t=clip.score(image, prompt) if clip else None,
         ))
-    write_report(report, out, prompts)
+    write_report(report, out, prompts, {name: photos[0] for name, photos in identities.items()})
     return report

@@ -206,7 +206,7 @@ class FaceAnalyzer:
     def identity(
         self,
         images: Sequence[ImageInput],
-        face_index: int = 0,
+        face_index: int | Sequence[int] = 0,
         weights: Sequence[float] | None = None,
         raw: bool = False,
     ) -> np.ndarray:
@@ -214,14 +214,18 @@ class FaceAnalyzer:
         weighted) mean of their normalised embeddings, normalised again; with ``raw``, scaled
         to the mean raw norm (InstantID was trained on un-normalised vectors).
 
-        A photo with no face raises, naming its index: it is never silently dropped.
+        ``face_index`` picks the face in every photo, or in each photo (one index per photo). A
+        photo with no face raises, naming its index: it is never silently dropped.
         """
         if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
+        indices = [face_index] * len(images) if isinstance(face_index, (int, np.integer)) else list(face_index)
+        if len(indices) != len(images):
+            raise ValueError(f"face_index has {len(indices)} values for {len(images)} photos: give one, or one per photo")
         faces = []
-        for i, image in enumerate(images):
+        for i, (image, index) in enumerate(zip(images, indices)):
             try:
-                faces.append(self.get_face(image, face_index))
+                faces.append(self.get_face(image, index))
             except NoFaceError as err:
                 if len(images) == 1:
                     raise

@@ -31,7 +31,7 @@ def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}: "
-            "resize it (a face photo needs no more than a few megapixels) or raise max_pixels"
+            "resize it (a face photo needs no more than a few megapixels) or raise the limit (max_pixels=, --max-pixels)"
         )
 
 
