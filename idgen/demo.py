@@ -77,8 +77,6 @@ class DemoApp:
         """Generate, write each image as PNG with its metadata, and return (path, caption) pairs."""
         import gradio as gr
 
-        from .files import save_png
-
         try:
             if not files:
                 raise IDGenError("upload at least one face photo first")
@@ -110,7 +108,7 @@ class DemoApp:
         results = []
         for i, image in enumerate(images):
             path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
-            save_png(image, path, self.session.image_metadata(self.pipe, seed + i, **settings))
+            self.session.save(image, path, self.pipe, seed + i, **settings)
             results.append((path, f"seed {seed + i} · id_scale {float(id_scale):.2f} · {text}"))
         return results
 

@@ -104,6 +104,7 @@ class SessionOptions:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    watermark: bool = True  # idgen's invisible mark on every image written (idgen.watermark)
 
     @classmethod
     def from_namespace(cls, args: Any) -> "SessionOptions":
@@ -262,6 +263,22 @@ class Session:
         meta.update(scheduler=type(pipe.scheduler).__name__, dtype=str(pipe.unet.dtype).removeprefix("torch."),
                     device=str(pipe.device))
         return meta
+
+    def save(self, image, path: str, pipe, seed: int, **settings: Any):
+        """Write ``image`` to ``path`` as PNG, atomically, with ``image_metadata`` as text and (unless
+        the options turn it off) idgen's invisible watermark carrying that metadata's hash; return
+        the image as written."""
+        from . import watermark
+        from .files import save_png
+
+        meta = self.image_metadata(pipe, seed, **settings)
+        if self.options.watermark:
+            image = watermark.embed(image, meta)
+            meta["watermark"] = f"idgen {watermark.settings_hash(meta)}"
+        else:
+            meta["watermark"] = "off"
+        save_png(image, path, meta)
+        return image
 
     def metadata(self) -> dict[str, str]:
         """What made the images, for their PNG metadata and reports."""

@@ -125,10 +125,11 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
             _, negative_prompt_embeds = self.encode_prompt(None, device, 1, True, prompt_embeds=prompt_embeds)
 
         # 3. Denoise and decode: the parent's loop
-        return super().__call__(
+        output = super().__call__(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             **kwargs,
         )
+        return self._watermarked(output, kwargs.get("output_type", "pil"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -103,6 +103,33 @@ class FaceInputMixin:
 
     def set_face_analyzer(self, analyzer: FaceAnalyzer) -> None:
         self._face_analyzer = analyzer
+
+    #: Whether images leave the pipeline with idgen's invisible mark (``idgen.watermark``).
+    _watermark: bool = False
+
+    def set_watermark(self, enabled: bool = True) -> None:
+        """Write idgen's invisible watermark into every image this pipeline returns (PIL or numpy
+        output). The CLI, demo and ``idgen eval`` write it themselves, with their settings' hash."""
+        self._watermark = enabled
+
+    def _watermarked(self, output: Any, output_type: str | None) -> Any:
+        """``output`` with its images marked, when the watermark is on."""
+        if not self._watermark:
+            return output
+        from idgen.watermark import embed
+
+        images = output[0] if isinstance(output, tuple) else output.images
+        if output_type == "pil":
+            marked = [embed(image) for image in images]
+        elif output_type == "np":
+            marked = np.stack([np.asarray(embed((image * 255).round().astype(np.uint8)), np.float32) / 255 for image in images])
+        else:
+            raise ValueError(f"the watermark is written into images, not output_type={output_type!r}: use 'pil' or 'np', "
+                             "or pipe.set_watermark(False)")
+        if isinstance(output, tuple):
+            return (marked, *output[1:])
+        output.images = marked
+        return output
 
     def encode_identity(
         self,

@@ -92,7 +92,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         with self.identity_conditioning(
             tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end
         ):
-            return super().__call__(
+            output = super().__call__(
                 height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
                 sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
                 generator=generator, latents=latents, prompt_embeds=prompt_embeds,
@@ -101,3 +101,4 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
+        return self._watermarked(output, output_type)

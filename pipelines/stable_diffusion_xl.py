@@ -276,14 +276,16 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end
         ) as batches:
             if not self.controlnets:
-                return StableDiffusionXLPipeline.__call__(self, guidance_rescale=guidance_rescale, **common)
-            if guidance_rescale:
+                output = StableDiffusionXLPipeline.__call__(self, guidance_rescale=guidance_rescale, **common)
+            elif guidance_rescale:
                 raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loop")
-            routing = self._identitynet_tokens(batches) if self.has_identitynet else contextlib.nullcontext()
-            with routing:
-                return super().__call__(
-                    image=control_images[0] if len(control_images) == 1 else control_images,
-                    controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
-                    control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-                    **common,
-                )
+            else:
+                routing = self._identitynet_tokens(batches) if self.has_identitynet else contextlib.nullcontext()
+                with routing:
+                    output = super().__call__(
+                        image=control_images[0] if len(control_images) == 1 else control_images,
+                        controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
+                        control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                        **common,
+                    )
+        return self._watermarked(output, output_type)

@@ -196,7 +196,7 @@ def test_trained_instantid_adapter_pairs_with_an_identitynet(tmp_path, cache, as
     xl = get_preset("tiny-sdxl")
     shutil.copy(os.path.join(xl.adapter, INSTANTID_FILE), tmp_path / "trained.bin")
     common = ["generate", "--base", "tiny-sdxl", "--adapter", str(tmp_path / "trained.bin"), "--face", str(astronaut),
-              "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64"]
+              "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64", "--no-watermark"]
     out = tmp_path / "paired.png"
     assert main([*common, "--identitynet", xl.adapter, "--out", str(out)]) == 0, capsys.readouterr().err
     meta = Image.open(out).text
@@ -206,7 +206,7 @@ def test_trained_instantid_adapter_pairs_with_an_identitynet(tmp_path, cache, as
     assert meta["method"] == "instantid" and "identitynet" not in meta  # the adapter alone: raw embeddings still
     # The same as the original folder layout, which finds its IdentityNet itself.
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--prompt", "p", "--steps", "1",
-                 "--height", "64", "--width", "64", "--out", str(tmp_path / "folder.png")]) == 0
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "folder.png"), "--no-watermark"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "folder.png")))
 
 

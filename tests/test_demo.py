@@ -41,6 +41,9 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
     assert first.format == "PNG" and first.size == (64, 64)
     assert (first.text["seed"], second.text["seed"]) == ("3", "4") and first.text["method"] == "faceid"
     assert first.text["style"] == "cinematic" and first.text["steps"] == "2" and first.text["id_scale"] == "0.8"
+    from idgen.watermark import verify
+
+    assert verify(results[0][0])["status"] == "idgen" and verify(results[0][0])["metadata_matches"]
     # Each image has its own seed: the second one alone, from seed 4, is the same image (to one
     # 8-bit level: a batch of 2 and a batch of 1 round float32 differently).
     alone = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 4, 1)

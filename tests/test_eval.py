@@ -64,8 +64,12 @@ def test_eval_report_on_the_tiny_preset(tmp_path, preset, astronaut, group_photo
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["images"] == 2 * 2 * 2 and set(report["per_identity"]) == {"eileen", "other"}
     assert report["config"]["prompts"] == ["a photo of a person", "a person in a garden"]
+    from idgen.watermark import verify
+
     for sample in report["samples"]:
         assert os.path.exists(out / sample["file"]) and -1 <= sample["clip_t"] <= 1
+        checked = verify(str(out / sample["file"]))
+        assert checked["status"] == "idgen" and checked["metadata_matches"], checked
         assert sample["face_detected"] == (sample["facesim"] is not None)
     assert 0 <= report["summary"]["face_detection_rate"] <= 1
     # The grid: a reference column, then every prompt x seed (2 x 2), a row per identity.

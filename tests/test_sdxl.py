@@ -241,7 +241,8 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     pose = tmp_path / "pose.jpg"
     ImageOps.mirror(Image.open(astronaut)).save(pose)
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--kps-image", str(pose),
-                 "--prompt", "a person", "--out", str(out), "--steps", "2", "--height", "128", "--width", "128"]) == 0
+                 "--prompt", "a person", "--out", str(out), "--steps", "2", "--height", "128", "--width", "128",
+                 "--no-watermark"]) == 0
     meta = Image.open(out).text
     assert meta["method"] == "instantid" and meta["guidance"] == "5.0" and meta["id_scale"] == "0.8"
     # The CLI feeds InstantID the raw (un-normalised) embedding, as the Python API does.

@@ -24,7 +24,6 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     import torch
     from tqdm.auto import tqdm
 
-    from ..files import save_png
     from ..presets import TINY_PRESETS, get_preset
 
     options = session.options
@@ -55,7 +54,7 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
         image = pipe(**call).images[0]
         file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
         os.makedirs(os.path.join(out, "images", name), exist_ok=True)
-        save_png(image, os.path.join(out, file), session.image_metadata(pipe, seed, prompt=prompt, identity=name))
+        image = session.save(image, os.path.join(out, file), pipe, seed, prompt=prompt, identity=name)
         facesim = face_similarity(session.analyzer, image, references[name])
         descriptor = second.descriptor(image)
         report.samples.append(Sample(
