@@ -114,16 +114,29 @@ def _correlations(rgb: np.ndarray, size: int) -> np.ndarray:
     return x.sum(1) / np.sqrt((x**2).sum(1) + 1e-12)
 
 
-def embed(image: ImageInput, settings: Mapping[str, str] | None = None, strength: float = STRENGTH) -> Image.Image:
-    """``image`` with the idgen mark (this version, ``settings``' hash) added to its luminance."""
-    rgb = np.asarray(load_image(image), dtype=np.float32)
+def embed(image: ImageInput, settings: Mapping[str, str] | None = None, strength: float = STRENGTH,
+          passes: int = 3) -> Image.Image:
+    """``image`` with the idgen mark (this version, ``settings``' hash) added to its luminance.
+    Each pass adds what the 8-bit result still lacks (clipping in dark and bright areas, rounding)."""
+    marked = load_image(image)
+    bit_signs = np.where(np.asarray(payload(settings)) > 0, 1.0, -1.0)[:, None]
+    for _ in range(passes):
+        marked, reached = _embed_pass(np.asarray(marked, dtype=np.float32), bit_signs, strength)
+        if reached:
+            break
+    return marked
+
+
+def _embed_pass(rgb: np.ndarray, bit_signs: np.ndarray, strength: float) -> tuple[Image.Image, bool]:
+    """One informed-embedding pass; also says whether every bit already had its margin."""
     height, width = rgb.shape[:2]
     size = _canonical(width, height)
     groups, signs = _layout(size)
     coefficients, magnitude = _spectrum(rgb, size)
-    bit_signs = np.where(np.asarray(payload(settings)) > 0, 1.0, -1.0)[:, None]
     scale = magnitude.ravel()[groups]
     x = (coefficients.ravel()[groups] / scale) * signs * bit_signs
+    if (x.sum(1) / np.sqrt((x**2).sum(1))).min() >= 0.9 * strength:
+        return Image.fromarray(rgb.round().astype(np.uint8)), True
     shift = np.zeros((BITS, 1))
     for _ in range(3):  # reach the target correlation; the norm grows with the shift
         moved = x + shift
@@ -132,7 +145,7 @@ def embed(image: ImageInput, settings: Mapping[str, str] | None = None, strength
     delta = np.zeros(size * size, np.float32)
     delta[groups] = shift * bit_signs * signs * scale
     spatial = cv2.resize(cv2.idct(delta.reshape(size, size)), (width, height), interpolation=cv2.INTER_CUBIC)
-    return Image.fromarray(np.clip(rgb + spatial[..., None], 0, 255).round().astype(np.uint8))
+    return Image.fromarray(np.clip(rgb + spatial[..., None], 0, 255).round().astype(np.uint8)), False
 
 
 def detect(image: ImageInput) -> Mark:
