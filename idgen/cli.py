@@ -91,6 +91,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=_dimension, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    parser.add_argument("--c2pa-cert", default=None, metavar="PEM",
+                        help="sign each image with Content Credentials (C2PA): your certificate chain, signer first "
+                        '(needs pip install "idgen[c2pa]")')
+    parser.add_argument("--c2pa-key", default=None, metavar="PEM", help="the private key of --c2pa-cert")
     parser.add_argument("--no-watermark", dest="watermark", action="store_false",
                         help="write no invisible watermark (it marks every image as made by idgen; `idgen verify` reads it)")
 

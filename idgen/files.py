@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -25,12 +26,16 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(staging)
 
 
-def save_png(image, path: str, metadata: dict[str, str]) -> None:
-    """Write a PIL ``image`` as PNG with text ``metadata``, atomically."""
+def save_png(image, path: str, metadata: dict[str, str], finish: Callable[[bytes], bytes] | None = None) -> None:
+    """Write a PIL ``image`` as PNG with text ``metadata``, atomically; ``finish`` may rewrite the
+    PNG bytes first (e.g. to embed signed Content Credentials)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    with atomic_path(path) as staging:
-        image.save(staging, format="PNG", pnginfo=info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue() if finish is None else finish(buffer.getvalue())
+    with atomic_path(path) as staging, open(staging, "wb") as handle:
+        handle.write(data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from .errors import IDGenError, ModelNotFoundError
@@ -105,6 +106,8 @@ class SessionOptions:
     device: str = "auto"
     dtype: str = "auto"
     watermark: bool = True  # idgen's invisible mark on every image written (idgen.watermark)
+    c2pa_cert: str | None = None  # Content Credentials: certificate chain (PEM) to sign with
+    c2pa_key: str | None = None  # ... and its private key (PEM)
 
     @classmethod
     def from_namespace(cls, args: Any) -> "SessionOptions":
@@ -192,6 +195,7 @@ class Session:
     guidance: float
     identitynet: str | None = None  # where InstantID's IdentityNet loads from
     random_parts: list[str] = field(default_factory=list)
+    signer: Any = None  # idgen.credentials.Signer when Content Credentials are asked for
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
@@ -277,7 +281,8 @@ class Session:
             meta["watermark"] = f"idgen {watermark.settings_hash(meta)}"
         else:
             meta["watermark"] = "off"
-        save_png(image, path, meta)
+        sign = None if self.signer is None else partial(self.signer.sign, metadata=meta, title=os.path.basename(path))
+        save_png(image, path, meta, sign)
         return image
 
     def metadata(self) -> dict[str, str]:
@@ -312,6 +317,13 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     if not options.id_start < options.id_end:
         raise IDGenError(f"--id-start ({options.id_start}) must be below --id-end ({options.id_end})")
     device_and_dtype(options.device, options.dtype)  # a wrong device fails now, not after loading
+    signer = None
+    if options.c2pa_cert or options.c2pa_key:
+        if not (options.c2pa_cert and options.c2pa_key):
+            raise IDGenError("Content Credentials need both --c2pa-cert (certificate chain) and --c2pa-key (its key)")
+        from .credentials import Signer
+
+        signer = Signer(options.c2pa_cert, options.c2pa_key)
     base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
     if base in TINY_PRESETS:
         preset = get_preset(base)
@@ -339,7 +351,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     steps = options.steps or method.steps
     guidance = method.guidance if options.guidance is None else options.guidance
     return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
-                   random_parts)
+                   random_parts, signer)
 
 
 def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str | None:

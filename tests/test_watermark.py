@@ -86,3 +86,68 @@ def test_cli_writes_the_mark_and_verify_reads_it(tmp_path, preset, astronaut, ca
     assert [r["status"] for r in reports] == ["idgen", "none", "unreadable"]
     assert reports[0]["settings_hash"] == marked.text["watermark"].split()[1] and reports[0]["metadata_matches"]
     assert main(["verify", str(tmp_path / "plain.png")]) == 1
+
+
+def _throwaway_certificate(folder):
+    """A test CA and a signer certificate it issued (ES256), as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "idgen tests")])
+
+    def usage(sign, ca):
+        return x509.KeyUsage(digital_signature=sign, content_commitment=False, key_encipherment=False,
+                             data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                             encipher_only=False, decipher_only=False)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def build(subject, public, ca):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("test CA")).public_key(public)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=7))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(usage(not ca, ca), critical=True))
+        if not ca:
+            builder = (builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+                       .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca, signer = build("test CA", ca_key.public_key(), True), build("test signer", key.public_key(), False)
+    cert, private = folder / "chain.pem", folder / "key.pem"
+    cert.write_bytes(signer.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, private
+
+
+def test_content_credentials_are_signed_and_read_back(tmp_path, preset, astronaut, capsys):
+    pytest.importorskip("c2pa")
+    cert, key = _throwaway_certificate(tmp_path)
+    out = tmp_path / "signed.png"
+    common = ["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64"]
+    assert main([*common, "--out", str(out), "--c2pa-cert", str(cert), "--c2pa-key", str(key)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["verify", "--json", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["status"] == "idgen" and report["metadata_matches"]  # the manifest leaves pixels and text alone
+    credentials = report["c2pa"]
+    assert credentials["claim_generator"] == f"idgen {__version__}"
+    assert credentials["digital_source_type"] == "trainedAlgorithmicMedia"
+    assert credentials["parameters"]["base_model"] == "tiny" and credentials["parameters"]["method"] == "faceid"
+    assert credentials["signer"] == "test signer" and "signingCredential.untrusted" in credentials["validation_status"]
+    assert main(["verify", str(out)]) == 0
+    assert "Content Credentials: created by idgen" in capsys.readouterr().out
+    # A key that does not match the certificate: one line, no file.
+    (tmp_path / "other").mkdir()
+    _, other_key = _throwaway_certificate(tmp_path / "other")
+    bad = tmp_path / "bad.png"
+    assert main([*common, "--out", str(bad), "--c2pa-cert", str(cert), "--c2pa-key", str(other_key)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not sign with" in err[0] and not bad.exists()
