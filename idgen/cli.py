@@ -10,7 +10,7 @@ from typing import Sequence
 
 from .errors import IDGenError
 from .faces import DEFAULT_MAX_PIXELS
-from .session import DEFAULT_FACE_PACK, METHODS
+from .session import DEFAULT_FACE_PACK, METHODS, check_id_window
 
 
 def _positive_int(text: str) -> int:
@@ -193,12 +193,19 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _session(args: argparse.Namespace):
-    from .session import SessionOptions, start_session
+def _options(args: argparse.Namespace):
+    """The session options of the parsed flags (one --face-index, or one per --face photo)."""
+    from .session import SessionOptions
 
     options = SessionOptions.from_namespace(args)
     options.face_index = _face_index(args)
-    return start_session(options)
+    return options
+
+
+def _session(args: argparse.Namespace):
+    from .session import start_session
+
+    return start_session(_options(args))
 
 
 def _face_index(args: argparse.Namespace) -> int | list[int]:
@@ -221,8 +228,8 @@ def _uses_prompt(args: argparse.Namespace) -> bool:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Checks that need no model: they run before the heavy imports, so a typo fails at once."""
-    if getattr(args, "id_start", 0.0) >= getattr(args, "id_end", 1.0):
-        raise IDGenError(f"--id-start ({args.id_start}) must be below --id-end ({args.id_end})")
+    if hasattr(args, "id_start"):
+        check_id_window(args.id_start, args.id_end)
     if hasattr(args, "face_index"):
         _face_index(args)
     if args.command == "generate":
@@ -254,9 +261,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     from .demo import serve
-    from .session import SessionOptions
 
-    serve(SessionOptions.from_namespace(args), args.host, args.port)
+    serve(_options(args), args.host, args.port)
 
 
 #: ``idgen verify`` exit codes, the most serious status of any file first.

@@ -115,6 +115,11 @@ class SessionOptions:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
+def check_id_window(start: float, end: float) -> None:
+    if not start < end:
+        raise IDGenError(f"--id-start ({start}) must be below --id-end ({end})")
+
+
 def is_sdxl(base: str) -> bool:
     """Whether a base model (hub id or folder) is SDXL, from its model_index.json."""
     from diffusers import DiffusionPipeline
@@ -314,8 +319,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     from .presets import TINY_PRESETS, get_preset
 
     options = dataclasses.replace(options or SessionOptions(), **overrides)
-    if not options.id_start < options.id_end:
-        raise IDGenError(f"--id-start ({options.id_start}) must be below --id-end ({options.id_end})")
+    check_id_window(options.id_start, options.id_end)
     device_and_dtype(options.device, options.dtype)  # a wrong device fails now, not after loading
     signer = None
     if options.c2pa_cert or options.c2pa_key:
@@ -367,7 +371,7 @@ def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str |
     if identitynet is not None:
         return identitynet
     for folder in (adapter, os.path.dirname(adapter) if os.path.isfile(adapter) else None):
-        if folder is not None and (folder == INSTANTID_REPO or os.path.isdir(os.path.join(folder, "ControlNetModel"))):
+        if folder is not None and _is_instantid(folder, None):
             return folder
     raise IDGenError(
         f"{adapter} is an InstantID adapter with no IdentityNet beside it (no ControlNetModel/ folder): pass "

@@ -17,6 +17,7 @@ key is public, so anyone can also forge it. The robustness figures are in ``benc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def _canonical(width: int, height: int) -> int:
     return 256 if side >= 256 else 128 if side >= 128 else 64
 
 
+@functools.lru_cache(maxsize=None)
 def _layout(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Which DCT coefficients of a ``size`` x ``size`` luminance carry each bit, and their +-1 signs."""
     scale = size / 256
@@ -110,11 +112,22 @@ def _spectrum(rgb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return coefficients, cv2.blur(np.abs(coefficients), (9, 9)) + 1e-3
 
 
-def _correlations(rgb: np.ndarray, size: int) -> np.ndarray:
+def _projections(rgb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each bit's coefficients (BITS, n), divided by their neighbourhood magnitude and signed by
+    the key; and that magnitude."""
     groups, signs = _layout(size)
     coefficients, magnitude = _spectrum(rgb, size)
-    x = (coefficients / magnitude).ravel()[groups] * signs
+    scale = magnitude.ravel()[groups]
+    return coefficients.ravel()[groups] / scale * signs, scale
+
+
+def _correlation(x: np.ndarray) -> np.ndarray:
+    """Each row's normalised correlation with all-ones: what a bit reads as."""
     return x.sum(1) / np.sqrt((x**2).sum(1) + 1e-12)
+
+
+def _correlations(rgb: np.ndarray, size: int) -> np.ndarray:
+    return _correlation(_projections(rgb, size)[0])
 
 
 def embed(image: ImageInput, settings: Mapping[str, str] | None = None, strength: float = STRENGTH,
@@ -135,10 +148,9 @@ def _embed_pass(rgb: np.ndarray, bit_signs: np.ndarray, strength: float) -> tupl
     height, width = rgb.shape[:2]
     size = _canonical(width, height)
     groups, signs = _layout(size)
-    coefficients, magnitude = _spectrum(rgb, size)
-    scale = magnitude.ravel()[groups]
-    x = (coefficients.ravel()[groups] / scale) * signs * bit_signs
-    if (x.sum(1) / np.sqrt((x**2).sum(1))).min() >= 0.9 * strength:
+    x, scale = _projections(rgb, size)
+    x = x * bit_signs
+    if _correlation(x).min() >= 0.9 * strength:
         return Image.fromarray(rgb.round().astype(np.uint8)), True
     shift = np.zeros((BITS, 1))
     for _ in range(3):  # reach the target correlation; the norm grows with the shift

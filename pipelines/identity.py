@@ -87,6 +87,13 @@ def layer_id_scales(names: Sequence[str], id_scale: IDScale) -> dict[str, float]
     return scales
 
 
+def _as_tensor(embeds: Any) -> torch.Tensor | None:
+    """ArcFace vectors as given (tensor), or from numpy arrays and lists (as float32)."""
+    if embeds is None or isinstance(embeds, torch.Tensor):
+        return embeds
+    return torch.as_tensor(np.asarray(embeds, np.float32))
+
+
 class FaceInputMixin:
     """Face photos -> ArcFace ``id_embeds``: shared by every idgen pipeline."""
 
@@ -175,8 +182,7 @@ class FaceInputMixin:
             id_embeds = self.encode_identity(face_image, batch_size, face_index, face_weights)
         if negative_face_image is not None:  # its largest face: face_index picks among the face photos'
             negative_id_embeds = self.encode_identity(negative_face_image, batch_size)
-        as_tensor = lambda x: x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, np.float32))
-        return as_tensor(id_embeds), as_tensor(negative_id_embeds)
+        return _as_tensor(id_embeds), _as_tensor(negative_id_embeds)
 
     @staticmethod
     def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -406,13 +412,12 @@ class IdentityPipelineMixin(FaceInputMixin):
         )
         projection = self.identity_adapter.projection
         dim = projection.id_embed_dim
-        id_embeds = torch.as_tensor(id_embeds)
         if id_embeds.shape[-1] != dim:
             raise ValueError(f"id_embeds must be {dim}-d ArcFace vectors, got shape {tuple(id_embeds.shape)}")
         positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds")
         if negative_id_embeds is None:
             negative_id_embeds = torch.zeros_like(positive)
-        negative = self._batch_id_embeds(torch.as_tensor(negative_id_embeds), batch_size, "negative_id_embeds")
+        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds")
         device = self._execution_device
         self.identity_adapter.to(device=device, dtype=self.unet.dtype)
         both = torch.cat([negative, positive]).to(device=device, dtype=projection.dtype)

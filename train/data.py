@@ -126,17 +126,17 @@ def prepare_data(
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     source = os.path.abspath(folder)
     records = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, INDEX))]
-    skipped = _read_jsonl(os.path.join(out, SKIPPED))
+    skipped = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, SKIPPED))]
     if info.get("min_face_size") != min_face_size:  # a new threshold applies to every photo, old ones too
-        small = [r for r in records if _face_size(out, r) < min_face_size]
-        records = [r for r in records if r not in small]
+        sizes = _face_sizes(out, records)
+        small = [r for r, size in zip(records, sizes) if size < min_face_size]
+        records = [r for r, size in zip(records, sizes) if size >= min_face_size]
         # this folder's photos skipped as too small are looked at again below
-        skipped = [r for r in skipped if not (r["reason"].startswith("face too small") and os.path.commonpath(
-            [r.get("path") or os.path.join(info.get("source", source), r["file"]), source]) == source)]
+        skipped = [r for r in skipped if not (r["reason"].startswith("face too small")
+                                              and os.path.commonpath([r["path"], source]) == source)]
         skipped += [{"file": r["file"], "path": r["path"], "signature": r["signature"],
                      "reason": f"face too small (under {min_face_size} px)"} for r in small]
-    seen = {(r.get("path") or os.path.join(info.get("source", source), r["file"]), r["signature"])
-            for r in records + skipped}
+    seen = {(r["path"], r["signature"]) for r in records + skipped}
     files = find_images(folder)
     captions = read_captions(folder, files)
     todo = [f for f in files if (os.path.join(source, f), _signature(os.path.join(folder, f))) not in seen]
@@ -158,7 +158,7 @@ def prepare_data(
             reason = "no face"
         elif len(faces) > 1:
             reason = f"several faces ({len(faces)})"
-        elif min(faces[0].bbox[2] - faces[0].bbox[0], faces[0].bbox[3] - faces[0].bbox[1]) < min_face_size:
+        elif _box_side(faces[0].bbox) < min_face_size:
             reason = f"face too small (under {min_face_size} px)"
         if reason:
             new_skipped.append({"file": file, "path": os.path.join(source, file), "signature": signature,
@@ -170,9 +170,8 @@ def prepare_data(
         rows["kps"].append(face.kps.astype(np.float32))
         rows["bbox"].append(face.bbox.astype(np.float32))
         rows["aligned"].append(face.aligned)
-        size = float(min(face.bbox[2] - face.bbox[0], face.bbox[3] - face.bbox[1]))
         new_records.append(Record(file, captions.get(os.path.normpath(file), ""), shard, len(new_records), signature,
-                                  os.path.join(source, file), size))
+                                  os.path.join(source, file), _box_side(face.bbox)))
 
     if new_records:  # the shard first, then the index that points at it: a crash loses no index entry
         tensors = {key: torch.from_numpy(np.stack(value)) for key, value in rows.items()}
@@ -198,17 +197,28 @@ def _read_info(out: str) -> dict:
 
 
 def _with_path(record: dict, info: dict) -> dict:
-    """Datasets written before records held their own path: the one source folder they had."""
+    """Datasets written before records (and skipped entries) held their own path: the one source
+    folder they had."""
     if "path" not in record:
         record = {**record, "path": os.path.join(info["source"], record["file"])}
     return record
 
 
-def _face_size(out: str, record: dict) -> float:
-    if "face_size" in record:
-        return record["face_size"]
-    bbox = load_file(os.path.join(out, "shards", f"{record['shard']}.safetensors"))["bbox"][record["row"]]
+def _box_side(bbox) -> float:
+    """A face box's shorter side, in pixels."""
     return float(min(bbox[2] - bbox[0], bbox[3] - bbox[1]))
+
+
+def _face_sizes(out: str, records: list[dict]) -> list[float]:
+    """Each record's face size; records written before it was kept read it from their shard's
+    boxes (each shard once)."""
+    boxes: dict[str, torch.Tensor] = {}
+    sizes = []
+    for record in records:
+        if "face_size" not in record and record["shard"] not in boxes:
+            boxes[record["shard"]] = load_file(os.path.join(out, "shards", f"{record['shard']}.safetensors"))["bbox"]
+        sizes.append(record["face_size"] if "face_size" in record else _box_side(boxes[record["shard"]][record["row"]]))
+    return sizes
 
 
 class FaceDataset(torch.utils.data.Dataset):
