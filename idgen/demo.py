@@ -132,8 +132,8 @@ def build_demo(app: DemoApp):
                 files = gr.File(label="Face photos", file_count="multiple", file_types=["image"], elem_id="faces")
                 detected = gr.Image(label="Detected faces (green: the one used)", interactive=False, elem_id="detected",
                                     height=240)
-                face_index = gr.Number(value=0, precision=0, minimum=0, label="Face number (0 = largest; as on the preview)",
-                                       elem_id="face_index")
+                face_index = gr.Number(value=app.session.options.face_index, precision=0, minimum=0,
+                                       label="Face number (0 = largest; as on the preview)", elem_id="face_index")
                 pose = gr.Image(label="Pose photo (optional)", type="filepath", visible=app.has_identitynet,
                                 elem_id="pose")
                 prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")

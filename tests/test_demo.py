@@ -58,6 +58,10 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
     with pytest.raises(gr.Error, match="upload at least one face photo"):
         app.generate([], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
     assert build_demo(app) is not None
+    # `idgen demo --face-index 1` starts the face picker at 1
+    picked = DemoApp(start_session(steps=2, face_index=1), app.pipe)
+    field = next(b for b in build_demo(picked).blocks.values() if getattr(b, "elem_id", None) == "face_index")
+    assert field.value == 1
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
