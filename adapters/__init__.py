@@ -7,13 +7,14 @@ from .loading import (
     build_projection,
     check_adapter,
     detect_format,
-    faceid_lora_state_dict,
+    faceid_lora_layers,
     identity_adapter_state_dict,
     init_identity_adapter_state_dict,
     load_adapter_state_dict,
     resolve_checkpoint_file,
     save_adapter_checkpoint,
 )
+from .lora import FusedLoRA, LoRALayers, peft_lora_state_dict
 from .projection import FaceIDProjection, InstantIDResampler
 
 __all__ = [
@@ -22,14 +23,17 @@ __all__ = [
     "IdentityAdapter",
     "IdentityAttention",
     "InstantIDResampler",
+    "LoRALayers",
     "build_identity_adapter",
     "build_projection",
     "check_adapter",
     "detect_format",
-    "faceid_lora_state_dict",
+    "FusedLoRA",
+    "faceid_lora_layers",
     "identity_adapter_state_dict",
     "init_identity_adapter_state_dict",
     "load_adapter_state_dict",
+    "peft_lora_state_dict",
     "resolve_checkpoint_file",
     "save_adapter_checkpoint",
 ]

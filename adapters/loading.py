@@ -20,6 +20,7 @@ import torch
 from idgen.errors import CheckpointError, ModelNotFoundError
 
 from .attention import IdentityAdapter, IdentityAttention
+from .lora import LoRALayers
 from .projection import FaceIDProjection, InstantIDResampler
 
 StateDict = dict[str, torch.Tensor]
@@ -30,6 +31,8 @@ BASE_BY_CROSS_DIM = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
 _FACEID_PROJ_KEYS = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
 _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip|to_q_lora|to_k_lora|to_v_lora|to_out_lora)(?:\.(down|up))?\.weight$")
 _LORA_NAMES = ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora")
+#: The attention projection each FaceID LoRA part adapts.
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _base_name(cross_attention_dim: int) -> str:
@@ -339,16 +342,18 @@ def build_identity_adapter(
     return IdentityAdapter(build_projection(state_dict, spec, path), layers).to(device=unet.device, dtype=unet.dtype)
 
 
-def faceid_lora_state_dict(unet, state_dict: dict[str, StateDict]) -> StateDict:
-    """The FaceID LoRA in diffusers' attention-processor LoRA naming, for ``load_lora_weights``."""
-    lora: StateDict = {}
+def faceid_lora_layers(unet, state_dict: dict[str, StateDict]) -> LoRALayers:
+    """The FaceID LoRA as ``(down, up)`` per adapted projection of ``unet``, keyed by module path
+    (``...attn1.to_q``, ``...attn2.to_out.0``)."""
+    layers: LoRALayers = {}
+    ip_adapter = state_dict["ip_adapter"]
     for index, name in enumerate(unet.attn_processors):
-        for part in _LORA_NAMES:
-            for side in ("down", "up"):
-                key = f"{index}.{part}.{side}.weight"
-                if key in state_dict["ip_adapter"]:
-                    lora[f"unet.{name}.{part}.{side}.weight"] = state_dict["ip_adapter"][key]
-    return lora
+        attn = name.rsplit(".processor", 1)[0]
+        for part, target in zip(_LORA_NAMES, _LORA_TARGETS):
+            down = ip_adapter.get(f"{index}.{part}.down.weight")
+            if down is not None:
+                layers[f"{attn}.{target}"] = (down, ip_adapter[f"{index}.{part}.up.weight"])
+    return layers
 
 
 def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None:

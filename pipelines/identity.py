@@ -16,11 +16,14 @@ from idgen.adapters import (
     FaceIDProjection,
     IdentityAdapter,
     InstantIDResampler,
+    FusedLoRA,
+    LoRALayers,
     build_identity_adapter,
     check_adapter,
     detect_format,
-    faceid_lora_state_dict,
+    faceid_lora_layers,
     load_adapter_state_dict,
+    peft_lora_state_dict,
     resolve_checkpoint_file,
 )
 from idgen.errors import CheckpointError
@@ -59,6 +62,7 @@ def _quiet_text_encoder_lora() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
+
 
 #: Short block names accepted in an ``id_scale`` dict.
 _BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
@@ -218,7 +222,10 @@ class IdentityPipelineMixin(FaceInputMixin):
     supported_adapter_formats: tuple[str, ...] = ("faceid",)
     identity_adapter: IdentityAdapter | None = None
     adapter_spec: AdapterSpec | None = None
-    _id_lora: dict[str, torch.Tensor] | None = None
+    #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
+    #: or run by peft as the adapter ``"faceid"``.
+    _id_lora: LoRALayers | None = None
+    _fused_id_lora: FusedLoRA | None = None
 
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
@@ -236,7 +243,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         new = super().from_pipe(pipeline, **kwargs)
         if getattr(pipeline, "identity_adapter", None) is not None and new.unet is pipeline.unet:
             new.identity_adapter, new.adapter_spec = pipeline.identity_adapter, pipeline.adapter_spec
-            new._id_lora, new._face_analyzer = pipeline._id_lora, pipeline._face_analyzer
+            new._id_lora, new._fused_id_lora = pipeline._id_lora, pipeline._fused_id_lora
+            new._face_analyzer = pipeline._face_analyzer
         return new
 
     # ---------------------------------------------------------------- loading
@@ -245,15 +253,19 @@ class IdentityPipelineMixin(FaceInputMixin):
         pretrained_model_name_or_path_or_file: str | os.PathLike | dict,
         weight_name: str | None = None,
         subfolder: str | None = None,
+        fuse_lora: bool = True,
         **hub_kwargs,
     ) -> None:
         """Load an identity adapter (e.g. ``h94/IP-Adapter-FaceID`` with
         ``weight_name="ip-adapter-faceid_sd15.bin"``) from a hub id, a folder, a file, or a
         state dict ``{"image_proj": ..., "ip_adapter": ...}`` already in memory.
 
-        Hooks identity attention into every cross-attention layer and, for FaceID, loads its
-        LoRA as the peft adapter ``"faceid"`` (kept beside any active LoRA). A previously
-        loaded identity adapter is replaced.
+        Hooks identity attention into every cross-attention layer. FaceID's LoRA is fused into
+        the UNet's weights at its full strength, so steps cost what the base model's do; it is
+        unfused exactly (the original weights come back) when you weigh it with
+        ``set_adapters([..., "faceid"], [...])``, load another LoRA, save or unload, and from
+        then on runs through peft as the adapter ``"faceid"``. ``fuse_lora=False`` keeps it in
+        peft from the start (to train it). A previously loaded identity adapter is replaced.
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
             path, state_dict = "the given state dict", pretrained_model_name_or_path_or_file
@@ -270,19 +282,24 @@ class IdentityPipelineMixin(FaceInputMixin):
             self.unload_identity_adapter()
         adapter.attach(self.unet)
         self.identity_adapter, self.adapter_spec = adapter, spec
-        lora = faceid_lora_state_dict(self.unet, state_dict)
+        lora = faceid_lora_layers(self.unet, state_dict)
         if lora:
             self._id_lora = lora
-            self._load_id_lora(lora)
+            if fuse_lora and not self._user_lora_names():
+                self._fused_id_lora = FusedLoRA(self.unet, lora)
+            else:
+                self._load_id_lora(lora)
 
     def unload_identity_adapter(self) -> None:
         """Remove the identity adapter and its LoRA: the pipeline is the base model again."""
         self._require_id_lora_unmerged("unload_identity_adapter")
         if self.identity_adapter is not None:
             self.identity_adapter.detach()
-        if self._id_lora is not None:
+        if self._fused_id_lora is not None:
+            self._fused_id_lora.unfuse()
+        elif self._id_lora is not None:
             self._remove_id_lora()
-        self.identity_adapter, self.adapter_spec, self._id_lora = None, None, None
+        self.identity_adapter, self.adapter_spec, self._id_lora, self._fused_id_lora = None, None, None, None
 
     def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
         if spec.format == "faceid_plus":
@@ -307,9 +324,14 @@ class IdentityPipelineMixin(FaceInputMixin):
         return self._id_lora is not None and ID_LORA_NAME in getattr(self.unet, "peft_config", {})
 
     def _require_id_lora_unmerged(self, action: str) -> None:
-        """Refuse ``action`` while ``fuse_qkv_projections`` has the identity LoRA merged into the
-        base weights: taking the LoRA out then would leave it baked into the model."""
-        if any(ID_LORA_NAME in getattr(module, "merged_adapters", ()) for module in self.unet.modules()):
+        """Refuse ``action`` while fused projections hold the identity LoRA: taking the LoRA out
+        then would leave it baked into the fused layers."""
+        fused_projections = any(type(p).__name__.startswith("Fused") for p in self.unet.attn_processors.values())
+        merged = self._id_lora is not None and (
+            (self._fused_id_lora is not None and fused_projections)
+            or any(ID_LORA_NAME in getattr(module, "merged_adapters", ()) for module in self.unet.modules())
+        )
+        if merged:
             raise RuntimeError(
                 f"{action} needs the identity LoRA apart from the base weights, but fused projections hold it "
                 "merged: call pipe.unfuse_qkv_projections() first"
@@ -318,13 +340,38 @@ class IdentityPipelineMixin(FaceInputMixin):
     def _user_lora_names(self) -> list[str]:
         return [name for name in getattr(self.unet, "peft_config", {}) if name != ID_LORA_NAME]
 
-    def _load_id_lora(self, lora: dict[str, torch.Tensor]) -> None:
+    def _load_id_lora(self, lora: LoRALayers) -> None:
         active = [name for name in self.get_active_adapters() if name != ID_LORA_NAME]
         if ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
             self.delete_adapters(ID_LORA_NAME)
         with _quiet_text_encoder_lora():
-            self.load_lora_weights(lora, adapter_name=ID_LORA_NAME)
-        self.set_adapters(active + [ID_LORA_NAME])
+            super().load_lora_weights(peft_lora_state_dict(lora), adapter_name=ID_LORA_NAME)
+        super().set_adapters(active + [ID_LORA_NAME])
+
+    def _unfuse_id_lora(self) -> None:
+        """Move a fused identity LoRA into peft (original weights restored exactly)."""
+        if self._fused_id_lora is None:
+            return
+        self._require_id_lora_unmerged("unfusing the identity LoRA")
+        self._fused_id_lora.unfuse()
+        self._fused_id_lora = None
+        self._load_id_lora(self._id_lora)
+
+    def load_lora_weights(self, *args, **kwargs) -> None:
+        """diffusers' ``load_lora_weights``; a fused identity LoRA first moves into peft (exactly)
+        and stays active beside the new one."""
+        self._unfuse_id_lora()
+        super().load_lora_weights(*args, **kwargs)
+        if self._has_id_lora and ID_LORA_NAME not in self.get_active_adapters():
+            super().set_adapters([*self.get_active_adapters(), ID_LORA_NAME])
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
+        """diffusers' ``set_adapters``; naming ``"faceid"`` weighs the identity LoRA (a fused one
+        first moves into peft, exactly)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if ID_LORA_NAME in names:
+            self._unfuse_id_lora()
+        super().set_adapters(adapter_names, adapter_weights)
 
     def _remove_id_lora(self) -> None:
         """Delete the ``faceid`` peft adapter; with no other LoRA left, remove peft's wrappers
@@ -355,8 +402,8 @@ class IdentityPipelineMixin(FaceInputMixin):
                 _remove_text_encoder_monkey_patch(getattr(self, name))
 
     def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        """diffusers' fused projections. Fusing reads the base weights, so the identity LoRA is
-        merged into them first (peft would otherwise leave it out of the fused layers)."""
+        """diffusers' fused projections. Fusing reads the base weights, so an identity LoRA in peft
+        is merged into them first (peft would otherwise leave it out of the fused layers)."""
         if unet and self._has_id_lora:
             self.unet.fuse_lora(adapter_names=[ID_LORA_NAME])
         super().fuse_qkv_projections(unet=unet, vae=vae)
@@ -369,6 +416,13 @@ class IdentityPipelineMixin(FaceInputMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """diffusers' ``save_pretrained``, writing the base model: the identity adapter is not
         part of it (save its checkpoint separately) and its LoRA is taken out while saving."""
+        if self._fused_id_lora is not None:
+            self._require_id_lora_unmerged("save_pretrained")
+            self._fused_id_lora.unfuse()
+            try:
+                return super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self._fused_id_lora = FusedLoRA(self.unet, self._id_lora)
         if not self._has_id_lora:
             return super().save_pretrained(save_directory, *args, **kwargs)
         if self._user_lora_names():

@@ -81,3 +81,21 @@ def pipe(preset, analyzer):
     pipe.set_face_analyzer(analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_lora(unet, folder: Path, rank: int = 4, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> str:
+    """A random peft LoRA on ``unet``'s attention projections, written with diffusers'
+    ``save_lora_weights`` (the file layout LoRAs are published in); returns its path."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    donor = copy.deepcopy(unet)
+    donor.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(donor),
+                                              weight_name=name)
+    return str(Path(folder) / name)

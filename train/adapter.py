@@ -150,7 +150,7 @@ def load_base(config: AdapterTrainConfig):
     state = config.init_adapter or init_identity_adapter_state_dict(
         pipe.unet, config.adapter_format, config.num_tokens, config.lora_rank, config.seed
     )
-    pipe.load_identity_adapter(state)  # checks an init_adapter against the base model
+    pipe.load_identity_adapter(state, fuse_lora=False)  # checks an init_adapter; its LoRA trains in peft
     pipe.set_progress_bar_config(disable=True)
     if pipe.adapter_spec.format != config.adapter_format:
         raise IDGenError(f"init_adapter {config.init_adapter} is {pipe.adapter_spec.format}, the config says {config.adapter_format}")
