@@ -10,7 +10,8 @@ from typing import Sequence
 
 from .errors import IDGenError
 from .faces import DEFAULT_MAX_PIXELS
-from .session import DEFAULT_FACE_PACK, METHODS, check_id_window
+from .loras import parse_lora
+from .session import DEFAULT_FACE_PACK, METHODS, check_id_window, check_timesteps
 
 
 def _positive_int(text: str) -> int:
@@ -58,6 +59,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _timesteps(text: str) -> list[int]:
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 999,749,499,249, got {text!r}") from None
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
@@ -87,6 +95,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1.0; InstantID 0.8, as its reference runs it)")
     parser.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
     parser.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH_OR_ID[:WEIGHT]",
+                        help="a LoRA to add (repeatable): a .safetensors file, a folder, a hub id or "
+                        "owner/name/file.safetensors, with an optional weight (default 1), e.g. "
+                        "latent-consistency/lcm-lora-sdv1-5:1.0; fused into the weights, so it costs no time per step")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help="sampler: lcm, tcd, euler, euler-a, euler-trailing, dpm++-2m, dpm++-2m-karras, "
+                        "dpm++-2m-sde-karras, unipc, ddim, ddpm, pndm, lms, heun, or a diffusers class name "
+                        "(default: the base model's)")
+    parser.add_argument("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
+                        help="sample at exactly these timesteps, noisiest first (DMD2: 999,749,499,249); "
+                        "sets the number of steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet: faster steps, but the first image waits a minute or more")
     parser.add_argument("--height", type=_dimension, default=None)
     parser.add_argument("--width", type=_dimension, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
@@ -195,8 +216,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _options(args: argparse.Namespace):
     """The session options of the parsed flags (one --face-index, or one per --face photo)."""
+    import diffusers
+    import transformers
+
     from .session import SessionOptions
 
+    for library in (diffusers, transformers):  # model loading bars; the denoising bar stays
+        library.utils.logging.disable_progress_bar()
     options = SessionOptions.from_namespace(args)
     options.face_index = _face_index(args)
     return options
@@ -232,6 +258,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_id_window(args.id_start, args.id_end)
     if hasattr(args, "face_index"):
         _face_index(args)
+    if getattr(args, "timesteps", None):
+        check_timesteps(args.timesteps, args.steps)
+    for text in getattr(args, "lora", None) or []:
+        parse_lora(text)
     if args.command == "generate":
         _output_paths(args.out, args.num_images)
         if _uses_prompt(args) and not args.prompt:

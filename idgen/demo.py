@@ -144,7 +144,9 @@ def build_demo(app: DemoApp):
                                      label="Identity strength (id_scale)")
                 identitynet = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="IdentityNet strength",
                                         visible=app.has_identitynet)
-                steps = gr.Slider(1, 100, value=app.session.steps, step=1, label="Steps")
+                fixed = bool(app.session.options.timesteps)  # --timesteps sets the steps
+                steps = gr.Slider(1, 100, value=app.session.steps, step=1, label="Steps", interactive=not fixed,
+                                  info="set by --timesteps" if fixed else None)
                 guidance = gr.Slider(0.0, 15.0, value=app.session.guidance, step=0.5, label="Guidance")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 count = gr.Slider(1, 4, value=1, step=1, label="Images")

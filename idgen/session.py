@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 from .errors import IDGenError, ModelNotFoundError
 from .faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, ImageInput
+from .loras import LoRASpec, load_loras, parse_lora
+from .schedulers import make_scheduler, scheduler_spec, takes_timesteps
 
 DEFAULT_FACE_PACK = "buffalo_l"
 FACEID_REPO = "h94/IP-Adapter-FaceID"
@@ -108,6 +110,10 @@ class SessionOptions:
     watermark: bool = True  # idgen's invisible mark on every image written (idgen.watermark)
     c2pa_cert: str | None = None  # Content Credentials: certificate chain (PEM) to sign with
     c2pa_key: str | None = None  # ... and its private key (PEM)
+    lora: list[str] = field(default_factory=list)  # style/speed LoRAs, each PATH_OR_ID[:WEIGHT] (idgen.loras)
+    scheduler: str | None = None  # a name of idgen.schedulers (default: the base model's)
+    timesteps: list[int] | None = None  # the exact timesteps to sample at (DMD2: 999,749,499,249)
+    compile: bool = False  # torch.compile the UNet (the first image waits for it)
 
     @classmethod
     def from_namespace(cls, args: Any) -> "SessionOptions":
@@ -201,6 +207,7 @@ class Session:
     identitynet: str | None = None  # where InstantID's IdentityNet loads from
     random_parts: list[str] = field(default_factory=list)
     signer: Any = None  # idgen.credentials.Signer when Content Credentials are asked for
+    loras: list[LoRASpec] = field(default_factory=list)
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
@@ -226,16 +233,31 @@ class Session:
                 pipe = cls.from_pretrained(self.base, dtype=dtype, **extra)
         except Exception as err:  # offline, missing repo, bad folder
             raise _base_model_error(self.base, err) from None
-        limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
-        if self.steps > limit:
-            raise IDGenError(f"--steps {self.steps} is more than the {limit} timesteps the scheduler was trained on: "
-                             f"use at most {limit} (20-50 is usual)")
+        if self.options.scheduler:
+            pipe.scheduler = make_scheduler(self.options.scheduler, pipe.scheduler.config)
+        self._check_schedule(pipe.scheduler)
         if self.adapter_file is not None:
             pipe.load_identity_adapter(self.adapter_file)
         pipe.set_face_analyzer(self.analyzer)
         pipe.to(device)
+        load_loras(pipe, self.loras)  # on the device: fusing is a matrix product per layer
+        if self.options.compile:
+            _compile_unet(pipe)
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
+
+    def _check_schedule(self, scheduler) -> None:
+        limit = scheduler.config.get("num_train_timesteps", 1000)
+        if self.steps > limit:
+            raise IDGenError(f"--steps {self.steps} is more than the {limit} timesteps the scheduler was trained on: "
+                             f"use at most {limit} (20-50 is usual)")
+        timesteps = self.options.timesteps
+        if timesteps and not takes_timesteps(scheduler):
+            raise IDGenError(f"--timesteps needs a scheduler that samples at given timesteps, and "
+                             f"{type(scheduler).__name__} does not: add --scheduler lcm (or euler, dpm++-2m, tcd)")
+        if timesteps and max(timesteps) >= limit:
+            raise IDGenError(f"--timesteps {max(timesteps)} is past the scheduler's {limit} training timesteps: "
+                             f"use values below {limit}")
 
     @property
     def id_scale(self) -> float | dict[str, float]:
@@ -252,6 +274,8 @@ class Session:
         """Pipeline call arguments shared by generate, eval and the demo."""
         call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.options.height,
                     width=self.options.width)
+        if self.options.timesteps:
+            call.update(timesteps=list(self.options.timesteps))
         if self.method.uses_prompt:
             call.update(prompt=prompt, id_scale=self.id_scale, id_guidance_start=self.options.id_start,
                         id_guidance_end=self.options.id_end)
@@ -269,7 +293,8 @@ class Session:
         dtype, device)."""
         meta = {"seed": str(seed), **self.metadata()}
         meta.update({key: str(value) for key, value in settings.items() if value is not None})
-        meta.update(scheduler=type(pipe.scheduler).__name__, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        scheduler = type(pipe.scheduler).__name__ + (f" ({self.options.scheduler})" if self.options.scheduler else "")
+        meta.update(scheduler=scheduler, dtype=str(pipe.unet.dtype).removeprefix("torch."),
                     device=str(pipe.device))
         return meta
 
@@ -303,6 +328,8 @@ class Session:
             "base_model": self.options.base,
             "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
             **({"identitynet": self.identitynet} if self.identitynet else {}),
+            **({"loras": ", ".join(map(str, self.loras))} if self.loras else {}),
+            **({"timesteps": ",".join(map(str, self.options.timesteps))} if self.options.timesteps else {}),
             "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
             "idgen_version": __version__,
         }
@@ -320,6 +347,11 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
 
     options = dataclasses.replace(options or SessionOptions(), **overrides)
     check_id_window(options.id_start, options.id_end)
+    loras = [parse_lora(text) for text in ([options.lora] if isinstance(options.lora, str) else options.lora or [])]
+    if options.scheduler:
+        scheduler_spec(options.scheduler)
+    if options.timesteps:
+        check_timesteps(options.timesteps, options.steps)
     device_and_dtype(options.device, options.dtype)  # a wrong device fails now, not after loading
     signer = None
     if options.c2pa_cert or options.c2pa_key:
@@ -352,10 +384,28 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:
         random_parts.append("face recognizer")
-    steps = options.steps or method.steps
+    steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
     guidance = method.guidance if options.guidance is None else options.guidance
     return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
-                   random_parts, signer)
+                   random_parts, signer, loras)
+
+
+def check_timesteps(timesteps: Sequence[int], steps: int | None) -> None:
+    """``--timesteps``: integers, strictly decreasing, not below 0, agreeing with ``--steps``."""
+    if min(timesteps) < 0 or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise IDGenError(f"--timesteps {','.join(map(str, timesteps))} must decrease strictly from the noisiest "
+                         "step, and not go below 0: e.g. 999,749,499,249")
+    if steps is not None and steps != len(timesteps):
+        raise IDGenError(f"--steps {steps} and --timesteps ({len(timesteps)} values) disagree: leave --steps out")
+
+
+def _compile_unet(pipe) -> None:
+    """Compile the UNet in place (one graph, identity attention included); channels-last on CUDA."""
+    import torch
+
+    if pipe.unet.device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet.compile(fullgraph=True)
 
 
 def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -54,14 +55,22 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("sh
 
 
 @contextlib.contextmanager
-def _quiet_text_encoder_lora() -> Iterator[None]:
-    """FaceID's LoRA is for the UNet only: drop diffusers' notice that the text encoders got none."""
-    logger, drop = logging.getLogger("diffusers.loaders.lora_base"), _DropMessages("No LoRA keys associated to CLIPText")
-    logger.addFilter(drop)
+def _quiet_lora_loading() -> Iterator[None]:
+    """Drop notices that loading a LoRA beside the identity's gives and that ask nothing of the
+    user: text encoders without LoRA keys (FaceID's and most speed LoRAs are UNet-only), peft's
+    note that the UNet now holds several adapters, and diffusers' log of a failure it raises anyway."""
+    drops = {"diffusers.loaders.lora_base": _DropMessages("No LoRA keys associated to CLIPText"),
+             "diffusers.loaders.peft": _DropMessages("was unsuccessful with the following error")}
+    for name, drop in drops.items():
+        logging.getLogger(name).addFilter(drop)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            yield
     finally:
-        logger.removeFilter(drop)
+        for name, drop in drops.items():
+            logging.getLogger(name).removeFilter(drop)
 
 
 #: Short block names accepted in an ``id_scale`` dict.
@@ -344,7 +353,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         active = [name for name in self.get_active_adapters() if name != ID_LORA_NAME]
         if ID_LORA_NAME in getattr(self.unet, "peft_config", {}):
             self.delete_adapters(ID_LORA_NAME)
-        with _quiet_text_encoder_lora():
+        with _quiet_lora_loading():
             super().load_lora_weights(peft_lora_state_dict(lora), adapter_name=ID_LORA_NAME)
         super().set_adapters(active + [ID_LORA_NAME])
 
@@ -361,7 +370,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         """diffusers' ``load_lora_weights``; a fused identity LoRA first moves into peft (exactly)
         and stays active beside the new one."""
         self._unfuse_id_lora()
-        super().load_lora_weights(*args, **kwargs)
+        with _quiet_lora_loading():
+            super().load_lora_weights(*args, **kwargs)
         if self._has_id_lora and ID_LORA_NAME not in self.get_active_adapters():
             super().set_adapters([*self.get_active_adapters(), ID_LORA_NAME])
 

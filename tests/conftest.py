@@ -83,19 +83,46 @@ def pipe(preset, analyzer):
     return pipe
 
 
-def write_lora(unet, folder: Path, rank: int = 4, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> str:
-    """A random peft LoRA on ``unet``'s attention projections, written with diffusers'
-    ``save_lora_weights`` (the file layout LoRAs are published in); returns its path."""
-    import copy
+def random_lora_layers(unet, rank: int = 4, seed: int = 0, conv: bool = False) -> dict:
+    """A random LoRA ``{path: (down, up)}`` on ``unet``'s attention projections (and, with
+    ``conv``, its resnets' 3x3 ``conv1``, as LCM-LoRA and SDXL-Lightning adapt them), strong
+    enough to change an image visibly."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, module in unet.named_modules():
+        if "lora_" in path or "base_layer" in path:
+            continue
+        module = getattr(module, "base_layer", module)  # under a peft wrapper: the layer it adapts
+        if isinstance(module, torch.nn.Linear) and path.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            shapes = (rank, module.in_features), (module.out_features, rank)
+        elif conv and isinstance(module, torch.nn.Conv2d) and path.endswith("conv1") and "resnets" in path:
+            shapes = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+        else:
+            continue
+        down = torch.randn(*shapes[0], generator=gen) / shapes[0][1] ** 0.5
+        up = torch.randn(*shapes[1], generator=gen) * 0.5 / rank ** 0.5
+        layers[path] = (down, up)
+    return layers
 
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    torch.manual_seed(seed)
-    donor = copy.deepcopy(unet)
-    donor.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(donor),
-                                              weight_name=name)
-    return str(Path(folder) / name)
+def write_lora(unet, path: Path, rank: int = 4, seed: int = 0, fmt: str = "peft", alpha: float | None = None,
+               conv: bool = False) -> str:
+    """A random LoRA (``random_lora_layers``) written to ``path`` in one of the published formats:
+    ``peft`` (diffusers' ``save_lora_weights`` keys, ``unet.<path>.lora_A.weight``) or ``kohya``
+    (``lora_unet_<path_with_underscores>.lora_down.weight`` with ``.alpha``, as LCM-LoRA,
+    SDXL-Lightning and DMD2 LoRAs ship); returns the path."""
+    from safetensors.torch import save_file
+
+    from idgen.adapters.lora import peft_lora_state_dict
+
+    layers = random_lora_layers(unet, rank, seed, conv)
+    if fmt == "peft":
+        state = peft_lora_state_dict(layers)
+    else:
+        state = {}
+        for layer, (down, up) in layers.items():
+            key = "lora_unet_" + layer.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                          f"{key}.alpha": torch.tensor(float(rank if alpha is None else alpha))})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    return str(path)

@@ -14,6 +14,8 @@ from idgen.adapters import save_adapter_checkpoint
 from idgen.cli import main
 from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict
 
+from .conftest import write_lora
+
 
 def test_generate_end_to_end(tmp_path, preset, astronaut):
     """The console script, as a user runs it: progress bar, PNGs with metadata."""
@@ -63,6 +65,14 @@ def bad_adapter(tmp_path_factory, preset, astronaut):
     return cut
 
 
+@pytest.fixture(scope="module")
+def sdxl_lora(tmp_path_factory, cache) -> str:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(get_preset("tiny-sdxl").base, subfolder="unet")
+    return write_lora(unet, tmp_path_factory.mktemp("lora") / "sdxl.safetensors", fmt="kohya")
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -79,9 +89,17 @@ def bad_adapter(tmp_path_factory, preset, astronaut):
         ("device-mps", "has no mps device torch can use"),
         ("device-bad", "--device bad is not a device"),
         ("instantid-alone", "no IdentityNet beside it (no ControlNetModel/ folder): pass --identitynet"),
+        ("lora-missing", "--lora loras/style.safetensors: no such file or folder, and not a hub id"),
+        ("lora-not-lora", "could not load LoRA"),
+        ("lora-other-base", "does not fit this base model: its layer shapes differ from the UNet's"),
+        ("scheduler-bad", "--scheduler 'fastest' is not a scheduler idgen knows"),
+        ("timesteps-scheduler", "--timesteps needs a scheduler that samples at given timesteps"),
+        ("timesteps-order", "must decrease strictly from the noisiest step"),
+        ("timesteps-steps", "--steps 1 and --timesteps (2 values) disagree: leave --steps out"),
+        ("timesteps-range", "--timesteps 1000 is past the scheduler's 1000 training timesteps"),
     ],
 )
-def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astronaut, bad_adapter, capsys):
+def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astronaut, bad_adapter, sdxl_lora, capsys):
     face, extra = str(astronaut), []
     if case == "missing":
         face = str(tmp_path / "nope.jpg")
@@ -112,6 +130,15 @@ def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astron
         xl = get_preset("tiny-sdxl")
         shutil.copy(os.path.join(xl.adapter, INSTANTID_FILE), tmp_path / "trained.bin")
         extra = ["--base", "tiny-sdxl", "--adapter", str(tmp_path / "trained.bin")]
+    elif case.startswith("lora-"):
+        extra = ["--lora", {"lora-missing": "loras/style.safetensors", "lora-not-lora": f"{astronaut}:0.5",
+                            "lora-other-base": sdxl_lora}[case]]
+    elif case == "scheduler-bad":
+        extra = ["--scheduler", "fastest"]
+    elif case.startswith("timesteps-"):
+        extra = {"timesteps-scheduler": ["--timesteps", "999"], "timesteps-order": ["--timesteps", "499,999"],
+                 "timesteps-steps": ["--timesteps", "999,499"],
+                 "timesteps-range": ["--scheduler", "lcm", "--timesteps", "1000"]}[case]
     out = str(tmp_path / ("out.jpg" if case == "bad-out" else "out.png"))
     code = main(["generate", "--face", face, "--prompt", "p", "--out", out, "--steps", "1", *extra])
     err = capsys.readouterr().err.strip().splitlines()

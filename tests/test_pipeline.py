@@ -155,7 +155,7 @@ def test_reloading_fuses_once_and_keeps_other_loras_active(tmp_path, preset):
     assert not pipe.get_active_adapters()  # fused: no peft adapter
     assert all(torch.equal(v, once[k]) for k, v in pipe.unet.state_dict().items())  # fused once, not twice
 
-    pipe.load_lora_weights(write_lora(pipe.unet, tmp_path), adapter_name="style")
+    pipe.load_lora_weights(write_lora(pipe.unet, tmp_path / "style.safetensors"), adapter_name="style")
     assert sorted(pipe.get_active_adapters()) == ["faceid", "style"]
     pipe.load_identity_adapter(preset.adapter)
     assert sorted(pipe.get_active_adapters()) == ["faceid", "style"]
