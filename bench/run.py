@@ -1,12 +1,14 @@
 """idgen benchmarks: every number is a ratio measured side by side in this one run.
 
-    python bench/run.py            # all four
+    python bench/run.py            # all three
     python bench/run.py --only 1 3 # some
 
-1. identity adapter overhead: one SD1.5-sized UNet step with the identity adapter vs without;
-2. idgen vs diffusers' own FaceID path, end to end on identical tiny weights (time, output);
-3. face analysis throughput on real photos, per detector backend;
-4. peak memory of one adapter training step vs one plain LoRA training step.
+1. identity overhead, whole pipeline: plain diffusers, diffusers' own FaceID path and idgen's on
+   SD1.5's published config with FaceID's rank-128 LoRA (time, output difference);
+2. face analysis throughput on real photos, per detector backend;
+3. peak memory of one adapter training step vs one plain LoRA training step.
+
+GPU speed against the original pipelines, fp16 at full size: bench/gpu.py.
 """
 
 from __future__ import annotations
@@ -38,18 +40,6 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def interleaved(fns: dict, repeats: int, setups: dict | None = None) -> dict[str, float]:
-    """Median seconds of each function, run in turns so machine load hits all alike; ``setups[name]``
-    runs untimed before each of its runs."""
-    setups = setups or {}
-    results = {name: [] for name in fns}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, fn in fns.items():
-            setups.get(name, lambda: None)()
-            results[name] += timed(fn, 1)
-    return {name: statistics.median(values[1:]) for name, values in results.items()}
-
-
 def sd15_unet(cross_attention_dim: int = 768):
     from diffusers import UNet2DConditionModel
 
@@ -57,70 +47,30 @@ def sd15_unet(cross_attention_dim: int = 768):
 
 
 # ------------------------------------------------------------------------------ 1
-def bench_adapter_overhead(latent: int, repeats: int) -> dict:
-    from idgen.adapters import build_identity_adapter, detect_format
-    from idgen.presets import random_faceid_state_dict
+def bench_identity_overhead(latent: int, steps: int, repeats: int) -> dict:
+    """Whole pipelines on SD1.5's published config (random weights): plain diffusers, diffusers'
+    FaceID path and idgen's, with FaceID's rank-128 LoRA (bench/gpu.py's SD1.5 table, eager)."""
+    import tempfile
 
-    torch.manual_seed(0)
-    unet = sd15_unet()
-    state = random_faceid_state_dict(unet, lora_rank=4)
-    adapter = build_identity_adapter(unet, state, detect_format(state))
-    sample = torch.randn(2, 4, latent, latent)
-    text = torch.randn(2, 77, 768)
-    tokens = torch.randn(2, 4, 768)
+    sys.path.insert(0, HERE)
+    import gpu
 
-    def step():  # the same UNet call; the setups below attach the identity or not
-        with torch.no_grad():
-            unet(sample, 500, encoder_hidden_states=text)
-
-    def with_identity():
-        adapter.attach(unet)
-        with torch.no_grad():
-            adapter.set_tokens(tokens)
-
-    times = interleaved(
-        {"without": step, "with identity adapter": step}, repeats,
-        {"without": adapter.detach, "with identity adapter": with_identity},
-    )
-    overhead = times["with identity adapter"] / times["without"] - 1
-    return {"config": f"SD1.5 UNet (random weights), batch 2 (CFG), latent {latent}x{latent}, 77 text + 4 identity "
-                      f"tokens, median of {repeats}", "seconds": times, "overhead": overhead, "target": "<= 3%"}
+    parts = gpu.build(gpu.sd15_parts, 1, "cpu", torch.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        cases = gpu.sd15_cases(parts, latent * 8, steps, 1, "cpu", torch.float32, folder, compile_=False,
+                               few_step=False)
+        results = gpu.measure(cases, repeats, "cpu")
+    plain, anchor, ours = (results[case.name] for case in cases)
+    return {"config": f"SD1.5 config (random weights), fp32, CPU, {latent * 8} px, {steps} steps, CFG, FaceID with its "
+                      f"rank-128 LoRA, whole pipeline, median of {repeats} interleaved",
+            "seconds": {case.name: results[case.name]["seconds"] for case in cases},
+            "idgen_overhead_over_plain": ours["seconds"] / plain["seconds"] - 1,
+            "diffusers_faceid_overhead_over_plain": anchor["seconds"] / plain["seconds"] - 1,
+            "max_abs_difference_idgen_vs_diffusers_faceid": float(np.abs(ours["images"] - anchor["images"]).max()),
+            "target": "<= 3% (GPU, fp16: bench/gpu.py)"}
 
 
 # ------------------------------------------------------------------------------ 2
-def bench_vs_diffusers(steps: int, repeats: int) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    from idgen import IDStableDiffusionPipeline
-    from idgen.presets import get_preset
-
-    preset = get_preset("tiny")
-    ours = IDStableDiffusionPipeline.from_pretrained(preset.base)
-    ours.load_identity_adapter(preset.adapter)
-    reference = StableDiffusionPipeline.from_pretrained(preset.base)
-    reference.load_ip_adapter(os.path.dirname(preset.adapter), subfolder="", weight_name=os.path.basename(preset.adapter),
-                              image_encoder_folder=None)
-    for pipe in (ours, reference):
-        pipe.set_progress_bar_config(disable=True)
-    emb = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
-    outputs = {}
-
-    def run_ours():
-        outputs["idgen"] = ours("a photo", id_embeds=emb, num_inference_steps=steps, output_type="np",
-                                generator=torch.Generator().manual_seed(0)).images
-
-    def run_reference():
-        outputs["diffusers"] = reference("a photo", ip_adapter_image_embeds=[torch.stack([torch.zeros(512), emb])[:, None]],
-                                         num_inference_steps=steps, output_type="np",
-                                         generator=torch.Generator().manual_seed(0)).images
-
-    times = interleaved({"idgen": run_ours, "diffusers": run_reference}, repeats)
-    return {"config": f"tiny preset, 128x128, {steps} steps, CFG, median of {repeats}", "seconds": times,
-            "time_ratio_idgen_over_diffusers": times["idgen"] / times["diffusers"],
-            "max_abs_output_difference": float(np.abs(outputs["idgen"] - outputs["diffusers"]).max())}
-
-
-# ------------------------------------------------------------------------------ 3
 def real_photos() -> list[str]:
     insightface = list(importlib.util.find_spec("insightface").submodule_search_locations)[0]
     return [os.path.join(os.path.dirname(HERE), "idgen", "assets", "astronaut.jpg"),
@@ -150,7 +100,7 @@ def bench_face_analysis(repeats: int) -> dict:
             "backends": results}
 
 
-# ------------------------------------------------------------------------------ 4
+# ------------------------------------------------------------------------------ 3
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -212,8 +162,9 @@ def bench_training_memory(latent: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4])
-    parser.add_argument("--latent", type=int, default=32, help="UNet latent side for 1 and 4 (64 = 512 px)")
+    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--latent", type=int, default=32, help="UNet latent side for 1 and 3 (64 = 512 px)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps for 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-probe", choices=("adapter", "lora"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,10 +176,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    benches = {1: ("identity adapter overhead", lambda: bench_adapter_overhead(args.latent, args.repeats)),
-               2: ("idgen vs diffusers FaceID", lambda: bench_vs_diffusers(20, args.repeats)),
-               3: ("face analysis throughput", lambda: bench_face_analysis(args.repeats)),
-               4: ("training step peak memory", lambda: bench_training_memory(args.latent))}
+    benches = {1: ("identity overhead, whole pipeline", lambda: bench_identity_overhead(args.latent, args.steps,
+                                                                                         args.repeats)),
+               2: ("face analysis throughput", lambda: bench_face_analysis(args.repeats)),
+               3: ("training step peak memory", lambda: bench_training_memory(args.latent))}
     for number in args.only:
         name, run = benches[number]
         print(f"\n== {number}. {name}")

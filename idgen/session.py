@@ -113,7 +113,7 @@ class SessionOptions:
     lora: list[str] = field(default_factory=list)  # style/speed LoRAs, each PATH_OR_ID[:WEIGHT] (idgen.loras)
     scheduler: str | None = None  # a name of idgen.schedulers (default: the base model's)
     timesteps: list[int] | None = None  # the exact timesteps to sample at (DMD2: 999,749,499,249)
-    compile: bool = False  # torch.compile the UNet (the first image waits for it)
+    compile: bool = False  # torch.compile the UNet and IdentityNet (the first image waits for it)
 
     @classmethod
     def from_namespace(cls, args: Any) -> "SessionOptions":
@@ -242,7 +242,7 @@ class Session:
         pipe.to(device)
         load_loras(pipe, self.loras)  # on the device: fusing is a matrix product per layer
         if self.options.compile:
-            _compile_unet(pipe)
+            compile_models(pipe)
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
 
@@ -399,13 +399,17 @@ def check_timesteps(timesteps: Sequence[int], steps: int | None) -> None:
         raise IDGenError(f"--steps {steps} and --timesteps ({len(timesteps)} values) disagree: leave --steps out")
 
 
-def _compile_unet(pipe) -> None:
-    """Compile the UNet in place (one graph, identity attention included); channels-last on CUDA."""
+def compile_models(pipe) -> None:
+    """Compile the UNet and the ControlNet (IdentityNet), if any, in place: one graph each, identity
+    attention included; channels-last on CUDA. The first call waits for the compiler."""
     import torch
 
-    if pipe.unet.device.type == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)
-    pipe.unet.compile(fullgraph=True)
+    for model in (pipe.unet, getattr(pipe, "controlnet", None)):
+        if model is None:
+            continue
+        if model.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        model.compile(fullgraph=True)
 
 
 def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str | None:
