@@ -107,8 +107,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample at exactly these timesteps, noisiest first (DMD2: 999,749,499,249); "
                         "sets the number of steps")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet (and IdentityNet): faster steps on a GPU, but the first image waits "
-                        "a minute or more for the compiler")
+                        help="torch.compile the UNet (and IdentityNet), for GPUs: the first image waits a minute or "
+                        "more for the compiler (on CPU it is not faster: bench/README.md)")
     parser.add_argument("--height", type=_dimension, default=None)
     parser.add_argument("--width", type=_dimension, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
