@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idgen.errors import CheckpointError, ModelNotFoundError
+from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 
 from .attention import IdentityAdapter, IdentityAttention
 from .lora import LoRALayers
@@ -129,7 +129,7 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
 class AdapterSpec:
     """What a checkpoint describes, read from its keys and shapes."""
 
-    format: str  # "faceid", "faceid_plus" or "instantid"
+    format: str  # "faceid", "faceid_portrait", "faceid_plus" or "instantid"
     cross_attention_dim: int
     num_tokens: int
     lora_rank: int | None
@@ -143,6 +143,17 @@ _REQUIRED_PROJ_KEYS = {
 }
 #: Every identity adapter projects ArcFace vectors.
 ID_EMBED_DIM = 512
+#: FaceID-Portrait: the FaceID layout with 16 tokens per face and no LoRA, for up to 5 faces.
+PORTRAIT_TOKENS, PORTRAIT_MAX_FACES = 16, 5
+
+
+def check_portrait_faces(count: int) -> None:
+    """FaceID-Portrait turns each face photo into its own 16 tokens; it was trained on up to 5."""
+    if not 1 <= count <= PORTRAIT_MAX_FACES:
+        raise IdentityInputError(
+            f"FaceID-Portrait takes 1 to {PORTRAIT_MAX_FACES} photos of one person (it was trained on "
+            f"{PORTRAIT_MAX_FACES}), got {count}: pass at most {PORTRAIT_MAX_FACES}"
+        )
 
 
 def validate_tensors(state_dict: dict[str, StateDict], path: str = "checkpoint") -> None:
@@ -206,6 +217,8 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
         out = _dim(proj["proj.2.weight"], 0, "proj.2.weight", path)
         if dim == 0 or out % dim:
             raise CheckpointError(f"{path}: image_proj.proj.2.weight has {out} outputs, not a multiple of the token width {dim}")
+        if rank is None and out // dim == PORTRAIT_TOKENS:  # FaceID-Portrait: 16 tokens per face, no LoRA
+            format = "faceid_portrait"
         spec = AdapterSpec(format, dim, out // dim, rank)
         embed_dim = _dim(proj["proj.0.weight"], 1, "proj.0.weight", path)
     if embed_dim != ID_EMBED_DIM:

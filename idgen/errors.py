@@ -19,3 +19,7 @@ class CheckpointError(IDGenError, ValueError):
 
 class ModelNotFoundError(IDGenError, FileNotFoundError):
     """A model (face pack, base model, adapter) cannot be found locally or downloaded."""
+
+
+class IdentityInputError(IDGenError, ValueError):
+    """Identity arguments that do not fit the loaded adapter (e.g. too many faces for it)."""

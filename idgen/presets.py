@@ -233,8 +233,10 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), tokenizer
 
 
-def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim: int = 1024) -> dict:
-    """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``.
+def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int | None = 8, hidden_dim: int = 1024,
+                             num_tokens: int = 4) -> dict:
+    """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``; FaceID-Portrait's
+    with ``num_tokens=16, lora_rank=None``.
 
     Weights are scaled so each part (tokens, identity K/V, LoRA) visibly changes the output.
     """
@@ -245,7 +247,7 @@ def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim
     def randn(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * std
 
-    dim, tokens = unet.config.cross_attention_dim, 4
+    dim, tokens = unet.config.cross_attention_dim, num_tokens
     image_proj = {
         "proj.0.weight": randn(hidden_dim, 512, std=512**-0.5 * 4),
         "proj.0.bias": randn(hidden_dim, std=0.1),
@@ -259,6 +261,8 @@ def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int = 8, hidden_dim
         hidden = _hidden_size(unet, name)
         context = dim if _is_cross_attention(name) else hidden
         for part, width in (("to_q_lora", hidden), ("to_k_lora", context), ("to_v_lora", context), ("to_out_lora", hidden)):
+            if lora_rank is None:
+                break
             ip_adapter[f"{index}.{part}.down.weight"] = randn(lora_rank, width, std=width**-0.5)
             ip_adapter[f"{index}.{part}.up.weight"] = randn(hidden, lora_rank, std=0.05 * lora_rank**-0.5)
         if _is_cross_attention(name):

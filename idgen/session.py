@@ -47,6 +47,10 @@ def _is_faceid_repo(adapter: str, weight_name: str | None) -> bool:
     return adapter == FACEID_REPO
 
 
+def _is_portrait(adapter: str, weight_name: str | None) -> bool:
+    return adapter == FACEID_REPO and "portrait" in (weight_name or "")
+
+
 @dataclass(frozen=True)
 class Method:
     """One identity method: how its adapter is recognised, what runs it, and its defaults
@@ -66,6 +70,7 @@ class Method:
     raw_id_embeds: bool = False  # the recognizer's raw (un-normalised) vector, as InstantID was trained
     identitynet: bool = False  # InstantID's ControlNet, from the adapter repo's ControlNetModel/
     uses_prompt: bool = True  # Arc2Face generates from the identity alone
+    per_photo: bool = False  # each face photo gives its own tokens (FaceID-Portrait), not one mean
 
 
 #: Identity methods, in the order they are tried; the last of each family is its fallback.
@@ -74,11 +79,14 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("arc2face", "arc2face", "IDArc2FacePipeline", _is_arc2face, steps=25, guidance=3.0,
                face_pack="antelopev2", uses_prompt=False),  # antelopev2 with Arc2Face's arcface.onnx added
+        Method("faceid-portrait", "sd15", "IDStableDiffusionPipeline", _is_portrait, "faceid_portrait", per_photo=True),
         Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, "faceid", default_adapter=FACEID_REPO,
                default_weight_name="ip-adapter-faceid_sd15.bin"),
         Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, "instantid", guidance=5.0,
                id_scale=0.8, face_pack="antelopev2", default_adapter=INSTANTID_REPO,
                default_weight_name=INSTANTID_WEIGHT_NAME, raw_id_embeds=True, identitynet=True),
+        Method("faceid-portrait-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_portrait, "faceid_portrait",
+               guidance=5.0, per_photo=True),
         Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
                default_weight_name="ip-adapter-faceid_sdxl.bin"),
     )
@@ -264,10 +272,16 @@ class Session:
         return self.method.id_scale if self.options.id_scale is None else self.options.id_scale
 
     def identity(self, photos: Sequence[ImageInput], face_index: int | None = None):
-        """The (512,) identity tensor of ``photos`` (one person), as this method takes it."""
+        """The identity tensor of ``photos`` (one person), as this method takes it: (512,), or
+        (n, 512) one row per photo for FaceID-Portrait."""
         import torch
 
         index = self.options.face_index if face_index is None else face_index
+        if self.method.per_photo:
+            from .adapters import check_portrait_faces
+
+            check_portrait_faces(len(photos))
+            return torch.from_numpy(self.analyzer.embeddings(photos, index))
         return torch.from_numpy(self.analyzer.identity(photos, index, raw=self.method.raw_id_embeds))
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:

@@ -21,13 +21,14 @@ from idgen.adapters import (
     LoRALayers,
     build_identity_adapter,
     check_adapter,
+    check_portrait_faces,
     detect_format,
     faceid_lora_layers,
     load_adapter_state_dict,
     peft_lora_state_dict,
     resolve_checkpoint_file,
 )
-from idgen.errors import CheckpointError
+from idgen.errors import CheckpointError, IdentityInputError
 from idgen.faces import FaceAnalyzer, ImageInput
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
@@ -113,6 +114,9 @@ class FaceInputMixin:
     _face_analyzer: FaceAnalyzer | None = None
     #: Whether identities from photos keep the recognizer's raw scale (InstantID) or unit norm.
     raw_id_embeds: bool = False
+    #: Whether several photos of one person stay apart, (n, 512) per identity (FaceID-Portrait),
+    #: instead of being averaged into one vector.
+    per_photo_id_embeds: bool = False
 
     @property
     def face_analyzer(self) -> FaceAnalyzer:
@@ -162,7 +166,8 @@ class FaceInputMixin:
 
         One image gives one identity. A list of ``batch_size`` (> 1) images, or a list of
         lists, gives one identity per prompt; any other list is several photos of one
-        person, whose embeddings are averaged (weighted by ``face_weights``).
+        person, whose embeddings are averaged (weighted by ``face_weights``), or with
+        ``per_photo_id_embeds`` kept apart: (N, n, 512).
         """
         if isinstance(face_image, (list, tuple)):
             if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
@@ -174,7 +179,15 @@ class FaceInputMixin:
         else:
             groups = [[face_image]]
         weights = face_weights if len(groups) == 1 else None
-        return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights, self.raw_id_embeds) for g in groups]))
+        if not self.per_photo_id_embeds:
+            return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights, self.raw_id_embeds)
+                                              for g in groups]))
+        if face_weights is not None:
+            raise ValueError("face_weights= weighs photos that are averaged, but this adapter makes tokens from each "
+                             "photo: leave it out")
+        if len({len(g) for g in groups}) > 1:
+            raise ValueError(f"each identity needs the same number of photos, got {[len(g) for g in groups]}")
+        return torch.from_numpy(np.stack([self.face_analyzer.embeddings(g, face_index) for g in groups]))
 
     def prepare_id_embeds(
         self,
@@ -198,13 +211,16 @@ class FaceInputMixin:
         return _as_tensor(id_embeds), _as_tensor(negative_id_embeds)
 
     @staticmethod
-    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-        if id_embeds.ndim == 1:
+    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str, per_photo: bool = False) -> torch.Tensor:
+        """(N, 512) one row per prompt; with ``per_photo`` (N, n, 512), n photos of each identity."""
+        row = 2 if per_photo else 1
+        if id_embeds.ndim == row:
             id_embeds = id_embeds[None]
-        if id_embeds.ndim != 2:
-            raise ValueError(f"{name} must have shape (512,) or (N, 512), got {tuple(id_embeds.shape)}")
+        if id_embeds.ndim != row + 1:
+            shapes = "(n, 512) or (N, n, 512)" if per_photo else "(512,) or (N, 512)"
+            raise ValueError(f"{name} must have shape {shapes}, got {tuple(id_embeds.shape)}")
         if id_embeds.shape[0] == 1:
-            return id_embeds.expand(batch_size, -1)
+            return id_embeds.expand(batch_size, *id_embeds.shape[1:])
         if id_embeds.shape[0] != batch_size:
             raise ValueError(
                 f"{name} holds {id_embeds.shape[0]} identities for {batch_size} prompts: "
@@ -228,7 +244,7 @@ class IdentityPipelineMixin(FaceInputMixin):
     """
 
     #: Adapter formats this pipeline runs.
-    supported_adapter_formats: tuple[str, ...] = ("faceid",)
+    supported_adapter_formats: tuple[str, ...] = ("faceid", "faceid_portrait")
     identity_adapter: IdentityAdapter | None = None
     adapter_spec: AdapterSpec | None = None
     #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
@@ -240,6 +256,10 @@ class IdentityPipelineMixin(FaceInputMixin):
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
         """The loaded adapter's projection (ArcFace vector -> identity tokens), or None."""
         return None if self.identity_adapter is None else self.identity_adapter.projection
+
+    @property
+    def per_photo_id_embeds(self) -> bool:
+        return self.adapter_spec is not None and self.adapter_spec.format == "faceid_portrait"
 
     @property
     def raw_id_embeds(self) -> bool:
@@ -478,14 +498,21 @@ class IdentityPipelineMixin(FaceInputMixin):
         dim = projection.id_embed_dim
         if id_embeds.shape[-1] != dim:
             raise ValueError(f"id_embeds must be {dim}-d ArcFace vectors, got shape {tuple(id_embeds.shape)}")
-        positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds")
+        per_photo = self.per_photo_id_embeds
+        positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds", per_photo)
         if negative_id_embeds is None:
             negative_id_embeds = torch.zeros_like(positive)
-        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds")
+        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", per_photo)
+        if per_photo:
+            check_portrait_faces(positive.shape[1])
+            if negative.shape[1] != positive.shape[1]:
+                raise IdentityInputError(f"the negative identity has {negative.shape[1]} photo(s) and the identity "
+                                         f"{positive.shape[1]}: FaceID-Portrait needs as many of each")
         device = self._execution_device
         self.identity_adapter.to(device=device, dtype=self.unet.dtype)
         both = torch.cat([negative, positive]).to(device=device, dtype=projection.dtype)
-        negative_tokens, tokens = projection(both).chunk(2)
+        tokens = projection(both.reshape(-1, dim))  # each photo's tokens, then side by side per identity
+        negative_tokens, tokens = tokens.reshape(len(both), -1, tokens.shape[-1]).chunk(2)
         return tokens, negative_tokens
 
     @contextlib.contextmanager

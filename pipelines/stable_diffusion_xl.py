@@ -56,7 +56,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     """
 
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "controlnet"]
-    supported_adapter_formats = ("faceid", "instantid")
+    supported_adapter_formats = ("faceid", "faceid_portrait", "instantid")
 
     def __init__(
         self,

@@ -203,22 +203,9 @@ class FaceAnalyzer:
             )
         return faces[face_index]
 
-    def identity(
-        self,
-        images: Sequence[ImageInput],
-        face_index: int | Sequence[int] = 0,
-        weights: Sequence[float] | None = None,
-        raw: bool = False,
-    ) -> np.ndarray:
-        """One identity from one or several photos of the same person: the (optionally
-        weighted) mean of their normalised embeddings, normalised again; with ``raw``, scaled
-        to the mean raw norm (InstantID was trained on un-normalised vectors).
-
-        ``face_index`` picks the face in every photo, or in each photo (one index per photo). A
-        photo with no face raises, naming its index: it is never silently dropped.
-        """
-        if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
+    def faces(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0) -> list[Face]:
+        """The chosen face of each photo: ``face_index`` in every photo, or one index per photo. A
+        photo with no face raises, naming its index: it is never silently dropped."""
         indices = [face_index] * len(images) if isinstance(face_index, (int, np.integer)) else list(face_index)
         if len(indices) != len(images):
             raise ValueError(f"face_index has {len(indices)} values for {len(images)} photos: give one, or one per photo")
@@ -230,6 +217,26 @@ class FaceAnalyzer:
                 if len(images) == 1:
                     raise
                 raise NoFaceError(f"face image {i}: {err}") from None
+        return faces
+
+    def embeddings(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0) -> np.ndarray:
+        """(N, 512): the normalised embedding of the chosen face of each photo (``faces``), kept
+        apart (FaceID-Portrait makes tokens from each)."""
+        return np.stack([face.embedding for face in self.faces(images, face_index)]).astype(np.float32)
+
+    def identity(
+        self,
+        images: Sequence[ImageInput],
+        face_index: int | Sequence[int] = 0,
+        weights: Sequence[float] | None = None,
+        raw: bool = False,
+    ) -> np.ndarray:
+        """One identity from one or several photos of the same person (``faces``): the
+        (optionally weighted) mean of their normalised embeddings, normalised again; with ``raw``,
+        scaled to the mean raw norm (InstantID was trained on un-normalised vectors)."""
+        if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
+        faces = self.faces(images, face_index)
         mean = np.average([face.embedding for face in faces], axis=0, weights=weights)
         mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
         if raw:
