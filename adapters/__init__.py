@@ -16,10 +16,11 @@ from .loading import (
     save_adapter_checkpoint,
 )
 from .lora import FusedLoRA, LoRALayers, peft_lora_state_dict
-from .projection import FaceIDProjection, InstantIDResampler
+from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler
 
 __all__ = [
     "AdapterSpec",
+    "FaceIDPlusProjection",
     "FaceIDProjection",
     "IdentityAdapter",
     "IdentityAttention",

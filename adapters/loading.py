@@ -21,7 +21,7 @@ from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 
 from .attention import IdentityAdapter, IdentityAttention
 from .lora import LoRALayers
-from .projection import FaceIDProjection, InstantIDResampler
+from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler
 
 StateDict = dict[str, torch.Tensor]
 
@@ -138,7 +138,8 @@ class AdapterSpec:
 #: Keys of each projection layout that detection and building read.
 _REQUIRED_PROJ_KEYS = {
     "instantid": ("latents", "proj_in.weight", "proj_out.weight"),
-    "faceid_plus": ("norm.weight", "perceiver_resampler.proj_in.weight"),
+    "faceid_plus": ("norm.weight", "proj.0.weight", "proj.2.weight", "perceiver_resampler.proj_in.weight",
+                    "perceiver_resampler.layers.0.0.to_q.weight", "perceiver_resampler.layers.0.1.1.weight"),
     "faceid": tuple(sorted(_FACEID_PROJ_KEYS)),
 }
 #: Every identity adapter projects ArcFace vectors.
@@ -210,14 +211,12 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
         spec = AdapterSpec(format, _dim(proj["proj_out.weight"], 0, "proj_out.weight", path),
                            _dim(proj["latents"], 1, "latents", path), rank)
         embed_dim = _dim(proj["proj_in.weight"], 1, "proj_in.weight", path)
-    elif format == "faceid_plus":
-        return AdapterSpec(format, _dim(proj["norm.weight"], 0, "norm.weight", path), 4, rank)
     else:
         dim = _dim(proj["norm.weight"], 0, "norm.weight", path)
         out = _dim(proj["proj.2.weight"], 0, "proj.2.weight", path)
         if dim == 0 or out % dim:
             raise CheckpointError(f"{path}: image_proj.proj.2.weight has {out} outputs, not a multiple of the token width {dim}")
-        if rank is None and out // dim == PORTRAIT_TOKENS:  # FaceID-Portrait: 16 tokens per face, no LoRA
+        if format == "faceid" and rank is None and out // dim == PORTRAIT_TOKENS:  # Portrait: 16 per face, no LoRA
             format = "faceid_portrait"
         spec = AdapterSpec(format, dim, out // dim, rank)
         embed_dim = _dim(proj["proj.0.weight"], 1, "proj.0.weight", path)
@@ -301,9 +300,10 @@ def _check_lora_shapes(unet, ip_adapter: StateDict, index: int, name: str, rank:
 
 
 def build_projection(
-    state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint"
-) -> FaceIDProjection | InstantIDResampler:
-    """The projection model the checkpoint describes, with its weights (shapes read from the keys)."""
+    state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint", shortcut: bool = False
+) -> FaceIDProjection | FaceIDPlusProjection | InstantIDResampler:
+    """The projection model the checkpoint describes, with its weights (shapes read from the keys);
+    ``shortcut``: FaceID-PlusV2's (the keys do not tell v1 from v2)."""
     proj = state_dict["image_proj"]
     try:
         if spec.format == "instantid":
@@ -317,6 +317,19 @@ def build_projection(
                 embedding_dim=int(proj["proj_in.weight"].shape[1]),
                 output_dim=spec.cross_attention_dim,
                 ff_mult=int(proj["layers.0.1.1.weight"].shape[0]) // dim,
+            )
+        elif spec.format == "faceid_plus":
+            prefix = "perceiver_resampler.layers."
+            model = FaceIDPlusProjection(
+                id_embed_dim=int(proj["proj.0.weight"].shape[1]),
+                hidden_dim=int(proj["proj.0.weight"].shape[0]),
+                cross_attention_dim=spec.cross_attention_dim,
+                num_tokens=spec.num_tokens,
+                clip_embed_dim=int(proj["perceiver_resampler.proj_in.weight"].shape[1]),
+                depth=len({key[len(prefix):].split(".")[0] for key in proj if key.startswith(prefix)}),
+                heads=int(proj[prefix + "0.0.to_q.weight"].shape[0]) // 64,
+                ff_mult=int(proj[prefix + "0.1.1.weight"].shape[0]) // spec.cross_attention_dim,
+                shortcut=shortcut,
             )
         else:
             model = FaceIDProjection(
@@ -335,7 +348,7 @@ def build_projection(
 
 
 def build_identity_adapter(
-    unet, state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint"
+    unet, state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint", shortcut: bool = False
 ) -> IdentityAdapter:
     """The projection and the identity attention of every cross-attention layer, with the
     checkpoint's weights, on the UNet's device and dtype (not yet attached)."""
@@ -352,7 +365,7 @@ def build_identity_adapter(
             }
         )
         layers[module] = layer
-    return IdentityAdapter(build_projection(state_dict, spec, path), layers).to(device=unet.device, dtype=unet.dtype)
+    return IdentityAdapter(build_projection(state_dict, spec, path, shortcut), layers).to(device=unet.device, dtype=unet.dtype)
 
 
 def faceid_lora_layers(unet, state_dict: dict[str, StateDict]) -> LoRALayers:

@@ -81,6 +81,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identitynet", default=None, metavar="PATH",
                         help="InstantID's IdentityNet (a folder or repo with ControlNetModel/, or the ControlNet folder), "
                         "for an adapter that has none beside it, e.g. one you trained; 'none' runs without it")
+    parser.add_argument("--image-encoder", default=None, metavar="PATH",
+                        help="FaceID-Plus: its CLIP image encoder, a folder or hub id (default: h94/IP-Adapter's "
+                        "models/image_encoder)")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
     parser.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
@@ -353,6 +356,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     call = dict(
         session.call_kwargs(args.prompt),
+        **session.clip_inputs(pipe, args.face),
         id_embeds=id_embeds,
         negative_id_embeds=negative_id_embeds,
         num_images_per_prompt=args.num_images,

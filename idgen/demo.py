@@ -85,7 +85,8 @@ class DemoApp:
             photos, seed, face_index = [_path(f) for f in files], int(seed), int(face_index or 0)
             id_embeds = self.session.identity(photos, face_index)
             text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
-            call = dict(self.session.call_kwargs(text), id_embeds=id_embeds,
+            call = dict(self.session.call_kwargs(text), **self.session.clip_inputs(self.pipe, photos, face_index),
+                        id_embeds=id_embeds,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
                         num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
             settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style)

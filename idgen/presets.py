@@ -233,6 +233,32 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), tokenizer
 
 
+def tiny_clip_vision(seed: int = 0):
+    """A tiny random CLIP image encoder shaped like FaceID-Plus's ViT-H (224 px input, penultimate
+    hidden states as features), 32 wide."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed + 5)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=224,
+        patch_size=32, projection_dim=16)).eval()
+
+
+def random_faceid_plus_state_dict(unet, clip_embed_dim: int, seed: int = 0, lora_rank: int = 8) -> dict:
+    """A random checkpoint in the official IP-Adapter-FaceID-Plus layout (FaceID's, plus the
+    ``perceiver_resampler`` over CLIP features of width ``clip_embed_dim``) for ``unet``."""
+    from idgen.adapters.projection import FacePerceiverResampler
+
+    state = random_faceid_state_dict(unet, seed, lora_rank)
+    dim = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    resampler = FacePerceiverResampler(dim, 4, 64, max(1, dim // 64), clip_embed_dim, dim, 4)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state["image_proj"].update({f"perceiver_resampler.{key}": value + torch.randn(value.shape, generator=generator) * 0.02
+                                for key, value in resampler.state_dict().items()})
+    return state
+
+
 def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int | None = 8, hidden_dim: int = 1024,
                              num_tokens: int = 4) -> dict:
     """A random checkpoint in the official IP-Adapter-FaceID layout for ``unet``; FaceID-Portrait's

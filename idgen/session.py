@@ -51,6 +51,10 @@ def _is_portrait(adapter: str, weight_name: str | None) -> bool:
     return adapter == FACEID_REPO and "portrait" in (weight_name or "")
 
 
+def _is_plus(adapter: str, weight_name: str | None) -> bool:
+    return adapter == FACEID_REPO and "plus" in (weight_name or "")
+
+
 @dataclass(frozen=True)
 class Method:
     """One identity method: how its adapter is recognised, what runs it, and its defaults
@@ -71,6 +75,7 @@ class Method:
     identitynet: bool = False  # InstantID's ControlNet, from the adapter repo's ControlNetModel/
     uses_prompt: bool = True  # Arc2Face generates from the identity alone
     per_photo: bool = False  # each face photo gives its own tokens (FaceID-Portrait), not one mean
+    face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
 
 
 #: Identity methods, in the order they are tried; the last of each family is its fallback.
@@ -79,12 +84,15 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("arc2face", "arc2face", "IDArc2FacePipeline", _is_arc2face, steps=25, guidance=3.0,
                face_pack="antelopev2", uses_prompt=False),  # antelopev2 with Arc2Face's arcface.onnx added
+        Method("faceid-plus", "sd15", "IDStableDiffusionPipeline", _is_plus, "faceid_plus", face_clip=True),
         Method("faceid-portrait", "sd15", "IDStableDiffusionPipeline", _is_portrait, "faceid_portrait", per_photo=True),
         Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, "faceid", default_adapter=FACEID_REPO,
                default_weight_name="ip-adapter-faceid_sd15.bin"),
         Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, "instantid", guidance=5.0,
                id_scale=0.8, face_pack="antelopev2", default_adapter=INSTANTID_REPO,
                default_weight_name=INSTANTID_WEIGHT_NAME, raw_id_embeds=True, identitynet=True),
+        Method("faceid-plus-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_plus, "faceid_plus", guidance=5.0,
+               face_clip=True),
         Method("faceid-portrait-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_portrait, "faceid_portrait",
                guidance=5.0, per_photo=True),
         Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
@@ -102,6 +110,7 @@ class SessionOptions:
     weight_name: str | None = None
     subfolder: str | None = None
     identitynet: str | None = None  # InstantID's IdentityNet: folder or hub id ("none": without it)
+    image_encoder: str | None = None  # FaceID-Plus's CLIP image encoder folder or hub id (default h94/IP-Adapter's)
     face_model: str | None = None
     detector: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -245,7 +254,8 @@ class Session:
             pipe.scheduler = make_scheduler(self.options.scheduler, pipe.scheduler.config)
         self._check_schedule(pipe.scheduler)
         if self.adapter_file is not None:
-            pipe.load_identity_adapter(self.adapter_file)
+            extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
+            pipe.load_identity_adapter(self.adapter_file, **extra)
         pipe.set_face_analyzer(self.analyzer)
         pipe.to(device)
         load_loras(pipe, self.loras)  # on the device: fusing is a matrix product per layer
@@ -253,6 +263,25 @@ class Session:
             compile_models(pipe)
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
+
+    def _image_encoder(self, dtype):
+        from transformers import CLIPVisionModelWithProjection
+
+        try:
+            return CLIPVisionModelWithProjection.from_pretrained(self.options.image_encoder, dtype=dtype)
+        except Exception as err:  # missing folder or repo, offline, not a CLIP image encoder
+            raise ModelNotFoundError(
+                f"could not load the image encoder {self.options.image_encoder} ({type(err).__name__}): pass "
+                "--image-encoder with a CLIPVisionModelWithProjection folder, or leave it out for h94/IP-Adapter's"
+            ) from None
+
+    def clip_inputs(self, pipe, photos: Sequence[ImageInput], face_index: int | None = None) -> dict[str, Any]:
+        """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person); nothing for
+        the other methods."""
+        if not self.method.face_clip:
+            return {}
+        index = self.options.face_index if face_index is None else face_index
+        return {"face_clip_embeds": pipe.encode_face_clip(list(photos), 1, index)}
 
     def _check_schedule(self, scheduler) -> None:
         limit = scheduler.config.get("num_train_timesteps", 1000)
@@ -394,6 +423,9 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
                           method)
     identitynet = _identitynet(method, adapter, options.identitynet)
+    if options.image_encoder and not method.face_clip:
+        raise IDGenError(f"--image-encoder is FaceID-Plus's; the {method.name} adapter {adapter} runs without it: "
+                         "leave it out")
     analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:

@@ -14,6 +14,7 @@ import torch
 
 from idgen.adapters import (
     AdapterSpec,
+    FaceIDPlusProjection,
     FaceIDProjection,
     IdentityAdapter,
     InstantIDResampler,
@@ -28,13 +29,16 @@ from idgen.adapters import (
     peft_lora_state_dict,
     resolve_checkpoint_file,
 )
-from idgen.errors import CheckpointError, IdentityInputError
+from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 from idgen.faces import FaceAnalyzer, ImageInput
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
 
 #: Name of the peft adapter that holds an identity adapter's own LoRA (FaceID).
 ID_LORA_NAME = "faceid"
+#: FaceID-Plus's image encoder (CLIP ViT-H/14), in ``models/image_encoder`` of this repo.
+PLUS_IMAGE_ENCODER = "h94/IP-Adapter"
+SDXL_CROSS_ATTENTION_DIM = 2048
 
 
 IDScale = Union[float, dict]
@@ -169,15 +173,7 @@ class FaceInputMixin:
         person, whose embeddings are averaged (weighted by ``face_weights``), or with
         ``per_photo_id_embeds`` kept apart: (N, n, 512).
         """
-        if isinstance(face_image, (list, tuple)):
-            if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
-                groups = [list(item) for item in face_image]
-            elif batch_size > 1 and len(face_image) == batch_size:
-                groups = [[item] for item in face_image]
-            else:
-                groups = [list(face_image)]
-        else:
-            groups = [[face_image]]
+        groups = self._face_groups(face_image, batch_size)
         weights = face_weights if len(groups) == 1 else None
         if not self.per_photo_id_embeds:
             return torch.from_numpy(np.stack([self.face_analyzer.identity(g, face_index, weights, self.raw_id_embeds)
@@ -188,6 +184,17 @@ class FaceInputMixin:
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"each identity needs the same number of photos, got {[len(g) for g in groups]}")
         return torch.from_numpy(np.stack([self.face_analyzer.embeddings(g, face_index) for g in groups]))
+
+    @staticmethod
+    def _face_groups(face_image: FaceImages, batch_size: int) -> list[list[ImageInput]]:
+        """The photos of each identity: one photo; one per prompt; or several of one person."""
+        if not isinstance(face_image, (list, tuple)):
+            return [[face_image]]
+        if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
+            return [list(item) for item in face_image]
+        if batch_size > 1 and len(face_image) == batch_size:
+            return [[item] for item in face_image]
+        return [list(face_image)]
 
     def prepare_id_embeds(
         self,
@@ -211,14 +218,14 @@ class FaceInputMixin:
         return _as_tensor(id_embeds), _as_tensor(negative_id_embeds)
 
     @staticmethod
-    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str, per_photo: bool = False) -> torch.Tensor:
-        """(N, 512) one row per prompt; with ``per_photo`` (N, n, 512), n photos of each identity."""
-        row = 2 if per_photo else 1
-        if id_embeds.ndim == row:
+    def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str, row_ndim: int = 1) -> torch.Tensor:
+        """One row per prompt: (N, 512), or (N, n, 512) for photos kept apart, (N, L, C) for CLIP
+        features; a single row (no N) serves every prompt."""
+        if id_embeds.ndim == row_ndim:
             id_embeds = id_embeds[None]
-        if id_embeds.ndim != row + 1:
-            shapes = "(n, 512) or (N, n, 512)" if per_photo else "(512,) or (N, 512)"
-            raise ValueError(f"{name} must have shape {shapes}, got {tuple(id_embeds.shape)}")
+        if id_embeds.ndim != row_ndim + 1:
+            raise ValueError(f"{name} must have {row_ndim} dimensions, or {row_ndim + 1} with one row per prompt; "
+                             f"got shape {tuple(id_embeds.shape)}")
         if id_embeds.shape[0] == 1:
             return id_embeds.expand(batch_size, *id_embeds.shape[1:])
         if id_embeds.shape[0] != batch_size:
@@ -244,7 +251,7 @@ class IdentityPipelineMixin(FaceInputMixin):
     """
 
     #: Adapter formats this pipeline runs.
-    supported_adapter_formats: tuple[str, ...] = ("faceid", "faceid_portrait")
+    supported_adapter_formats: tuple[str, ...] = ("faceid", "faceid_portrait", "faceid_plus")
     identity_adapter: IdentityAdapter | None = None
     adapter_spec: AdapterSpec | None = None
     #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
@@ -283,6 +290,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         weight_name: str | None = None,
         subfolder: str | None = None,
         fuse_lora: bool = True,
+        image_encoder: Any = None,
+        shortcut: bool | None = None,
         **hub_kwargs,
     ) -> None:
         """Load an identity adapter (e.g. ``h94/IP-Adapter-FaceID`` with
@@ -295,6 +304,10 @@ class IdentityPipelineMixin(FaceInputMixin):
         ``set_adapters([..., "faceid"], [...])``, load another LoRA, save or unload, and from
         then on runs through peft as the adapter ``"faceid"``. ``fuse_lora=False`` keeps it in
         peft from the start (to train it). A previously loaded identity adapter is replaced.
+
+        FaceID-Plus also loads CLIP ViT-H (``image_encoder``, default h94/IP-Adapter's) as the
+        pipeline's ``image_encoder``; ``shortcut`` marks PlusV2 (default: "plusv2" in the file
+        name, or an SDXL checkpoint: the keys do not tell).
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
             path, state_dict = "the given state dict", pretrained_model_name_or_path_or_file
@@ -305,8 +318,13 @@ class IdentityPipelineMixin(FaceInputMixin):
         if spec.format not in self.supported_adapter_formats:
             raise CheckpointError(self._unsupported_format_message(spec, path))
         check_adapter(self.unet, state_dict, spec, path)
+        if spec.format == "faceid_plus":
+            self._set_face_image_encoder(image_encoder)
+            if shortcut is None:
+                sdxl = spec.cross_attention_dim == SDXL_CROSS_ATTENTION_DIM
+                shortcut = "plusv2" in os.path.basename(path).lower() or sdxl
 
-        adapter = build_identity_adapter(self.unet, state_dict, spec, path)
+        adapter = build_identity_adapter(self.unet, state_dict, spec, path, bool(shortcut))
         if self.identity_adapter is not None:
             self.unload_identity_adapter()
         adapter.attach(self.unet)
@@ -331,11 +349,6 @@ class IdentityPipelineMixin(FaceInputMixin):
         self.identity_adapter, self.adapter_spec, self._id_lora, self._fused_id_lora = None, None, None, None
 
     def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
-        if spec.format == "faceid_plus":
-            return (
-                f"{path} is an IP-Adapter-FaceID-Plus checkpoint, which also needs CLIP image features; "
-                "idgen runs FaceID (ip-adapter-faceid_sd15.bin / _sdxl.bin) and InstantID: use one of those"
-            )
         if spec.format == "instantid":
             return (
                 f"{path} is an InstantID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline "
@@ -476,6 +489,53 @@ class IdentityPipelineMixin(FaceInputMixin):
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
 
+    @torch.no_grad()
+    def encode_face_clip(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0) -> torch.Tensor:
+        """FaceID-Plus's CLIP features (N, L, C): the penultimate hidden states of the image
+        encoder for each face, aligned to the ArcFace template at the encoder's input size, in RGB
+        (the reference's model card fed BGR); several photos of one person are averaged."""
+        size = self.image_encoder.config.image_size
+        rows = []
+        for photos in self._face_groups(face_image, batch_size):
+            crops = torch.from_numpy(self.face_analyzer.face_crops(photos, face_index, size))
+            rows.append(self._clip_hidden_states(crops.permute(0, 3, 1, 2).float() / 255).mean(0))
+        return torch.stack(rows)
+
+    def _clip_hidden_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Penultimate hidden states of the image encoder for RGB ``pixels`` in [0, 1] (B, 3, s, s)."""
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        encoder = self.image_encoder
+        pixels = (pixels - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+        pixels = pixels.to(encoder.device, encoder.dtype)
+        return encoder(pixels, output_hidden_states=True).hidden_states[-2]
+
+    @torch.no_grad()
+    def _blank_face_clip(self) -> torch.Tensor:
+        """CLIP features of an all-zero (normalised) image: FaceID-Plus's unconditional input."""
+        size = self.image_encoder.config.image_size
+        blank = torch.zeros(1, 3, size, size, device=self.image_encoder.device, dtype=self.image_encoder.dtype)
+        return self.image_encoder(blank, output_hidden_states=True).hidden_states[-2]
+
+    def _set_face_image_encoder(self, image_encoder: Any) -> None:
+        """FaceID-Plus's CLIP ViT-H: the one given, the pipeline's own, or h94/IP-Adapter's."""
+        if image_encoder is None and getattr(self, "image_encoder", None) is not None:
+            return
+        if image_encoder is None:
+            from transformers import CLIPVisionModelWithProjection
+
+            try:
+                image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                    PLUS_IMAGE_ENCODER, subfolder="models/image_encoder", dtype=self.unet.dtype
+                )
+            except Exception as err:  # offline, missing repo
+                raise ModelNotFoundError(
+                    f"FaceID-Plus reads CLIP ViT-H features of the face, and its encoder ({PLUS_IMAGE_ENCODER}, "
+                    f"models/image_encoder) could not be loaded ({type(err).__name__}): make the hub reachable, or "
+                    "pass image_encoder= (a CLIPVisionModelWithProjection)"
+                ) from None
+        self.register_modules(image_encoder=image_encoder.to(self.unet.device, self.unet.dtype))
+
     def encode_id_tokens(
         self,
         face_image: FaceImages | None,
@@ -485,11 +545,15 @@ class IdentityPipelineMixin(FaceInputMixin):
         batch_size: int,
         face_index: int = 0,
         face_weights: Sequence[float] | None = None,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity tokens for the conditional and unconditional branches, one row per prompt.
 
         The unconditional tokens project ``negative_id_embeds``, zeros by default, as the
-        reference implementations do.
+        reference implementations do. FaceID-Plus also reads CLIP features of the face crop
+        (``face_clip_embeds``, else from ``face_image``; a blank image's for the unconditional
+        branch) and PlusV2 adds its MLP tokens back at ``s_scale``.
         """
         id_embeds, negative_id_embeds = self.prepare_id_embeds(
             face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
@@ -499,10 +563,10 @@ class IdentityPipelineMixin(FaceInputMixin):
         if id_embeds.shape[-1] != dim:
             raise ValueError(f"id_embeds must be {dim}-d ArcFace vectors, got shape {tuple(id_embeds.shape)}")
         per_photo = self.per_photo_id_embeds
-        positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds", per_photo)
+        positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds", 1 + per_photo)
         if negative_id_embeds is None:
             negative_id_embeds = torch.zeros_like(positive)
-        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", per_photo)
+        negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", 1 + per_photo)
         if per_photo:
             check_portrait_faces(positive.shape[1])
             if negative.shape[1] != positive.shape[1]:
@@ -511,7 +575,17 @@ class IdentityPipelineMixin(FaceInputMixin):
         device = self._execution_device
         self.identity_adapter.to(device=device, dtype=self.unet.dtype)
         both = torch.cat([negative, positive]).to(device=device, dtype=projection.dtype)
-        tokens = projection(both.reshape(-1, dim))  # each photo's tokens, then side by side per identity
+        extra = {}
+        if isinstance(projection, FaceIDPlusProjection):
+            if face_clip_embeds is None:
+                if face_image is None:
+                    raise IdentityInputError("FaceID-Plus also reads CLIP features of the face: pass face_image= (or "
+                                             "face_clip_embeds= from pipe.encode_face_clip() beside id_embeds=)")
+                face_clip_embeds = self.encode_face_clip(face_image, batch_size, face_index)
+            clip = self._batch_id_embeds(_as_tensor(face_clip_embeds), batch_size, "face_clip_embeds", 2)
+            negative_clip = self._blank_face_clip().expand_as(clip)  # the reference's unconditional features
+            extra = dict(clip_embeds=torch.cat([negative_clip, clip]).to(device, projection.dtype), s_scale=s_scale)
+        tokens = projection(both.reshape(-1, dim), **extra)  # each photo's tokens, then side by side per identity
         negative_tokens, tokens = tokens.reshape(len(both), -1, tokens.shape[-1]).chunk(2)
         return tokens, negative_tokens
 

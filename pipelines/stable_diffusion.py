@@ -32,6 +32,8 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         face_weights: Sequence[float] | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -68,6 +70,9 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
             face_index: which face of each photo, largest first.
             id_guidance_start / id_guidance_end: fractions of the schedule during which the
                 identity is applied, like ControlNet's ``control_guidance_start/end``.
+            face_clip_embeds: FaceID-Plus: CLIP features of the face (``encode_face_clip``), (L, C)
+                or (N, L, C); by default computed from ``face_image``.
+            s_scale: FaceID-PlusV2: strength of its shortcut (the MLP tokens added back).
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
@@ -85,7 +90,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         # 3. Encode the identity
         tokens, negative_tokens = self.encode_id_tokens(
             face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
-            face_weights,
+            face_weights, face_clip_embeds, s_scale,
         )
 
         # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity

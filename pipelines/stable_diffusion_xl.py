@@ -56,7 +56,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     """
 
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "controlnet"]
-    supported_adapter_formats = ("faceid", "faceid_portrait", "instantid")
+    supported_adapter_formats = ("faceid", "faceid_portrait", "faceid_plus", "instantid")
 
     def __init__(
         self,
@@ -173,6 +173,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         face_weights: Sequence[float] | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
         face_kps: np.ndarray | None = None,
         kps_image: ImageInput | None = None,
         image: Any = None,
@@ -251,7 +253,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 3. Encode the identity; draw the IdentityNet keypoints
         tokens, negative_tokens = self.encode_id_tokens(
             face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
-            face_weights,
+            face_weights, face_clip_embeds, s_scale,
         )
         control_images = extra_images
         if self.has_identitynet:

@@ -14,7 +14,7 @@ from idgen.adapters import (
     resolve_checkpoint_file,
     save_adapter_checkpoint,
 )
-from idgen.presets import random_faceid_state_dict
+from idgen.presets import random_faceid_plus_state_dict, random_faceid_state_dict
 
 
 class Payload:
@@ -81,13 +81,14 @@ def test_bin_and_safetensors_forms_load_the_same_tensors(tmp_path, unet):
     assert (spec.format, spec.cross_attention_dim, spec.num_tokens, spec.lora_rank) == ("faceid", 32, 4, 8)
 
 
-def test_format_detection():
-    faceid_plus = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(1), "norm.weight": torch.zeros(768)}, "ip_adapter": {}}
+def test_format_detection(unet):
+    faceid_plus = random_faceid_plus_state_dict(unet, clip_embed_dim=48)
     instantid = {
         "image_proj": {"latents": torch.zeros(1, 16, 1280), "proj_in.weight": torch.zeros(1280, 512), "proj_out.weight": torch.zeros(2048, 1280)},
         "ip_adapter": {},
     }
-    assert detect_format(faceid_plus).format == "faceid_plus"
+    spec = detect_format(faceid_plus)
+    assert (spec.format, spec.cross_attention_dim, spec.num_tokens, spec.lora_rank) == ("faceid_plus", 32, 4, 8)
     spec = detect_format(instantid)
     assert (spec.format, spec.cross_attention_dim, spec.num_tokens) == ("instantid", 2048, 16)
     with pytest.raises(CheckpointError, match="unknown image_proj layout"):

@@ -45,12 +45,14 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     pipe.set_progress_bar_config(disable=True)
     report = Report(config={**session.metadata(), "refs": refs, "prompts": prompts, "seeds": seeds,
                             "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
-    # The generation's identities: the same unit vectors, or the raw ones for methods that take those.
-    id_embeds = {name: session.identity(photos) if session.method.raw_id_embeds else torch.from_numpy(references[name])
-                 for name, photos in identities.items()}
+    # The generation's identities: the same unit vectors, or as the method takes them (raw vectors,
+    # one row per photo), with FaceID-Plus's CLIP features.
+    as_given = session.method.raw_id_embeds or session.method.per_photo
+    inputs = {name: {"id_embeds": session.identity(photos) if as_given else torch.from_numpy(references[name]),
+                     **session.clip_inputs(pipe, photos)} for name, photos in identities.items()}
     jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
     for name, index, prompt, seed in tqdm(jobs, desc="evaluating", unit="image"):
-        call = dict(session.call_kwargs(prompt), id_embeds=id_embeds[name], generator=torch.Generator().manual_seed(seed))
+        call = dict(session.call_kwargs(prompt), **inputs[name], generator=torch.Generator().manual_seed(seed))
         if getattr(pipe, "has_identitynet", False):
             call.update(kps_image=identities[name][0])
         image = pipe(**call).images[0]

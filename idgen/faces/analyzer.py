@@ -224,6 +224,13 @@ class FaceAnalyzer:
         apart (FaceID-Portrait makes tokens from each)."""
         return np.stack([face.embedding for face in self.faces(images, face_index)]).astype(np.float32)
 
+    def face_crops(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0, size: int = 224) -> np.ndarray:
+        """(N, size, size, 3) uint8 RGB: the chosen face of each photo (``faces``) aligned to the
+        ArcFace template at ``size`` (FaceID-Plus's CLIP input)."""
+        loaded = [load_image(image, self.max_pixels) for image in images]
+        return np.stack([align_face(np.asarray(image), face.kps, size)
+                         for image, face in zip(loaded, self.faces(loaded, face_index))])
+
     def identity(
         self,
         images: Sequence[ImageInput],
