@@ -98,3 +98,18 @@ def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys)
     assert main([*common, "--image-encoder", str(tmp_path / "encoder"), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--image-encoder is FaceID-Plus's; the faceid adapter" in err[0]
+
+
+def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
+    pytest.importorskip("gradio")
+    from idgen.demo import DemoApp
+    from idgen.session import start_session
+
+    unet = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base).unet
+    adapter = tmp_path / "ip-adapter-faceid-plus_sd15.safetensors"
+    save_adapter_checkpoint(random_faceid_plus_state_dict(unet, encoder.config.hidden_size), str(adapter))
+    encoder.save_pretrained(tmp_path / "encoder")
+    session = start_session(adapter=str(adapter), image_encoder=str(tmp_path / "encoder"), steps=2, height=64, width=64)
+    app = DemoApp(session, session.load())
+    results = app.generate([str(astronaut), str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
+    assert Image.open(results[0][0]).text["method"] == "faceid-plus"
