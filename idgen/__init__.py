@@ -6,10 +6,14 @@ from .session import Session, SessionOptions, start_session
 from .version import __version__
 
 
+_PIPELINES = ("IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
+              "IDStableDiffusionXLPipeline", "IDArc2FacePipeline", "load_identitynet")
+
+
 def __getattr__(name: str):
     # Pipelines import diffusers and torch: load them on first use so `idgen --help`
     # and face analysis stay fast.
-    if name in ("IDStableDiffusionPipeline", "IDStableDiffusionXLPipeline", "IDArc2FacePipeline", "load_identitynet"):
+    if name in _PIPELINES:
         from . import pipelines
 
         return getattr(pipelines, name)
@@ -22,6 +26,8 @@ __all__ = [
     "FaceAnalyzer",
     "IDArc2FacePipeline",
     "IDGenError",
+    "IDStableDiffusionImg2ImgPipeline",
+    "IDStableDiffusionInpaintPipeline",
     "IDStableDiffusionPipeline",
     "IDStableDiffusionXLPipeline",
     "ImageError",
