@@ -39,6 +39,7 @@ ID_LORA_NAME = "faceid"
 #: FaceID-Plus's image encoder (CLIP ViT-H/14), in ``models/image_encoder`` of this repo.
 PLUS_IMAGE_ENCODER = "h94/IP-Adapter"
 SDXL_CROSS_ATTENTION_DIM = 2048
+_NO_ENCODER = object()  # no FaceID-Plus image encoder to take out on unload
 
 
 IDScale = Union[float, dict]
@@ -258,6 +259,8 @@ class IdentityPipelineMixin(FaceInputMixin):
     #: or run by peft as the adapter ``"faceid"``.
     _id_lora: LoRALayers | None = None
     _fused_id_lora: FusedLoRA | None = None
+    #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
+    _image_encoder_before: Any = _NO_ENCODER
 
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
@@ -280,6 +283,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         if getattr(pipeline, "identity_adapter", None) is not None and new.unet is pipeline.unet:
             new.identity_adapter, new.adapter_spec = pipeline.identity_adapter, pipeline.adapter_spec
             new._id_lora, new._fused_id_lora = pipeline._id_lora, pipeline._fused_id_lora
+            new._image_encoder_before = pipeline._image_encoder_before
             new._face_analyzer = pipeline._face_analyzer
         return new
 
@@ -318,8 +322,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         if spec.format not in self.supported_adapter_formats:
             raise CheckpointError(self._unsupported_format_message(spec, path))
         check_adapter(self.unet, state_dict, spec, path)
+        encoder = None
         if spec.format == "faceid_plus":
-            self._set_face_image_encoder(image_encoder)
+            encoder = self._face_image_encoder(image_encoder)
             if shortcut is None:
                 sdxl = spec.cross_attention_dim == SDXL_CROSS_ATTENTION_DIM
                 shortcut = "plusv2" in os.path.basename(path).lower() or sdxl
@@ -327,6 +332,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         adapter = build_identity_adapter(self.unet, state_dict, spec, path, bool(shortcut))
         if self.identity_adapter is not None:
             self.unload_identity_adapter()
+        if encoder is not None:  # unloading puts the pipeline's own image_encoder back
+            self._image_encoder_before = getattr(self, "image_encoder", None)
+            self.register_modules(image_encoder=encoder)
         adapter.attach(self.unet)
         self.identity_adapter, self.adapter_spec = adapter, spec
         lora = faceid_lora_layers(self.unet, state_dict)
@@ -347,6 +355,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         elif self._id_lora is not None:
             self._remove_id_lora()
         self.identity_adapter, self.adapter_spec, self._id_lora, self._fused_id_lora = None, None, None, None
+        if self._image_encoder_before is not _NO_ENCODER:  # FaceID-Plus's image encoder goes too
+            self.register_modules(image_encoder=self._image_encoder_before)
+            self._image_encoder_before = _NO_ENCODER
 
     def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
         if spec.format == "instantid":
@@ -517,10 +528,10 @@ class IdentityPipelineMixin(FaceInputMixin):
         blank = torch.zeros(1, 3, size, size, device=self.image_encoder.device, dtype=self.image_encoder.dtype)
         return self.image_encoder(blank, output_hidden_states=True).hidden_states[-2]
 
-    def _set_face_image_encoder(self, image_encoder: Any) -> None:
+    def _face_image_encoder(self, image_encoder: Any) -> Any:
         """FaceID-Plus's CLIP ViT-H: the one given, the pipeline's own, or h94/IP-Adapter's."""
         if image_encoder is None and getattr(self, "image_encoder", None) is not None:
-            return
+            return self.image_encoder
         if image_encoder is None:
             from transformers import CLIPVisionModelWithProjection
 
@@ -534,7 +545,7 @@ class IdentityPipelineMixin(FaceInputMixin):
                     f"models/image_encoder) could not be loaded ({type(err).__name__}): make the hub reachable, or "
                     "pass image_encoder= (a CLIPVisionModelWithProjection)"
                 ) from None
-        self.register_modules(image_encoder=image_encoder.to(self.unet.device, self.unet.dtype))
+        return image_encoder.to(self.unet.device, self.unet.dtype)
 
     def encode_id_tokens(
         self,

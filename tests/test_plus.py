@@ -113,3 +113,12 @@ def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
     app = DemoApp(session, session.load())
     results = app.generate([str(astronaut), str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
     assert Image.open(results[0][0]).text["method"] == "faceid-plus"
+
+
+def test_unloading_plus_takes_its_image_encoder_out(encoder, cache):
+    pipe, checkpoint = _pipe("tiny", encoder, False)
+    assert pipe.image_encoder is encoder and pipe.components["image_encoder"] is encoder
+    pipe.load_identity_adapter(checkpoint)  # again: the loaded encoder serves, and stays after the swap
+    assert pipe.image_encoder is encoder
+    pipe.unload_identity_adapter()
+    assert pipe.image_encoder is None and pipe.identity_adapter is None
