@@ -7,7 +7,10 @@ from .version import __version__
 
 
 _PIPELINES = ("IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
-              "IDStableDiffusionXLPipeline", "IDArc2FacePipeline", "load_identitynet")
+              "IDStableDiffusionXLImg2ImgPipeline",
+    "IDStableDiffusionXLInpaintPipeline",
+    "IDStableDiffusionXLPipeline", "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline",
+              "IDArc2FacePipeline", "load_identitynet")
 
 
 def __getattr__(name: str):
@@ -29,6 +32,8 @@ __all__ = [
     "IDStableDiffusionImg2ImgPipeline",
     "IDStableDiffusionInpaintPipeline",
     "IDStableDiffusionPipeline",
+    "IDStableDiffusionXLImg2ImgPipeline",
+    "IDStableDiffusionXLInpaintPipeline",
     "IDStableDiffusionXLPipeline",
     "ImageError",
     "ModelNotFoundError",

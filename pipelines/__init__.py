@@ -3,8 +3,14 @@
 from .arc2face import IDArc2FacePipeline
 from .identity import FaceInputMixin, IdentityPipelineMixin
 from .stable_diffusion import IDStableDiffusionImg2ImgPipeline, IDStableDiffusionInpaintPipeline, IDStableDiffusionPipeline
-from .stable_diffusion_xl import IDStableDiffusionXLPipeline, load_identitynet
+from .stable_diffusion_xl import (
+    IDStableDiffusionXLImg2ImgPipeline,
+    IDStableDiffusionXLInpaintPipeline,
+    IDStableDiffusionXLPipeline,
+    load_identitynet,
+)
 
 __all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
            "IDStableDiffusionPipeline",
-           "IDStableDiffusionXLPipeline", "IdentityPipelineMixin", "load_identitynet"]
+           "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline", "IDStableDiffusionXLPipeline",
+           "IdentityPipelineMixin", "load_identitynet"]

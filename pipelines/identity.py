@@ -609,6 +609,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         id_scale: IDScale = 1.0,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
+        loop: Any = None,
     ) -> Iterator["IdentityTokens"]:
         """Condition the UNet on the identity for one generation call.
 
@@ -623,6 +624,7 @@ class IdentityPipelineMixin(FaceInputMixin):
                 f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {id_guidance_start} and {id_guidance_end}"
             )
         adapter = self.identity_adapter
+        schedule = loop or self  # the pipeline whose loop runs (its num_timesteps)
         adapter.attach(self.unet)
         scales = layer_id_scales(adapter.names, id_scale)
         gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
@@ -634,7 +636,7 @@ class IdentityPipelineMixin(FaceInputMixin):
             if state["batch"] != sample.shape[0]:
                 adapter.set_tokens(batches.for_batch(sample.shape[0]), gates)
                 state["batch"] = sample.shape[0]
-            on = id_window(state["step"], max(self.num_timesteps, 1), id_guidance_start, id_guidance_end)
+            on = id_window(state["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
             if on != state["on"]:
                 for name, gate in gates.items():
                     gate.fill_(scales[name] if on else 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -11,7 +12,11 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -30,6 +35,10 @@ from transformers import (
 from idgen.faces import ImageInput, draw_kps, load_image
 
 from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (isinstance(value, (bool, int, float, str, tuple)) and value == default)
 
 
 def load_identitynet(pretrained_model_name_or_path: str, subfolder: str = "ControlNetModel", **kwargs) -> ControlNetModel:
@@ -106,6 +115,40 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             yield
         finally:
             handle.remove()
+
+    # ---------------------------------------------------------------- the denoising loop
+    #: diffusers pipelines whose loop runs a call: (without ControlNet, with); None: this class's own.
+    _loop_classes: tuple[type, type] | None = None
+    #: The loop's argument for the ControlNet images.
+    _control_image_arg = "image"
+    #: Arguments of this call that go to the loop as they are (img2img's image, strength, ...).
+    _loop_inputs: dict[str, Any] = {}
+
+    def _loop_pipeline(self):
+        """The pipeline whose loop runs this call: this one, or a diffusers img2img / inpaint
+        pipeline sharing its modules (``from_pipe``: nothing is copied)."""
+        if self._loop_classes is None:
+            return self
+        loop = self._loop_classes[bool(self.controlnets)].from_pipe(self)
+        loop.set_progress_bar_config(**self._progress_bar_config) if hasattr(self, "_progress_bar_config") else None
+        return loop
+
+    def _run_loop(self, loop, **kwargs: Any):
+        """Run ``loop``'s denoising with ``kwargs`` (and the call's ``_loop_inputs``); arguments its
+        pipeline does not take must keep their defaults, else a ValueError names them."""
+        if loop is not self:
+            call = type(loop).__call__
+        else:
+            call = StableDiffusionXLControlNetPipeline.__call__ if self.controlnets else StableDiffusionXLPipeline.__call__
+        params = inspect.signature(call).parameters
+        kwargs = {**kwargs, **self._loop_inputs}
+        defaults = {key: p.default for key, p in inspect.signature(IDStableDiffusionXLPipeline.__call__).parameters.items()}
+        unsupported = sorted(key for key, value in kwargs.items()
+                             if key not in params and not _is_default(value, defaults.get(key)))
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} not supported by diffusers' {call.__qualname__.split('.')[0]}: "
+                             "leave them out")
+        return call(loop, **{key: value for key, value in kwargs.items() if key in params})
 
     @property
     def guidance_rescale(self) -> float:
@@ -273,21 +316,74 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
-        # 4. Denoise and decode: the parent's loop (plain SDXL's when there is no ControlNet)
+        # 4. Denoise and decode: the loop of the matching diffusers pipeline
+        loop = self._loop_pipeline()
         with self.identity_conditioning(
-            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop
         ) as batches:
             if not self.controlnets:
-                output = StableDiffusionXLPipeline.__call__(self, guidance_rescale=guidance_rescale, **common)
+                output = self._run_loop(loop, guidance_rescale=guidance_rescale, **common)
             elif guidance_rescale:
-                raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loop")
+                raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loops")
             else:
                 routing = self._identitynet_tokens(batches) if self.has_identitynet else contextlib.nullcontext()
                 with routing:
-                    output = super().__call__(
-                        image=control_images[0] if len(control_images) == 1 else control_images,
+                    output = self._run_loop(
+                        loop, **{self._control_image_arg: control_images[0] if len(control_images) == 1 else control_images},
                         controlnet_conditioning_scale=controlnet_conditioning_scale, guess_mode=guess_mode,
                         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                         **common,
                     )
         return self._watermarked(output, output_type)
+
+
+class _IDStableDiffusionXLRedraw(IDStableDiffusionXLPipeline):
+    """Shared by SDXL img2img and inpainting: the identity call of ``IDStableDiffusionXLPipeline``
+    around the loop of diffusers' matching pipeline (with ControlNet or without), which shares
+    this pipeline's modules. The output has the input image's size."""
+
+    _control_image_arg = "control_image"
+
+    def _redraw(self, image: Any, control_image: Any, loop_inputs: dict[str, Any], kwargs: dict[str, Any]):
+        if self.controlnets and kwargs.get("height") is None and kwargs.get("width") is None:
+            kwargs["height"], kwargs["width"] = self.image_processor.get_default_height_width(image)
+        self._loop_inputs = {"image": image, **loop_inputs}
+        try:
+            return IDStableDiffusionXLPipeline.__call__(self, image=control_image, **kwargs)
+        finally:
+            self._loop_inputs = {}
+
+
+class IDStableDiffusionXLImg2ImgPipeline(_IDStableDiffusionXLRedraw):
+    """SDXL img2img plus the identity arguments of ``IDStableDiffusionXLPipeline``, with InstantID's
+    IdentityNet when it is the ``controlnet`` (keypoints from ``face_image``, ``kps_image`` or
+    ``face_kps``, drawn at the input image's size); ``control_image`` holds further ControlNets'
+    images.
+
+    >>> pipe = IDStableDiffusionXLImg2ImgPipeline.from_pipe(text_to_image_pipe)  # keeps the adapter
+    >>> image = pipe("an oil painting", image=photo, strength=0.5, face_image="me.jpg", kps_image=photo).images[0]
+    """
+
+    _loop_classes = (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.3,
+                 control_image: Any = None, **kwargs: Any):
+        """``image`` redrawn at ``strength``; every other argument is ``IDStableDiffusionXLPipeline``'s
+        (its ``image=``, further ControlNets' images, is ``control_image=`` here)."""
+        return self._redraw(image, control_image, {"strength": strength}, dict(prompt=prompt, **kwargs))
+
+
+class IDStableDiffusionXLInpaintPipeline(_IDStableDiffusionXLRedraw):
+    """SDXL inpainting plus the identity arguments of ``IDStableDiffusionXLPipeline`` (and IdentityNet
+    as in ``IDStableDiffusionXLImg2ImgPipeline``): the white part of ``mask_image`` is repainted."""
+
+    _loop_classes = (StableDiffusionXLInpaintPipeline, StableDiffusionXLControlNetInpaintPipeline)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
+                 strength: float = 0.9999, control_image: Any = None, **kwargs: Any):
+        """``image`` repainted under ``mask_image`` at ``strength``; every other argument is
+        ``IDStableDiffusionXLPipeline``'s (``control_image=`` for further ControlNets' images)."""
+        return self._redraw(image, control_image, {"mask_image": mask_image, "strength": strength},
+                            dict(prompt=prompt, **kwargs))

@@ -69,3 +69,71 @@ def test_face_image_and_the_step_window(text_to_image, analyzer, astronaut, phot
     assert np.array_equal(from_photo, run(id_embeds=torch.from_numpy(analyzer.identity([astronaut]))))
     # Outside the window the identity is off: a window past the last step equals id_scale 0.
     assert_close(run(face_image=str(astronaut), id_scale=0.0), run(face_image=str(astronaut), id_guidance_start=0.99))
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_faceid_sdxl_matches_diffusers(kind, cache, tmp_path, photo, mask):
+    """FaceID-SDXL through diffusers' own SDXL img2img / inpaint pipeline (``load_ip_adapter``)
+    gives the same images."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    from idgen import IDStableDiffusionXLImg2ImgPipeline, IDStableDiffusionXLInpaintPipeline, IDStableDiffusionXLPipeline
+    from idgen.adapters import save_adapter_checkpoint
+    from idgen.presets import get_preset, random_faceid_state_dict
+
+    base = get_preset("tiny-faceid-sdxl").base
+    text_to_image = IDStableDiffusionXLPipeline.from_pretrained(base, controlnet=None)
+    path = tmp_path / "ip-adapter-faceid_sdxl.safetensors"
+    save_adapter_checkpoint(random_faceid_state_dict(text_to_image.unet, seed=4), str(path))
+    text_to_image.load_identity_adapter(str(path))
+    ours_cls, reference_cls = {"img2img": (IDStableDiffusionXLImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline),
+                               "inpaint": (IDStableDiffusionXLInpaintPipeline, StableDiffusionXLInpaintPipeline)}[kind]
+    ours = ours_cls.from_pipe(text_to_image)
+    assert ours.identity_adapter is text_to_image.identity_adapter
+    reference = reference_cls.from_pretrained(base)
+    reference.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    for pipe in (ours, reference):
+        pipe.set_progress_bar_config(disable=True)
+    inputs = dict(image=photo, strength=0.7, num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                  **({"mask_image": mask} if kind == "inpaint" else {}))
+    emb = embedding(3)
+    images = ours("a portrait", id_embeds=emb, generator=torch.Generator().manual_seed(0), **inputs).images
+    expected = reference("a portrait", ip_adapter_image_embeds=[torch.stack([torch.zeros(512), emb])[:, None]],
+                         generator=torch.Generator().manual_seed(0), **inputs).images
+    assert images.shape == (1, 128, 128, 3)
+    assert_close(images, expected, FP32_ATOL)
+    other = ours("a portrait", id_embeds=embedding(5), generator=torch.Generator().manual_seed(0), **inputs).images
+    assert np.abs(other - images).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_instantid_redraws_with_identitynet(kind, cache, analyzer, astronaut, photo, mask):
+    """InstantID img2img / inpainting: IdentityNet gets the keypoints drawn at the input image's
+    size; the identity and the keypoints both change the image; an argument the loop does not
+    take is refused by name."""
+    from idgen import IDStableDiffusionXLImg2ImgPipeline, IDStableDiffusionXLInpaintPipeline, IDStableDiffusionXLPipeline
+    from idgen import load_identitynet
+    from idgen.presets import INSTANTID_FILE, get_preset
+
+    xl = get_preset("tiny-sdxl")
+    text_to_image = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
+    text_to_image.load_identity_adapter(xl.adapter, weight_name=INSTANTID_FILE)
+    text_to_image.set_face_analyzer(analyzer)
+    pipe = {"img2img": IDStableDiffusionXLImg2ImgPipeline, "inpaint": IDStableDiffusionXLInpaintPipeline}[kind].from_pipe(
+        text_to_image)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = dict(image=photo, strength=0.7, num_inference_steps=4, output_type="np",
+                  **({"mask_image": mask} if kind == "inpaint" else {}))
+    raw = embedding(0, 20.0)
+    run = lambda **kw: pipe("a portrait", generator=torch.Generator().manual_seed(0), **inputs, **kw).images
+    kps = np.asarray(analyzer.get_face(astronaut).kps, np.float64) * (128 / 512)  # in the 128 px input's pixels
+    base = run(id_embeds=raw, face_kps=kps)
+    assert base.shape == (1, 128, 128, 3)
+    assert np.abs(run(id_embeds=embedding(1, 20.0), face_kps=kps) - base).max() > 1e-3
+    assert np.abs(run(id_embeds=raw, face_kps=kps[:, ::-1].copy()) - base).max() > 1e-3
+    # The pose photo's keypoints are drawn at the input image's size (128 px), not the photo's (512 px).
+    assert np.array_equal(run(face_image=str(astronaut), kps_image=str(astronaut)),
+                          run(id_embeds=torch.from_numpy(analyzer.identity([astronaut], raw=True)), face_kps=kps))
+    if kind == "img2img":
+        with pytest.raises(ValueError, match="timesteps not supported by diffusers' StableDiffusionXLControlNetImg2Img"):
+            run(id_embeds=raw, face_kps=kps, timesteps=[999, 500])
