@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -11,54 +12,51 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from .identity import FaceImages, IDScale, IdentityPipelineMixin
 
 
-#: The identity arguments every idgen SD1.5 pipeline call takes (``IDStableDiffusionPipeline.__call__``).
-IDENTITY_ARGS = ("face_image", "id_embeds", "id_scale", "negative_face_image", "negative_id_embeds", "face_index",
-                 "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale")
+#: Arguments the identity call handles itself; the rest go to the diffusers loop.
+_PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "clip_skip",
+                "cross_attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds")
+_IDENTITY_ARGS = ("face_image", "id_embeds", "id_scale", "negative_face_image", "negative_id_embeds", "face_index",
+                  "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale")
 
 
-def _identity_call(
-    pipe: IdentityPipelineMixin,
-    parent_call: Callable,
-    prompt: str | list[str] | None,
-    negative_prompt: str | list[str] | None,
-    prompt_embeds: torch.Tensor | None,
-    negative_prompt_embeds: torch.Tensor | None,
-    clip_skip: int | None,
-    cross_attention_kwargs: dict[str, Any] | None,
-    ip_adapter_image: Any,
-    ip_adapter_image_embeds: Any,
-    identity: dict[str, Any],
-    **kwargs: Any,
-):
+def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments: dict[str, Any]):
     """The identity call of every SD1.5 pipeline: check inputs, encode the prompt and the identity
-    once per prompt, then run the diffusers pipeline's own loop (``parent_call``, with ``kwargs``)
-    with the UNet conditioned on the identity."""
+    once per prompt, then run the diffusers pipeline's own loop (``parent_call``) with the UNet
+    conditioned on the identity. ``arguments`` are ``IDStableDiffusionPipeline.__call__``'s (its
+    defaults fill the missing ones) plus the loop's own (image, strength, ...)."""
+    defaults = {name: p.default for name, p in inspect.signature(IDStableDiffusionPipeline.__call__).parameters.items()}
+    loop = {name: value for name, value in arguments.items() if name not in (*_PROMPT_ARGS, *_IDENTITY_ARGS)}
+    args = {name: arguments.get(name, defaults[name]) for name in (*_PROMPT_ARGS, *_IDENTITY_ARGS)}
+    named = {name for name, p in inspect.signature(parent_call).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    unknown = sorted(set(loop) - named)
+    if unknown:
+        raise TypeError(f"{type(pipe).__name__}() got unexpected keyword argument(s) {', '.join(unknown)}")
+
     # 1. Check inputs
-    pipe._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
+    pipe._check_identity_call(args["ip_adapter_image"], args["ip_adapter_image_embeds"])
     device = pipe._execution_device
 
     # 2. Encode the prompt once per prompt (the parent repeats it per image)
-    lora_scale = (cross_attention_kwargs or {}).get("scale")
+    lora_scale = (args["cross_attention_kwargs"] or {}).get("scale")
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, device, 1, True, negative_prompt, prompt_embeds, negative_prompt_embeds,
-        lora_scale=lora_scale, clip_skip=clip_skip,
+        args["prompt"], device, 1, True, args["negative_prompt"], args["prompt_embeds"], args["negative_prompt_embeds"],
+        lora_scale=lora_scale, clip_skip=args["clip_skip"],
     )
 
     # 3. Encode the identity
     tokens, negative_tokens = pipe.encode_id_tokens(
-        identity["face_image"], identity["id_embeds"], identity["negative_face_image"], identity["negative_id_embeds"],
-        prompt_embeds.shape[0], identity["face_index"], identity["face_weights"], identity["face_clip_embeds"],
-        identity["s_scale"],
+        args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
+        prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
     )
 
     # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
     with pipe.identity_conditioning(
-        tokens, negative_tokens, kwargs.get("num_images_per_prompt", 1), identity["id_scale"],
-        identity["id_guidance_start"], identity["id_guidance_end"],
+        tokens, negative_tokens, loop.get("num_images_per_prompt", 1), args["id_scale"], args["id_guidance_start"],
+        args["id_guidance_end"],
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                             cross_attention_kwargs=cross_attention_kwargs, **kwargs)
-    return pipe._watermarked(output, kwargs.get("output_type", "pil"))
+                             cross_attention_kwargs=args["cross_attention_kwargs"], **loop)
+    return pipe._watermarked(output, loop.get("output_type", "pil"))
 
 
 class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
@@ -126,16 +124,8 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
-        return _identity_call(
-            self, super().__call__, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
-            cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds,
-            {name: value for name, value in locals().items() if name in IDENTITY_ARGS},
-            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-            latents=latents, output_type=output_type, return_dict=return_dict, guidance_rescale=guidance_rescale,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        return _identity_call(self, super().__call__, arguments)
 
 
 class IDStableDiffusionImg2ImgPipeline(IdentityPipelineMixin, StableDiffusionImg2ImgPipeline):
@@ -147,39 +137,10 @@ class IDStableDiffusionImg2ImgPipeline(IdentityPipelineMixin, StableDiffusionImg
     """
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        strength: float = 0.8,
-        face_image: FaceImages | None = None,
-        id_embeds: torch.Tensor | None = None,
-        id_scale: IDScale = 1.0,
-        negative_face_image: FaceImages | None = None,
-        negative_id_embeds: torch.Tensor | None = None,
-        face_index: int = 0,
-        face_weights: Sequence[float] | None = None,
-        id_guidance_start: float = 0.0,
-        id_guidance_end: float = 1.0,
-        face_clip_embeds: torch.Tensor | None = None,
-        s_scale: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        **kwargs: Any,
-    ):
+    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.8, **kwargs: Any):
         """Identity arguments as in ``IDStableDiffusionPipeline``; ``image``, ``strength`` and the
-        rest (``kwargs``) are ``StableDiffusionImg2ImgPipeline.__call__``'s."""
-        return _identity_call(
-            self, super().__call__, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
-            cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds,
-            {name: value for name, value in locals().items() if name in IDENTITY_ARGS},
-            image=image, strength=strength, **kwargs,
-        )
+        rest are ``StableDiffusionImg2ImgPipeline.__call__``'s."""
+        return _identity_call(self, super().__call__, dict(prompt=prompt, image=image, strength=strength, **kwargs))
 
 
 class IDStableDiffusionInpaintPipeline(IdentityPipelineMixin, StableDiffusionInpaintPipeline):
@@ -188,37 +149,9 @@ class IDStableDiffusionInpaintPipeline(IdentityPipelineMixin, StableDiffusionInp
     ``face_image`` (the rest keeps ``image``'s content)."""
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        strength: float = 1.0,
-        face_image: FaceImages | None = None,
-        id_embeds: torch.Tensor | None = None,
-        id_scale: IDScale = 1.0,
-        negative_face_image: FaceImages | None = None,
-        negative_id_embeds: torch.Tensor | None = None,
-        face_index: int = 0,
-        face_weights: Sequence[float] | None = None,
-        id_guidance_start: float = 0.0,
-        id_guidance_end: float = 1.0,
-        face_clip_embeds: torch.Tensor | None = None,
-        s_scale: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        **kwargs: Any,
-    ):
+    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
+                 strength: float = 1.0, **kwargs: Any):
         """Identity arguments as in ``IDStableDiffusionPipeline``; ``image``, ``mask_image``,
-        ``strength`` and the rest (``kwargs``) are ``StableDiffusionInpaintPipeline.__call__``'s."""
-        return _identity_call(
-            self, super().__call__, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
-            cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds,
-            {name: value for name, value in locals().items() if name in IDENTITY_ARGS},
-            image=image, mask_image=mask_image, strength=strength, **kwargs,
-        )
+        ``strength`` and the rest are ``StableDiffusionInpaintPipeline.__call__``'s."""
+        return _identity_call(self, super().__call__,
+                              dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, **kwargs))

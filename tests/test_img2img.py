@@ -9,7 +9,7 @@ from idgen import IDStableDiffusionImg2ImgPipeline, IDStableDiffusionInpaintPipe
 
 from .conftest import FP32_ATOL, assert_close, embedding
 
-COMMON = dict(num_inference_steps=4, output_type="np", height=128, width=128)
+COMMON = dict(num_inference_steps=4, output_type="np")  # the output has the input image's size
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,8 @@ def test_face_image_and_the_step_window(text_to_image, analyzer, astronaut, phot
                             **COMMON, **kw).images
     from_photo = run(face_image=str(astronaut))
     assert np.array_equal(from_photo, run(id_embeds=torch.from_numpy(analyzer.identity([astronaut]))))
+    with pytest.raises(TypeError, match="unexpected keyword argument.* kps_image"):
+        run(face_image=str(astronaut), kps_image=str(astronaut))  # IdentityNet is SDXL's
     # Outside the window the identity is off: a window past the last step equals id_scale 0.
     assert_close(run(face_image=str(astronaut), id_scale=0.0), run(face_image=str(astronaut), id_guidance_start=0.99))
 
