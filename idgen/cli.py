@@ -66,6 +66,13 @@ def _timesteps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 999,749,499,249, got {text!r}") from None
 
 
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
@@ -153,7 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--fix-faces", action="store_true",
+                     help="then repaint every face found in each image with the identity (small faces in full-body "
+                     "images), as `idgen fix` does")
+    gen.add_argument("--fix-strength", type=_strength, default=0.6, help="strength of --fix-faces (default 0.6)")
     gen.set_defaults(run=run_generate)
+
+    fix = commands.add_parser(
+        "fix",
+        help="repaint the faces of a photo as the person in --face",
+        description="Find the faces in --image, repaint each (or those of --fix-index) as the person in --face, and "
+        "blend them back under a feathered oval: every pixel outside it stays as it was.",
+    )
+    fix.add_argument("--image", required=True, metavar="PHOTO", help="the photo whose faces to repaint")
+    fix.add_argument("--face", action="append", required=True, metavar="PHOTO",
+                     help="photo of the person to put in; repeat for several photos of the same person")
+    fix.add_argument("--prompt", default="a photo of a person", help="what each face crop shows")
+    fix.add_argument("--negative-prompt", default=None)
+    fix.add_argument("--out", default="fixed.png", help="output PNG (default fixed.png)")
+    fix.add_argument("--fix-index", type=int, action="append", default=None, metavar="N",
+                     help="which face of --image to repaint, 0 = largest; repeatable (default: every face)")
+    fix.add_argument("--strength", type=_strength, default=0.6, help="how much of each face is redrawn (default 0.6)")
+    fix.add_argument("--seed", type=int, default=0)
+    _add_model_arguments(fix)
+    fix.set_defaults(run=run_fix)
 
     ev = commands.add_parser(
         "eval",
@@ -266,6 +296,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_timesteps(args.timesteps, args.steps)
     for text in getattr(args, "lora", None) or []:
         parse_lora(text)
+    if args.command == "fix":
+        _output_paths(args.out, 1)
     if args.command == "generate":
         _output_paths(args.out, args.num_images)
         if _uses_prompt(args) and not args.prompt:
@@ -379,8 +411,48 @@ def run_generate(args: argparse.Namespace) -> None:
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        session.save(image, path, pipe, args.seed + i, **settings)
+        extra = {}
+        if args.fix_faces:
+            image, extra = _fix_faces(session, pipe, image, args, args.seed + i, args.fix_strength)
+        session.save(image, path, pipe, args.seed + i, **settings, **extra)
         print(path)
+
+
+def _fix_faces(session, pipe, image, args: argparse.Namespace, seed: int, strength: float, faces=None):
+    """``image`` with its faces repainted as ``args.face`` (``idgen.facefix``), and the PNG settings
+    saying so; a generated image without a face is kept as it is (``faces`` None), with a warning."""
+    import torch
+
+    from .errors import NoFaceError
+    from .facefix import FaceFixOptions, face_fix
+
+    call = dict(session.call_kwargs(args.prompt), **session.clip_inputs(pipe, args.face),
+                id_embeds=session.identity(args.face), negative_prompt=args.negative_prompt,
+                generator=torch.Generator().manual_seed(seed))
+    try:
+        fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+    except NoFaceError as err:
+        if faces is not None or args.command == "fix":
+            raise
+        print(f"idgen: warning: {err}; the image is kept as generated", file=sys.stderr)
+        return image, {"face_fix": "no face found"}
+    summary = "; ".join(f"{x1},{y1},{x2},{y2}" for x1, y1, x2, y2 in boxes)
+    return fixed, {"face_fix": f"{len(boxes)} face(s) repainted at strength {strength} (crops {summary})"}
+
+
+def run_fix(args: argparse.Namespace) -> None:
+    from .faces import load_image
+
+    session = _session(args)
+    if not session.method.uses_prompt:
+        raise IDGenError("face fix inpaints with FaceID or InstantID: Arc2Face generates whole portraits only")
+    photo = load_image(args.image, session.options.max_pixels)  # a bad photo fails before the models load
+    session.identity(args.face)
+    pipe = session.load()
+    fixed, settings = _fix_faces(session, pipe, photo, args, args.seed, args.strength, args.fix_index)
+    session.save(fixed, args.out, pipe, args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                 faces=", ".join(args.face), source_image=args.image, **settings)
+    print(args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
