@@ -419,25 +419,18 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def _fix_faces(session, pipe, image, args: argparse.Namespace, seed: int, strength: float, faces=None):
-    """``image`` with its faces repainted as ``args.face`` (``idgen.facefix``), and the PNG settings
-    saying so; a generated image without a face is kept as it is (``faces`` None), with a warning."""
-    import torch
-
+    """``image`` with its faces repainted as ``args.face``, and the PNG settings saying so; with
+    --fix-faces, a generated image without a face is kept as it is, with a warning."""
     from .errors import NoFaceError
-    from .facefix import FaceFixOptions, face_fix
+    from .facefix import fix_faces
 
-    call = dict(session.call_kwargs(args.prompt), **session.clip_inputs(pipe, args.face),
-                id_embeds=session.identity(args.face), negative_prompt=args.negative_prompt,
-                generator=torch.Generator().manual_seed(seed))
     try:
-        fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+        return fix_faces(session, pipe, image, args.face, args.prompt, seed, strength, faces, args.negative_prompt)
     except NoFaceError as err:
-        if faces is not None or args.command == "fix":
+        if args.command == "fix":
             raise
         print(f"idgen: warning: {err}; the image is kept as generated", file=sys.stderr)
         return image, {"face_fix": "no face found"}
-    summary = "; ".join(f"{x1},{y1},{x2},{y2}" for x1, y1, x2, y2 in boxes)
-    return fixed, {"face_fix": f"{len(boxes)} face(s) repainted at strength {strength} (crops {summary})"}
 
 
 def run_fix(args: argparse.Namespace) -> None:

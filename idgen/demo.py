@@ -73,7 +73,7 @@ class DemoApp:
             raise gr.Error(str(err)) from None
 
     def generate(self, files, pose, prompt, negative_prompt, style, id_scale, identitynet_scale, steps, guidance,
-                 seed, num_images, face_index: float = 0) -> list[tuple[str, str]]:
+                 seed, num_images, face_index: float = 0, fix: bool = False) -> list[tuple[str, str]]:
         """Generate, write each image as PNG with its metadata, and return (path, caption) pairs."""
         import gradio as gr
 
@@ -100,6 +100,9 @@ class DemoApp:
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
+            fixes = [self._fix(image, photos, text, negative_prompt, seed + i, face_index) if fix else {}
+                     for i, image in enumerate(images)]
+            images = [fixed.pop("image", image) for image, fixed in zip(images, fixes)]
         except IDGenError as err:
             message = str(err)
             for photo in [_path(f) for f in files or []] + ([_path(pose)] if pose is not None else []):
@@ -109,9 +112,23 @@ class DemoApp:
         results = []
         for i, image in enumerate(images):
             path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
-            self.session.save(image, path, self.pipe, seed + i, **settings)
+            self.session.save(image, path, self.pipe, seed + i, **settings, **fixes[i])
             results.append((path, f"seed {seed + i} · id_scale {float(id_scale):.2f} · {text}"))
         return results
+
+
+    def _fix(self, image, photos, prompt, negative_prompt, seed, face_index) -> dict[str, Any]:
+        """The "fix faces" pass on one generated image (``idgen.facefix``): the fixed image and the
+        settings saying so; an image without a face is kept."""
+        from .errors import NoFaceError
+        from .facefix import fix_faces
+
+        try:
+            fixed, settings = fix_faces(self.session, self.pipe, image, photos, prompt, seed,
+                                        negative_prompt=negative_prompt or None, face_index=face_index)
+        except NoFaceError:
+            return {"face_fix": "no face found"}
+        return {"image": fixed, **settings}
 
 
 def _path(item: Any) -> Any:
@@ -151,6 +168,8 @@ def build_demo(app: DemoApp):
                 guidance = gr.Slider(0.0, 15.0, value=app.session.guidance, step=0.5, label="Guidance")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                fix = gr.Checkbox(value=False, label="Fix faces (repaint each face found with the identity)",
+                                  visible=app.session.method.uses_prompt, elem_id="fix_faces")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results (PNG with settings as metadata)", elem_id="gallery", columns=2,
@@ -162,7 +181,7 @@ def build_demo(app: DemoApp):
             return app.generate(*values)
 
         run.click(generate, inputs=[files, pose, prompt, negative, style, id_scale, identitynet, steps, guidance, seed,
-                                    count, face_index], outputs=gallery)
+                                    count, face_index, fix], outputs=gallery)
     return demo
 
 

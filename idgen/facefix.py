@@ -113,3 +113,18 @@ def face_fix(
         out[box[1]:box[3], box[0]:box[2]] = np.where(alpha > 0, blended, region)
         boxes.append(box)
     return Image.fromarray(out), boxes
+
+
+def fix_faces(session, pipe, image: ImageInput, photos: Sequence[ImageInput], prompt: str | None, seed: int,
+              strength: float = 0.6, faces: Sequence[int] | None = None, negative_prompt: str | None = None,
+              face_index: int | None = None) -> tuple[Image.Image, dict[str, str]]:
+    """``face_fix`` with a session's method and settings: the faces of ``image`` repainted as the
+    person in ``photos``; also the PNG settings that say so."""
+    import torch
+
+    call = dict(session.call_kwargs(prompt), **session.clip_inputs(pipe, photos, face_index),
+                id_embeds=session.identity(photos, face_index), negative_prompt=negative_prompt,
+                generator=torch.Generator().manual_seed(seed))
+    fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+    crops = "; ".join(",".join(map(str, box)) for box in boxes)
+    return fixed, {"face_fix": f"{len(boxes)} face(s) repainted at strength {strength} (crops {crops})"}

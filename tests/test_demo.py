@@ -57,6 +57,8 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
         app.generate([blank], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
     with pytest.raises(gr.Error, match="upload at least one face photo"):
         app.generate([], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
+    fixed = app.generate([str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True)
+    assert Image.open(fixed[0][0]).text["face_fix"] == "no face found"  # the tiny preset paints noise: kept
     assert build_demo(app) is not None
     # `idgen demo --face-index 1` starts the face picker at 1
     picked = DemoApp(start_session(steps=2, face_index=1), app.pipe)
