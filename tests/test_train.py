@@ -327,3 +327,34 @@ def test_training_errors_are_one_line_under_accelerate_launch(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr, result.stderr
     assert lines[-1].startswith("idgen: error:") and "unknown field 'learning_rat'" in lines[-1]
+
+
+def test_masked_diffusion_loss():
+    """face_loss_weight w: the face box's latent cells weigh 1 + w; w = 0 is the plain loss."""
+    from idgen.train.adapter import denoising_loss, face_mask
+
+    mask = face_mask(torch.tensor([[16.0, 32.0, 48.0, 64.0]]), (1, 4, 8, 8), 64)  # 8x8 latents of a 64 px image
+    assert mask.shape == (1, 1, 8, 8) and mask.sum() == 4 * 4  # columns 2..5, rows 4..7
+    assert mask[0, 0, 4:8, 2:6].all() and not mask[0, 0, :4].any()
+    prediction = torch.randn(1, 4, 8, 8, requires_grad=True)
+    target = torch.randn(1, 4, 8, 8)
+    assert torch.equal(denoising_loss(prediction, target, mask, 0.0), torch.nn.functional.mse_loss(prediction, target))
+    loss = denoising_loss(prediction, target, mask, 3.0)
+    loss.backward()
+    error = 2 * (prediction - target).detach() / prediction.numel()
+    expected = error * (1 + 3.0 * mask)  # the face's gradient is 4x, the rest unchanged
+    assert torch.allclose(prediction.grad, expected, atol=1e-7)
+
+
+def test_face_loss_weight_trains_other_weights(tmp_path, data):
+    for item in FaceDataset(data, 64):  # the face box moves with the crop, around the keypoints
+        (x1, y1, x2, y2), kps = item["face_box"].tolist(), item["kps"]
+        assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
+        inside = (kps[:, 0] >= x1) & (kps[:, 0] <= x2) & (kps[:, 1] >= y1) & (kps[:, 1] <= y2)
+        assert inside.sum() >= 4, (item["face_box"], kps)
+    plain = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
+    weighted = load_file(train(config(data, tmp_path / "face", max_train_steps=2, face_loss_weight=4.0)))
+    key = "image_proj.proj.2.weight"
+    assert not torch.equal(plain[key], weighted[key])
+    with pytest.raises(IDGenError, match="face_loss_weight must not be negative"):
+        train(config(data, tmp_path / "bad", face_loss_weight=-1.0))

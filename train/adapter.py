@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ class AdapterTrainConfig:
     id_dropout: float = 0.05  # identity zeroed (i_drop)
     both_dropout: float = 0.05  # both dropped (ti_drop)
     identity_enhanced: bool = False  # Infinite-ID: text cross-attention off while training
+    face_loss_weight: float = 0.0  # masked diffusion loss: the face box's pixels weigh 1 + this
     use_ema: bool = False
     ema_decay: float = 0.999
     checkpointing_steps: int = 500
@@ -82,6 +84,8 @@ class AdapterTrainConfig:
         for name in ("text_dropout", "id_dropout", "both_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise IDGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.face_loss_weight < 0:
+            raise IDGenError(f"face_loss_weight must not be negative, got {self.face_loss_weight}")
         if self.text_dropout + self.id_dropout + self.both_dropout >= 1:
             raise IDGenError("text_dropout + id_dropout + both_dropout must stay below 1")
         for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
@@ -297,7 +301,26 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     prediction = model(noisy.to(weight_dtype), timesteps, text_embeds, id_embeds, added)
     kind = pipe.scheduler.config.prediction_type
     target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    mask = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device) if config.face_loss_weight else None
+    return denoising_loss(prediction.float(), target.float(), mask, config.face_loss_weight)
+
+
+def face_mask(boxes: torch.Tensor, latent_shape: Sequence[int], resolution: int) -> torch.Tensor:
+    """(B, 1, h, w): 1 on the latent cells the face boxes (B, 4) in pixels cover, else 0."""
+    height, width = latent_shape[-2:]
+    cells = boxes.float() / resolution * torch.tensor([width, height, width, height])
+    ys, xs = torch.arange(height)[:, None] + 0.5, torch.arange(width)[None, :] + 0.5
+    inside = [(xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2) for x1, y1, x2, y2 in cells.tolist()]
+    return torch.stack(inside)[:, None].float()
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   face_weight: float = 0.0) -> torch.Tensor:
+    """Mean squared error; with a face ``mask``, its cells weigh ``1 + face_weight`` (the masked
+    diffusion loss of StableIdentity and PhotoMaker: the face's pixels matter more)."""
+    if mask is None or not face_weight:
+        return F.mse_loss(prediction, target)
+    return ((1 + face_weight * mask) * (prediction - target) ** 2).mean()
 
 
 class MetricsLog:

@@ -238,29 +238,33 @@ class FaceDataset(torch.utils.data.Dataset):
         self.id_embeds = torch.stack([shards[r["shard"]]["id_embeds"][r["row"]] for r in index])
         self.embedding_norm = torch.stack([shards[r["shard"]]["embedding_norm"][r["row"]] for r in index])
         self.kps = torch.stack([shards[r["shard"]]["kps"][r["row"]] for r in index])
+        self.bbox = torch.stack([shards[r["shard"]]["bbox"][r["row"]] for r in index])
         self.resolution = resolution
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The photo resized and centre-cropped to ``resolution`` (C, H, W in [-1, 1]) and its
-        keypoints moved with it."""
+    def pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The photo resized and centre-cropped to ``resolution`` (C, H, W in [-1, 1]), and its
+        keypoints and face box moved with it."""
         image = load_image(self.records[index]["path"])
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        kps = self.kps[index] * torch.tensor([size[0] / image.width, size[1] / image.height])
+        scale_xy = torch.tensor([size[0] / image.width, size[1] / image.height])
+        kps, bbox = self.kps[index] * scale_xy, self.bbox[index] * scale_xy.repeat(2)
         image = image.resize(size)
         left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-        return pixels, kps - torch.tensor([left, top], dtype=kps.dtype)
+        shift = torch.tensor([left, top], dtype=kps.dtype)
+        return pixels, kps - shift, (bbox - shift.repeat(2)).clamp(0, self.resolution)
 
     def __getitem__(self, index: int) -> dict:
-        pixels, kps = self.pixels(index)
+        pixels, kps, bbox = self.pixels(index)
         return {
             "pixels": pixels,
             "kps": kps,
+            "face_box": bbox,
             "caption": self.records[index]["caption"],
             "id_embeds": self.id_embeds[index],
             "embedding_norm": self.embedding_norm[index],
