@@ -81,6 +81,10 @@ def resolve_checkpoint_file(
         ) from None
 
 
+#: Identity checkpoint families recognised by their top-level keys but not run yet.
+_NOT_YET = {"PhotoMaker": {"id_encoder", "lora_weights"}, "PuLID": {"id_adapter", "id_adapter_attn_layers"}}
+
+
 def _nest(flat: StateDict) -> dict[str, StateDict]:
     nested: dict[str, StateDict] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in flat.items():
@@ -111,6 +115,13 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
         ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict: pass an identity adapter checkpoint")
+    groups = {str(key).split(".")[0] for key in raw}
+    for family, marks in _NOT_YET.items():
+        if groups & marks:
+            raise CheckpointError(
+                f"{path} is a {family} checkpoint ({', '.join(sorted(groups & marks))}), which idgen does not run yet: "
+                "use an IP-Adapter-FaceID (plain, Plus, PlusV2, Portrait) or InstantID checkpoint"
+            )
     if "image_proj" in raw or "ip_adapter" in raw:
         if not all(isinstance(raw.get(k), dict) for k in ("image_proj", "ip_adapter")):
             raise CheckpointError(f"{path} lacks 'image_proj' or 'ip_adapter': pass a complete adapter checkpoint")
