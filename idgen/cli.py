@@ -302,6 +302,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         _output_paths(args.out, args.num_images)
         if _uses_prompt(args) and not args.prompt:
             raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
+        if args.fix_faces and not _uses_prompt(args):
+            raise IDGenError("--fix-faces inpaints with FaceID or InstantID: Arc2Face generates whole portraits only")
         if not _uses_prompt(args):
             ignored = [flag for flag, given in (
                 ("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--id-scale", args.id_scale),

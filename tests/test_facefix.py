@@ -71,3 +71,10 @@ def test_generate_fix_faces_keeps_an_image_without_a_face(cache, tmp_path, astro
                  "64", "--fix-faces", "--out", str(out)]) == 0
     assert "no face found to fix" in capsys.readouterr().err  # the tiny preset paints noise
     assert Image.open(out).text["face_fix"] == "no face found"
+
+
+def test_arc2face_has_no_face_fix(cache, tmp_path, astronaut, capsys):
+    code = main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--fix-faces",
+                 "--out", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fix-faces inpaints with FaceID or InstantID" in err[0]
