@@ -358,3 +358,30 @@ def test_face_loss_weight_trains_other_weights(tmp_path, data):
     assert not torch.equal(plain[key], weighted[key])
     with pytest.raises(IDGenError, match="face_loss_weight must not be negative"):
         train(config(data, tmp_path / "bad", face_loss_weight=-1.0))
+
+
+def test_editing_direction_loss(tmp_path, data, preset):
+    """MasterWeaver's loss: 0 when the identity model's edit direction matches the base model's, 2
+    when opposite; the base prediction is the plain UNet's (adapter and LoRA off); training with it
+    gives other weights."""
+    from diffusers import UNet2DConditionModel
+
+    from idgen.train.adapter import TrainableIdentity, base_prediction, editing_direction_loss, load_base
+
+    a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert editing_direction_loss(a, a + b, a, a + 2 * b).abs().max() < 1e-6
+    assert abs(float(editing_direction_loss(a, a + b, a, a - b)) - 2.0) < 1e-6
+    pipe, _ = load_base(config(data, tmp_path / "base"))
+    model = TrainableIdentity(pipe.unet, pipe.identity_adapter)
+    assert model.lora  # the base prediction must switch FaceID's LoRA off
+    noisy, timesteps, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
+    plain = UNet2DConditionModel.from_pretrained(preset.base, subfolder="unet")
+    expected = plain(noisy, timesteps, encoder_hidden_states=text).sample
+    with_identity = model(noisy, timesteps, text, torch.randn(1, 512))
+    assert (with_identity - expected).abs().max() > 1e-3
+    assert (base_prediction(model, noisy, timesteps, text) - expected).abs().max() < 1e-5
+    plain_run = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
+    edited = load_file(train(config(data, tmp_path / "edit", max_train_steps=2, editing_direction_weight=1.0)))
+    assert not torch.equal(plain_run["image_proj.proj.2.weight"], edited["image_proj.proj.2.weight"])
+    with pytest.raises(IDGenError, match="needs \\{caption\\}"):
+        train(config(data, tmp_path / "bad", editing_direction_weight=1.0, edit_prompts="smiling"))

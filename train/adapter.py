@@ -61,6 +61,9 @@ class AdapterTrainConfig:
     both_dropout: float = 0.05  # both dropped (ti_drop)
     identity_enhanced: bool = False  # Infinite-ID: text cross-attention off while training
     face_loss_weight: float = 0.0  # masked diffusion loss: the face box's pixels weigh 1 + this
+    editing_direction_weight: float = 0.0  # MasterWeaver's editing-direction loss (0: off)
+    # Its edits, separated by "|"; {caption} is where the photo's caption goes.
+    edit_prompts: str = "{caption}, smiling|{caption}, wearing glasses|{caption}, with a hat|{caption}, as an old person"
     use_ema: bool = False
     ema_decay: float = 0.999
     checkpointing_steps: int = 500
@@ -84,6 +87,11 @@ class AdapterTrainConfig:
         for name in ("text_dropout", "id_dropout", "both_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise IDGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.editing_direction_weight < 0:
+            raise IDGenError(f"editing_direction_weight must not be negative, got {self.editing_direction_weight}")
+        if self.editing_direction_weight and not all("{caption}" in p for p in self.edit_prompts.split("|")):
+            raise IDGenError("every edit_prompts entry needs {caption}, where the photo's caption goes, e.g. "
+                             "'{caption}, smiling'")
         if self.face_loss_weight < 0:
             raise IDGenError(f"face_loss_weight must not be negative, got {self.face_loss_weight}")
         if self.text_dropout + self.id_dropout + self.both_dropout >= 1:
@@ -298,11 +306,49 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy.to(weight_dtype), timesteps, text_embeds, id_embeds, added)
+    noisy = noisy.to(weight_dtype)
+    if config.editing_direction_weight:  # the frozen base's predictions first: the identity forwards stay set
+        templates = config.edit_prompts.split("|")
+        edits = [templates[int(i)] for i in torch.randint(len(templates), (size,), generator=generator)]
+        edit_captions = [template.format(caption=caption) for template, caption in zip(edits, captions)]
+        with torch.no_grad():
+            edit_embeds, edit_added = (_sdxl_conditioning(pipe, edit_captions, device, config.resolution) if sdxl
+                                       else (pipe.encode_prompt(edit_captions, device, 1, False)[0], None))
+        base, base_edit = (base_prediction(model, noisy, timesteps, embeds, cond)
+                           for embeds, cond in ((text_embeds, added), (edit_embeds, edit_added)))
+    prediction = model(noisy, timesteps, text_embeds, id_embeds, added)
     kind = pipe.scheduler.config.prediction_type
     target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(latents, noise, timesteps)
     mask = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device) if config.face_loss_weight else None
-    return denoising_loss(prediction.float(), target.float(), mask, config.face_loss_weight)
+    loss = denoising_loss(prediction.float(), target.float(), mask, config.face_loss_weight)
+    if config.editing_direction_weight:
+        prediction_edit = model(noisy, timesteps, edit_embeds, id_embeds, edit_added)
+        loss = loss + config.editing_direction_weight * editing_direction_loss(prediction, prediction_edit, base, base_edit)
+    return loss
+
+
+@torch.no_grad()
+def base_prediction(model: TrainableIdentity, noisy, timesteps, text_embeds, added_cond_kwargs=None) -> torch.Tensor:
+    """The frozen base model's prediction: the identity adapter detached and its LoRA off."""
+    unet = model.unet
+    model.adapter.detach()
+    lora = bool(model.lora)
+    if lora:
+        unet.disable_adapters()
+    try:
+        return unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs).sample
+    finally:
+        if lora:
+            unet.enable_adapters()
+
+
+def editing_direction_loss(prediction, prediction_edit, base, base_edit) -> torch.Tensor:
+    """MasterWeaver's editing-direction loss: 1 - cosine between the change an edit of the prompt
+    makes with the identity and the change it makes in the frozen base model, per sample, so that
+    the identity does not erase the edits the base model follows."""
+    with_identity = (prediction_edit - prediction).float().flatten(1)
+    without = (base_edit - base).float().flatten(1)
+    return (1 - F.cosine_similarity(with_identity, without, dim=1)).mean()
 
 
 def face_mask(boxes: torch.Tensor, latent_shape: Sequence[int], resolution: int) -> torch.Tensor:
