@@ -219,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     verify.set_defaults(run=run_verify)
 
+    tune_cmd = commands.add_parser(
+        "tune",
+        help="learn a small LoRA on a few photos of one person, on top of the identity adapter",
+        description="Prepare the photos of FOLDER (one person, 1-20 photos) and train a LoRA on them with the "
+        "identity adapter conditioning every step; OUT gets pytorch_lora_weights.safetensors, which "
+        "`idgen generate --lora OUT` loads. --resume latest continues a stopped run.",
+    )
+    tune_cmd.add_argument("folder")
+    tune_cmd.add_argument("--out", required=True, help="output folder (the LoRA, checkpoints and the prepared photos)")
+    tune_cmd.add_argument("--base", default="tiny", help="base model, as for generate (default: the offline tiny preset)")
+    tune_cmd.add_argument("--adapter", default=None, help="identity adapter to tune on, as for generate")
+    tune_cmd.add_argument("--weight-name", default=None)
+    tune_cmd.add_argument("--face-model", default=None, help="insightface pack (default: the method's)")
+    tune_cmd.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
+    tune_cmd.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    tune_cmd.add_argument("--learning-rate", type=float, default=1e-4)
+    tune_cmd.add_argument("--resolution", type=_dimension, default=None,
+                          help="training size in pixels (default: the base model's native size)")
+    tune_cmd.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
+    tune_cmd.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    tune_cmd.set_defaults(run=run_tune)
+
     prep = commands.add_parser(
         "prepare-data",
         help="detect, align and embed a folder of face photos once, for training",
@@ -349,6 +371,30 @@ def run_verify(args: argparse.Namespace) -> int:
         for report in reports:
             print(f"{report['file']}: {describe(report)}")
     return next((code for status, code in VERIFY_EXIT.items() if any(r["status"] == status for r in reports)), 0)
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    from idgen.train.data import prepare_data
+    from idgen.train.tune import TuneConfig, tune
+
+    from .session import start_session
+
+    session = start_session(base=args.base, adapter=args.adapter, weight_name=args.weight_name,
+                            face_model=args.face_model)
+    if session.method.checkpoint_format not in ("faceid", "instantid"):
+        raise IDGenError(f"tuning runs on FaceID or InstantID adapters; {session.adapter} is {session.method.name}")
+    data = os.path.join(args.out, "data")
+    report = prepare_data(args.folder, data, session.analyzer)
+    print(f"{report.total} photo(s) of the person in {data}, {len(report.skipped)} skipped", file=sys.stderr)
+    if not 1 <= report.total <= 20:
+        raise IDGenError(f"tuning takes 1 to 20 photos of one person; {args.folder} gave {report.total}")
+    from diffusers import UNet2DConditionModel
+
+    native = UNet2DConditionModel.load_config(session.base, subfolder="unet")["sample_size"] * 8  # without loading it
+    config = TuneConfig(base=session.base, data=data, output_dir=args.out, init_adapter=session.adapter_file,
+                        adapter_format=session.method.checkpoint_format, tune_rank=args.rank,
+                        learning_rate=args.learning_rate, max_train_steps=args.steps, resolution=args.resolution or native)
+    tune(config, resume=args.resume, overwrite=args.overwrite)
 
 
 def run_prepare_data(args: argparse.Namespace) -> None:
