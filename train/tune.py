@@ -20,7 +20,7 @@ import torch
 
 from idgen.errors import IDGenError
 
-from .adapter import AdapterTrainConfig, TrainableIdentity, fit, load_base, training_loss
+from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, training_loss
 from .checkpoints import prepare_run_folder
 from .config import run_training_cli
 from .data import FaceDataset
@@ -66,23 +66,14 @@ def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False)
     prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)
     pipe, sdxl = load_base(config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                   pipe.identity_adapter):
-        if module is not None:
-            module.requires_grad_(False)
-            module.to(accelerator.device, dtype=weight_dtype)
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the config's seed
         torch.manual_seed(config.seed)
         pipe.unet.add_adapter(LoraConfig(r=config.tune_rank, lora_alpha=config.tune_rank, init_lora_weights="gaussian",
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
                               adapter_name=TUNE_LORA_NAME)
-    pipe.unet.set_adapters([name for name in pipe.unet.peft_config])  # the adapter's own LoRA stays on
-    model = TrainableIdentity(pipe.unet, pipe.identity_adapter, TUNE_LORA_NAME)
-    model.lora.to(dtype=torch.float32).requires_grad_(True)
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    pipe.unet.train()
+    pipe.unet.set_adapters(list(pipe.unet.peft_config))  # the adapter's own LoRA stays on
+    model, weight_dtype = prepare_models(config, accelerator, pipe, TUNE_LORA_NAME)
+    model.adapter.requires_grad_(False)  # only the person LoRA trains
 
     def step_loss(model, batch, micro):
         return training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype), {}
