@@ -434,10 +434,10 @@ def run_generate(args: argparse.Namespace) -> None:
         raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
     pipe = session.load()
 
+    identity = dict(session.clip_inputs(pipe, args.face), id_embeds=id_embeds)
     call = dict(
         session.call_kwargs(args.prompt),
-        **session.clip_inputs(pipe, args.face),
-        id_embeds=id_embeds,
+        **identity,
         negative_id_embeds=negative_id_embeds,
         num_images_per_prompt=args.num_images,
         generator=session.generators(args.seed, args.num_images),
@@ -461,24 +461,14 @@ def run_generate(args: argparse.Namespace) -> None:
     for i, (image, path) in enumerate(zip(result.images, paths)):
         extra = {}
         if args.fix_faces:
-            image, extra = _fix_faces(session, pipe, image, args, args.seed + i, args.fix_strength)
+            from .facefix import fix_faces
+
+            image, extra = fix_faces(session, pipe, image, identity, args.prompt, args.seed + i, args.fix_strength,
+                                     negative_prompt=args.negative_prompt, keep_faceless=True)
+            if extra["face_fix"] == "no face found":
+                print(f"idgen: warning: no face found to fix in {path}; it is kept as generated", file=sys.stderr)
         session.save(image, path, pipe, args.seed + i, **settings, **extra)
         print(path)
-
-
-def _fix_faces(session, pipe, image, args: argparse.Namespace, seed: int, strength: float, faces=None):
-    """``image`` with its faces repainted as ``args.face``, and the PNG settings saying so; with
-    --fix-faces, a generated image without a face is kept as it is, with a warning."""
-    from .errors import NoFaceError
-    from .facefix import fix_faces
-
-    try:
-        return fix_faces(session, pipe, image, args.face, args.prompt, seed, strength, faces, args.negative_prompt)
-    except NoFaceError as err:
-        if args.command == "fix":
-            raise
-        print(f"idgen: warning: {err}; the image is kept as generated", file=sys.stderr)
-        return image, {"face_fix": "no face found"}
 
 
 def run_fix(args: argparse.Namespace) -> None:
@@ -487,10 +477,14 @@ def run_fix(args: argparse.Namespace) -> None:
     session = _session(args)
     if not session.method.uses_prompt:
         raise IDGenError("face fix inpaints with FaceID or InstantID: Arc2Face generates whole portraits only")
+    from .facefix import fix_faces
+
     photo = load_image(args.image, session.options.max_pixels)  # a bad photo fails before the models load
-    session.identity(args.face)
+    id_embeds = session.identity(args.face)
     pipe = session.load()
-    fixed, settings = _fix_faces(session, pipe, photo, args, args.seed, args.strength, args.fix_index)
+    identity = dict(session.clip_inputs(pipe, args.face), id_embeds=id_embeds)
+    fixed, settings = fix_faces(session, pipe, photo, identity, args.prompt, args.seed, args.strength, args.fix_index,
+                                args.negative_prompt)
     session.save(fixed, args.out, pipe, args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
                  faces=", ".join(args.face), source_image=args.image, **settings)
     print(args.out)

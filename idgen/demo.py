@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import IDGenError
+from .facefix import fix_faces
 from .faces import KPS_COLORS, FaceAnalyzer
 from .session import Session, SessionOptions, start_session
 
@@ -85,8 +86,8 @@ class DemoApp:
             photos, seed, face_index = [_path(f) for f in files], int(seed), int(face_index or 0)
             id_embeds = self.session.identity(photos, face_index)
             text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
-            call = dict(self.session.call_kwargs(text), **self.session.clip_inputs(self.pipe, photos, face_index),
-                        id_embeds=id_embeds,
+            identity = dict(self.session.clip_inputs(self.pipe, photos, face_index), id_embeds=id_embeds)
+            call = dict(self.session.call_kwargs(text), **identity,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
                         num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
             settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style)
@@ -100,9 +101,9 @@ class DemoApp:
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
-            fixes = [self._fix(image, photos, text, negative_prompt, seed + i, face_index) if fix else {}
+            fixed = [fix_faces(self.session, self.pipe, image, identity, text, seed + i,
+                               negative_prompt=negative_prompt or None, keep_faceless=True) if fix else (image, {})
                      for i, image in enumerate(images)]
-            images = [fixed.pop("image", image) for image, fixed in zip(images, fixes)]
         except IDGenError as err:
             message = str(err)
             for photo in [_path(f) for f in files or []] + ([_path(pose)] if pose is not None else []):
@@ -110,25 +111,11 @@ class DemoApp:
                     message = message.replace(photo, os.path.basename(photo))
             raise gr.Error(message) from None
         results = []
-        for i, image in enumerate(images):
+        for i, (image, fix_settings) in enumerate(fixed):
             path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
-            self.session.save(image, path, self.pipe, seed + i, **settings, **fixes[i])
+            self.session.save(image, path, self.pipe, seed + i, **settings, **fix_settings)
             results.append((path, f"seed {seed + i} · id_scale {float(id_scale):.2f} · {text}"))
         return results
-
-
-    def _fix(self, image, photos, prompt, negative_prompt, seed, face_index) -> dict[str, Any]:
-        """The "fix faces" pass on one generated image (``idgen.facefix``): the fixed image and the
-        settings saying so; an image without a face is kept."""
-        from .errors import NoFaceError
-        from .facefix import fix_faces
-
-        try:
-            fixed, settings = fix_faces(self.session, self.pipe, image, photos, prompt, seed,
-                                        negative_prompt=negative_prompt or None, face_index=face_index)
-        except NoFaceError:
-            return {"face_fix": "no face found"}
-        return {"image": fixed, **settings}
 
 
 def _path(item: Any) -> Any:

@@ -100,7 +100,7 @@ def face_fix(
         box = _crop_box(face.bbox, options.margin, photo.size)
         side = box[2] - box[0]
         oval = _oval(face.bbox, box, options.feather)
-        crop = Image.fromarray(out).crop(box)
+        crop = Image.fromarray(out[box[1]:box[3], box[0]:box[2]])
         kwargs = {key: value for key, value in call.items() if key not in ("height", "width")}
         if getattr(pipe, "has_identitynet", False):
             kwargs["face_kps"] = (face.kps - np.array(box[:2])) * (size / side)
@@ -115,16 +115,22 @@ def face_fix(
     return Image.fromarray(out), boxes
 
 
-def fix_faces(session, pipe, image: ImageInput, photos: Sequence[ImageInput], prompt: str | None, seed: int,
+def fix_faces(session, pipe, image: ImageInput, identity: dict[str, Any], prompt: str | None, seed: int,
               strength: float = 0.6, faces: Sequence[int] | None = None, negative_prompt: str | None = None,
-              face_index: int | None = None) -> tuple[Image.Image, dict[str, str]]:
-    """``face_fix`` with a session's method and settings: the faces of ``image`` repainted as the
-    person in ``photos``; also the PNG settings that say so."""
+              keep_faceless: bool = False) -> tuple[Image.Image, dict[str, str]]:
+    """``face_fix`` with a session's method and settings: the faces of ``image`` repainted with
+    ``identity`` (the call's identity arguments, ``id_embeds=`` and any method inputs, computed once
+    by the caller); also the PNG settings that say so. With ``keep_faceless``, an image without a
+    face comes back as it is, its settings saying so (a generated image); else that raises."""
     import torch
 
-    call = dict(session.call_kwargs(prompt), **session.clip_inputs(pipe, photos, face_index),
-                id_embeds=session.identity(photos, face_index), negative_prompt=negative_prompt,
+    call = dict(session.call_kwargs(prompt), **identity, negative_prompt=negative_prompt,
                 generator=torch.Generator().manual_seed(seed))
-    fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+    try:
+        fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+    except NoFaceError:
+        if not keep_faceless:
+            raise
+        return load_image(image), {"face_fix": "no face found"}
     crops = "; ".join(",".join(map(str, box)) for box in boxes)
     return fixed, {"face_fix": f"{len(boxes)} face(s) repainted at strength {strength} (crops {crops})"}

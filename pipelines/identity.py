@@ -516,17 +516,18 @@ class IdentityPipelineMixin(FaceInputMixin):
         """Penultimate hidden states of the image encoder for RGB ``pixels`` in [0, 1] (B, 3, s, s)."""
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        encoder = self.image_encoder
         pixels = (pixels - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
-        pixels = pixels.to(encoder.device, encoder.dtype)
-        return encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        return self._clip_features(pixels)
+
+    def _clip_features(self, normalised: torch.Tensor) -> torch.Tensor:
+        encoder = self.image_encoder
+        return encoder(normalised.to(encoder.device, encoder.dtype), output_hidden_states=True).hidden_states[-2]
 
     @torch.no_grad()
     def _blank_face_clip(self) -> torch.Tensor:
         """CLIP features of an all-zero (normalised) image: FaceID-Plus's unconditional input."""
         size = self.image_encoder.config.image_size
-        blank = torch.zeros(1, 3, size, size, device=self.image_encoder.device, dtype=self.image_encoder.dtype)
-        return self.image_encoder(blank, output_hidden_states=True).hidden_states[-2]
+        return self._clip_features(torch.zeros(1, 3, size, size))
 
     def _face_image_encoder(self, image_encoder: Any) -> Any:
         """FaceID-Plus's CLIP ViT-H: the one given, the pipeline's own, or h94/IP-Adapter's."""

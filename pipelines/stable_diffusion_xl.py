@@ -130,7 +130,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         if self._loop_classes is None:
             return self
         loop = self._loop_classes[bool(self.controlnets)].from_pipe(self)
-        loop.set_progress_bar_config(**self._progress_bar_config) if hasattr(self, "_progress_bar_config") else None
+        loop.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return loop
 
     def _run_loop(self, loop, **kwargs: Any):

@@ -35,9 +35,7 @@ class TuneConfig(AdapterTrainConfig):
 
     output_dir: str = "runs/person-lora"
     tune_rank: int = 8
-    resolution: int = 512
     train_batch_size: int = 1
-    learning_rate: float = 1e-4
     max_train_steps: int = 200
     text_dropout: float = 0.0
     id_dropout: float = 0.0
