@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .regions import RegionWeights
+
 
 class IdentityAttention(nn.Module):
     """The identity branch of one UNet cross-attention layer.
@@ -45,18 +47,22 @@ class IdentityAttention(nn.Module):
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None  # 0-d tensor: this layer's id_scale at this step
+        self.regions: RegionWeights | None = None  # several people: their weights by query length
         self._query: torch.Tensor | None = None
         self._hooked: tuple[nn.Module, nn.Module] | None = None
         self._handles: list = []
 
     # ---------------------------------------------------------------- state of one call
-    def set_tokens(self, tokens: torch.Tensor, scale: torch.Tensor) -> None:
+    def set_tokens(self, tokens: torch.Tensor, scale: torch.Tensor, regions: RegionWeights | None = None) -> None:
         """Identity keys/values from ``tokens`` (batch, num_tokens, cross_attention_dim), for
-        every following forward until ``clear``; ``scale`` is a 0-d tensor updated in place."""
+        every following forward until ``clear``; ``scale`` is a 0-d tensor updated in place.
+        With ``regions`` the tokens are several people's, side by side, and each person's
+        attention acts where their weights say."""
         self.key, self.value, self.scale = self.to_k_id(tokens), self.to_v_id(tokens), scale
+        self.regions = regions
 
     def clear(self) -> None:
-        self.key = self.value = self.scale = self._query = None
+        self.key = self.value = self.scale = self.regions = self._query = None
 
     # ---------------------------------------------------------------- hooks
     def attach(self, attn: nn.Module) -> None:
@@ -93,11 +99,19 @@ class IdentityAttention(nn.Module):
             )
 
         def heads(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.view(batch, -1, self.heads, head_dim).transpose(1, 2)
+            return tensor.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
+
+        def attend(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
+            return out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
 
         key, value = self.key.to(query.dtype), self.value.to(query.dtype)
-        out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
-        out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
+        if self.regions is None:
+            out = attend(key, value)
+        else:
+            weights = self.regions[query.shape[1]].to(hidden_states.dtype)
+            out = sum(weight * attend(k, v) for weight, k, v in
+                      zip(weights, key.chunk(len(weights), dim=1), value.chunk(len(weights), dim=1)))
         out = self.scale.to(out.dtype) * out
         return (hidden_states + out if self.text_enabled else out, *args[1:])
 
@@ -129,12 +143,14 @@ class IdentityAdapter(nn.Module):
             layer.detach()
             layer.clear()
 
-    def set_tokens(self, tokens: torch.Tensor, scales: dict[str, torch.Tensor] | None = None) -> None:
+    def set_tokens(self, tokens: torch.Tensor, scales: dict[str, torch.Tensor] | None = None,
+                   regions: RegionWeights | None = None) -> None:
         """Condition every layer on ``tokens`` (one row per UNet batch row) with per-layer
-        0-d ``scales`` (default 1)."""
+        0-d ``scales`` (default 1); ``regions``: the tokens are several people's (see
+        ``IdentityAttention.set_tokens``)."""
         one = torch.ones((), device=tokens.device)
         for name, layer in self.items():
-            layer.set_tokens(tokens, scales[name] if scales is not None else one)
+            layer.set_tokens(tokens, scales[name] if scales is not None else one, regions)
 
     def clear(self) -> None:
         for layer in self.layers:

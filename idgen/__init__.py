@@ -1,6 +1,6 @@
 """idgen: identity-preserving image generation with diffusers."""
 
-from .errors import CheckpointError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
+from .errors import CheckpointError, IdentityInputError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
 from .faces import Face, FaceAnalyzer, draw_kps, load_image
 from .session import Session, SessionOptions, start_session
 from .version import __version__
@@ -29,6 +29,7 @@ __all__ = [
     "FaceAnalyzer",
     "IDArc2FacePipeline",
     "IDGenError",
+    "IdentityInputError",
     "IDStableDiffusionImg2ImgPipeline",
     "IDStableDiffusionInpaintPipeline",
     "IDStableDiffusionPipeline",

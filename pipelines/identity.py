@@ -29,8 +29,9 @@ from idgen.adapters import (
     peft_lora_state_dict,
     resolve_checkpoint_file,
 )
-from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
-from idgen.faces import FaceAnalyzer, ImageInput
+from idgen.adapters.regions import Regions
+from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
+from idgen.faces import Face, FaceAnalyzer, ImageInput, load_image
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
 
@@ -43,6 +44,8 @@ _NO_ENCODER = object()  # no FaceID-Plus image encoder to take out on unload
 
 
 IDScale = Union[float, dict]
+#: Where several people go: one mask or (x0, y0, x1, y1) box per person, or "faces" (of kps_image).
+RegionsInput = Union[str, Sequence[Any]]
 
 
 class _DropMessages(logging.Filter):
@@ -196,6 +199,26 @@ class FaceInputMixin:
         if batch_size > 1 and len(face_image) == batch_size:
             return [[item] for item in face_image]
         return [list(face_image)]
+
+    def pose_faces(self, kps_image: ImageInput, people: int, face_order: Sequence[int] | None = None
+                   ) -> tuple[list[Face], tuple[int, int]]:
+        """The faces of a group photo that ``people`` identities take, and the photo's size: the
+        ``people`` largest, left to right; or ``face_order[i]``, counting all faces left to right,
+        for person ``i``."""
+        photo = load_image(kps_image, self.face_analyzer.max_pixels)
+        faces = self.face_analyzer.analyze(photo)
+        if len(faces) < people:
+            raise NoFaceError(f"kps_image has {len(faces)} face(s) for {people} people: use a photo with a face per "
+                              "person, or give regions= as masks or boxes")
+        left_to_right = lambda chosen: sorted(chosen, key=lambda face: face.bbox[0] + face.bbox[2])
+        if face_order is None:
+            return left_to_right(faces[:people]), photo.size
+        order = [int(i) for i in face_order]
+        if len(order) != people or len(set(order)) != people or not all(0 <= i < len(faces) for i in order):
+            raise IdentityInputError(f"face_order={list(face_order)} must give {people} different faces of kps_image, "
+                                     f"each 0..{len(faces) - 1} counting left to right")
+        everyone = left_to_right(faces)
+        return [everyone[i] for i in order], photo.size
 
     def prepare_id_embeds(
         self,
@@ -601,6 +624,85 @@ class IdentityPipelineMixin(FaceInputMixin):
         negative_tokens, tokens = tokens.reshape(len(both), -1, tokens.shape[-1]).chunk(2)
         return tokens, negative_tokens
 
+    def encode_people_tokens(
+        self,
+        face_image: Sequence[FaceImages] | None,
+        id_embeds: torch.Tensor | None,
+        negative_face_image: FaceImages | None,
+        negative_id_embeds: torch.Tensor | None,
+        batch_size: int,
+        face_index: int | Sequence[int] = 0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity tokens of several people side by side, (N, people * T, C): person ``p`` is
+        ``face_image[p]`` (a photo, or a list of photos of them) or ``id_embeds[p]``, the same
+        people in every prompt; ``face_index`` is one index, or one per person."""
+        people = self.count_people(face_image, id_embeds)
+        if face_clip_embeds is not None and len(face_clip_embeds) != people:
+            raise IdentityInputError(f"face_clip_embeds holds {len(face_clip_embeds)} rows for {people} people: give one per person")
+        indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * people
+        if len(indices) != people:
+            raise IdentityInputError(f"face_index has {len(indices)} values for {people} people: give one, or one per person")
+        rows = []
+        for p in range(people):
+            photos = None if face_image is None else face_image[p]
+            rows.append(self.encode_id_tokens(
+                [photos] if isinstance(photos, (list, tuple)) else photos,  # several photos of this one person
+                None if id_embeds is None else _as_tensor(id_embeds)[p], negative_face_image, negative_id_embeds,
+                batch_size, indices[p], None, None if face_clip_embeds is None else face_clip_embeds[p], s_scale,
+            ))
+        tokens, negative_tokens = zip(*rows)
+        return torch.cat(tokens, dim=1), torch.cat(negative_tokens, dim=1)
+
+    @staticmethod
+    def count_people(face_image: Sequence[FaceImages] | None, id_embeds: Any) -> int:
+        """How many people ``face_image`` (one entry per person) or ``id_embeds`` (one row each) hold."""
+        if (face_image is None) == (id_embeds is None):
+            raise ValueError("pass exactly one of face_image= and id_embeds=")
+        if face_image is not None and not isinstance(face_image, (list, tuple)):
+            raise IdentityInputError("with regions=, face_image= is a list with one entry per person (a photo, or a "
+                                     "list of photos of that person)")
+        people = len(face_image) if face_image is not None else len(_as_tensor(id_embeds))
+        if people < 1:
+            raise IdentityInputError("regions= places several people, but no person was given")
+        return people
+
+    def people_regions(self, regions: RegionsInput, people: int, kps_image: ImageInput | None = None,
+                       face_order: Sequence[int] | None = None) -> tuple[Regions, list[Face] | None, tuple[int, int] | None]:
+        """The regions of ``people`` identities, and the faces and size of ``kps_image`` when given
+        (their keypoints pose IdentityNet): ``regions`` as masks or boxes, one per person, or
+        ``"faces"``: the part of the image nearest to each person's face in ``kps_image``."""
+        faces, size = self.pose_faces(kps_image, people, face_order) if kps_image is not None else (None, None)
+        if isinstance(regions, str):
+            if regions != "faces" or faces is None:
+                raise IdentityInputError(f"regions={regions!r}: give one mask or box per person, or regions='faces' "
+                                         "with kps_image= (a photo with a face per person)")
+            centres = [((f.bbox[0] + f.bbox[2]) / 2 / size[0], (f.bbox[1] + f.bbox[3]) / 2 / size[1]) for f in faces]
+            return Regions.around(np.asarray(centres)), faces, size
+        if face_order is not None and kps_image is None:
+            raise IdentityInputError("face_order= picks faces of kps_image=: pass the group photo too")
+        spec = Regions.from_spec(regions)
+        if spec.count != people:
+            raise IdentityInputError(f"regions= holds {spec.count} region(s) for {people} people: give one per person")
+        return spec, faces, size
+
+    def output_size(self, source_size: tuple[int, int] | None, height: int | None, width: int | None) -> tuple[int, int]:
+        """(width, height) of the output: as given; else the base model's native resolution on the
+        long side with the pose photo's aspect (multiples of 64 for SDXL), never the photo's own
+        pixel size (a 4032x3024 phone photo renders at 1024x768, not 12 megapixels)."""
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        multiple = 8 * self.vae_scale_factor
+        if source_size is None or (height and width):
+            return width or native, height or native
+        aspect = source_size[1] / source_size[0]  # height / width
+        snap = lambda value: max(multiple, int(round(value / multiple)) * multiple)
+        if width:
+            return width, snap(width * aspect)
+        if height:
+            return snap(height / aspect), height
+        return (native, snap(native * aspect)) if aspect <= 1 else (snap(native / aspect), native)
+
     @contextlib.contextmanager
     def identity_conditioning(
         self,
@@ -611,6 +713,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
         loop: Any = None,
+        regions: Regions | None = None,
     ) -> Iterator["IdentityTokens"]:
         """Condition the UNet on the identity for one generation call.
 
@@ -618,7 +721,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         its batch (classifier-free guidance or not, ``num_images_per_prompt`` copies), and the
         step window ``id_guidance_start/end`` is read off the pipeline's real schedule
         (``num_timesteps``), so custom ``timesteps=`` / ``sigmas=`` work. Outside the block the
-        UNet is plain.
+        UNet is plain. With ``regions`` the tokens are several people's (``encode_people_tokens``),
+        each acting in their region at every resolution of the UNet's latents.
         """
         if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0:
             raise ValueError(
@@ -630,13 +734,15 @@ class IdentityPipelineMixin(FaceInputMixin):
         scales = layer_id_scales(adapter.names, id_scale)
         gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
         batches = IdentityTokens(tokens, negative_tokens, num_images_per_prompt)
-        state = {"step": 0, "batch": None, "on": True}
+        state = {"step": 0, "shape": None, "on": True}
 
         def before_unet(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
-            if state["batch"] != sample.shape[0]:
-                adapter.set_tokens(batches.for_batch(sample.shape[0]), gates)
-                state["batch"] = sample.shape[0]
+            if state["shape"] != sample.shape:
+                weights = None if regions is None else regions.weights(
+                    *sample.shape[-2:], self.vae_scale_factor, sample.device)
+                adapter.set_tokens(batches.for_batch(sample.shape[0]), gates, weights)
+                state["shape"] = sample.shape
             on = id_window(state["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
             if on != state["on"]:
                 for name, gate in gates.items():

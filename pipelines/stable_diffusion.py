@@ -9,14 +9,17 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin
+from idgen.faces import ImageInput
+
+from .identity import FaceImages, IDScale, IdentityPipelineMixin, RegionsInput
 
 
 #: Arguments the identity call handles itself; the rest go to the diffusers loop.
 _PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "clip_skip",
                 "cross_attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds")
 _IDENTITY_ARGS = ("face_image", "id_embeds", "id_scale", "negative_face_image", "negative_id_embeds", "face_index",
-                  "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale")
+                  "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale", "regions",
+                  "kps_image", "face_order")
 
 
 def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments: dict[str, Any]):
@@ -43,16 +46,32 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments
         lora_scale=lora_scale, clip_skip=args["clip_skip"],
     )
 
-    # 3. Encode the identity
-    tokens, negative_tokens = pipe.encode_id_tokens(
-        args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
-        prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
-    )
+    # 3. Encode the identity (several people: side by side, each in a region)
+    spec = None
+    if args["regions"] is not None:
+        if args["face_weights"] is not None:
+            raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
+        spec, _, pose_size = pipe.people_regions(args["regions"], pipe.count_people(args["face_image"], args["id_embeds"]),
+                                                 args["kps_image"], args["face_order"])
+        tokens, negative_tokens = pipe.encode_people_tokens(
+            args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
+            prompt_embeds.shape[0], args["face_index"], args["face_clip_embeds"], args["s_scale"],
+        )
+        if pose_size is not None and "height" in named:  # text to image: the group photo's aspect
+            loop["width"], loop["height"] = pipe.output_size(pose_size, loop.get("height"), loop.get("width"))
+    elif args["kps_image"] is not None or args["face_order"] is not None:
+        raise ValueError("kps_image= and face_order= place several people: pass regions= ('faces', or one mask or box "
+                         "per person) too")
+    else:
+        tokens, negative_tokens = pipe.encode_id_tokens(
+            args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
+            prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
+        )
 
     # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
     with pipe.identity_conditioning(
         tokens, negative_tokens, loop.get("num_images_per_prompt", 1), args["id_scale"], args["id_guidance_start"],
-        args["id_guidance_end"],
+        args["id_guidance_end"], regions=spec,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                              cross_attention_kwargs=args["cross_attention_kwargs"], **loop)
@@ -82,6 +101,9 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         id_guidance_end: float = 1.0,
         face_clip_embeds: torch.Tensor | None = None,
         s_scale: float = 1.0,
+        regions: RegionsInput | None = None,
+        kps_image: ImageInput | None = None,
+        face_order: Sequence[int] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -121,6 +143,17 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
             face_clip_embeds: FaceID-Plus: CLIP features of the face (``encode_face_clip``), (L, C)
                 or (N, L, C); by default computed from ``face_image``.
             s_scale: FaceID-PlusV2: strength of its shortcut (the MLP tokens added back).
+            regions: several people in one image. ``face_image`` (or ``id_embeds``) then holds one
+                entry per person, the same people in every prompt, and ``regions`` says where
+                each goes: one mask (PIL image or array, white = the person; any size with the
+                output's aspect) or ``(x0, y0, x1, y1)`` box in output pixels per person, or
+                ``"faces"``: each person takes the part of the image nearest to a face of
+                ``kps_image``. Person ``p``'s identity attention acts only in their region (shared
+                where regions overlap, none outside all); the text attention is untouched.
+            kps_image: with ``regions="faces"``, a photo with a face per person; the image takes
+                its aspect ratio unless ``height``/``width`` are given.
+            face_order: which face of ``kps_image`` each person takes, counting its faces left to
+                right (default: the largest faces, left to right).
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """

@@ -34,7 +34,10 @@ from transformers import (
 
 from idgen.faces import ImageInput, draw_kps, load_image
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens
+from idgen.adapters.regions import RegionalAttnProcessor, Regions, place_kps
+from idgen.errors import IdentityInputError
+
+from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens, RegionsInput
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -102,19 +105,33 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         return bool(self.controlnets) and self.raw_id_embeds
 
     @contextlib.contextmanager
-    def _identitynet_tokens(self, batches: IdentityTokens) -> Iterator[None]:
-        """IdentityNet reads the identity tokens where the other ControlNets read the text."""
+    def _identitynet_tokens(self, batches: IdentityTokens, regions: Regions | None = None) -> Iterator[None]:
+        """IdentityNet reads the identity tokens where the other ControlNets read the text; with
+        ``regions`` (several people) each position of its cross-attention reads the tokens of the
+        person whose region it is in."""
+        net = self.controlnets[0]
+        weights = {}
 
         def hook(module, args, kwargs):
             batch = kwargs["encoder_hidden_states"].shape[0]
             kwargs["encoder_hidden_states"] = batches.for_batch(batch).to(kwargs["encoder_hidden_states"].dtype)
+            if regions is not None:
+                sample = args[0] if args else kwargs["sample"]
+                weights["now"] = regions.weights(*sample.shape[-2:], self.vae_scale_factor, sample.device, normalise=True)
             return args, kwargs
 
-        handle = self.controlnets[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        handle = net.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        base = getattr(net, "_orig_mod", net)
+        processors = base.attn_processors if regions is not None else None
+        if processors is not None:
+            base.set_attn_processor({name: RegionalAttnProcessor(p, lambda: weights["now"]) if ".attn2." in name else p
+                                     for name, p in processors.items()})
         try:
             yield
         finally:
             handle.remove()
+            if processors is not None:
+                base.set_attn_processor(processors)
 
     # ---------------------------------------------------------------- the denoising loop
     #: diffusers pipelines whose loop runs a call: (without ControlNet, with); None: this class's own.
@@ -186,21 +203,27 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         image = load_image(source, self.face_analyzer.max_pixels)
         return self.face_analyzer.get_face(image, index).kps, image.size
 
-    def output_size(self, source_size: tuple[int, int] | None, height: int | None, width: int | None) -> tuple[int, int]:
-        """(width, height) of the output: as given; else the base model's native resolution on the
-        long side with the pose photo's aspect (multiples of 64 for SDXL), never the photo's own
-        pixel size (a 4032x3024 phone photo renders at 1024x768, not 12 megapixels)."""
-        native = self.unet.config.sample_size * self.vae_scale_factor
-        multiple = 8 * self.vae_scale_factor
-        if source_size is None or (height and width):
-            return width or native, height or native
-        aspect = source_size[1] / source_size[0]  # height / width
-        snap = lambda value: max(multiple, int(round(value / multiple)) * multiple)
-        if width:
-            return width, snap(width * aspect)
-        if height:
-            return snap(height / aspect), height
-        return (native, snap(native * aspect)) if aspect <= 1 else (snap(native / aspect), native)
+    def _people_pose(self, face_image, face_kps, pose_faces, pose_size, regions: Regions,
+                     face_index: int | Sequence[int], height: int | None, width: int | None
+                     ) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """Every person's keypoints (people, 5, 2) and the size of the photo they belong to:
+        ``face_kps`` as given (output pixels), the faces of the group photo, or each person's own
+        face photo posed in their region (``place_kps``)."""
+        if face_kps is not None:
+            kps = np.asarray(face_kps, np.float64)
+            if kps.shape != (regions.count, 5, 2):
+                raise IdentityInputError(f"face_kps= for {regions.count} people must have shape ({regions.count}, 5, 2), "
+                                         f"got {kps.shape}")
+            return kps, None
+        if pose_faces is not None:
+            return np.stack([face.kps for face in pose_faces]), pose_size
+        if face_image is None:
+            raise IdentityInputError("IdentityNet needs each person's keypoints: pass kps_image= (a photo with a face "
+                                     "per person), face_kps= (people, 5, 2) or face_image=")
+        size = self.output_size(None, height, width)
+        indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * regions.count
+        return np.stack([place_kps(self._pose(photo, None, None, index)[0], box)
+                         for photo, index, box in zip(face_image, indices, regions.boxes(*size))]), None
 
     # ---------------------------------------------------------------- call
     @torch.no_grad()
@@ -220,6 +243,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         s_scale: float = 1.0,
         face_kps: np.ndarray | None = None,
         kps_image: ImageInput | None = None,
+        regions: RegionsInput | None = None,
+        face_order: Sequence[int] | None = None,
         image: Any = None,
         prompt_2: str | list[str] | None = None,
         height: int | None = None,
@@ -268,11 +293,21 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         ``control_guidance_start/end`` work as in diffusers. With no ControlNet the call runs
         plain SDXL's loop (``StableDiffusionXLPipeline.__call__``) on this pipeline. Other
         arguments are diffusers'.
+
+        Several people: ``regions`` and ``face_order`` as in ``IDStableDiffusionPipeline``. IdentityNet
+        then draws every person's keypoints in one image (from ``kps_image``'s faces, ``face_kps``
+        (people, 5, 2), or each person's face photo posed in their region) and reads each person's
+        tokens in their region.
         """
         # 1. Check inputs
         self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        if not self.has_identitynet and (kps_image is not None or face_kps is not None):
+        people = regions is not None
+        if not people and face_order is not None:
+            raise ValueError("face_order= orders the people of regions=: pass regions= too, or leave it out")
+        if people and face_weights is not None:
+            raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
+        if not self.has_identitynet and (face_kps is not None or (kps_image is not None and not people)):
             raise ValueError(
                 "kps_image= and face_kps= drive InstantID's IdentityNet, which this pipeline does not have: load an "
                 "InstantID adapter and pass controlnet=load_identitynet(...) to from_pretrained, or leave them out"
@@ -293,14 +328,29 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             lora_scale=lora_scale, clip_skip=clip_skip,
         )
 
-        # 3. Encode the identity; draw the IdentityNet keypoints
-        tokens, negative_tokens = self.encode_id_tokens(
-            face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
-            face_weights, face_clip_embeds, s_scale,
-        )
+        # 3. Encode the identity (several people: side by side, each in a region); draw the IdentityNet keypoints
+        spec = None
+        if people:
+            spec, pose_faces, pose_size = self.people_regions(
+                regions, self.count_people(face_image, id_embeds), kps_image, face_order)
+            tokens, negative_tokens = self.encode_people_tokens(
+                face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
+                face_clip_embeds, s_scale,
+            )
+            if pose_size is not None and self._loop_classes is None:  # text to image: the group photo's aspect
+                width, height = self.output_size(pose_size, height, width)
+        else:
+            tokens, negative_tokens = self.encode_id_tokens(
+                face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
+                face_weights, face_clip_embeds, s_scale,
+            )
         control_images = extra_images
         if self.has_identitynet:
-            kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
+            if people:
+                kps, source_size = self._people_pose(face_image, face_kps, pose_faces, pose_size, spec, face_index,
+                                                     height, width)
+            else:
+                kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
             width, height = self.output_size(source_size, height, width)
             control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
         common = dict(
@@ -319,14 +369,14 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 4. Denoise and decode: the loop of the matching diffusers pipeline
         loop = self._loop_pipeline()
         with self.identity_conditioning(
-            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop, spec
         ) as batches:
             if not self.controlnets:
                 output = self._run_loop(loop, guidance_rescale=guidance_rescale, **common)
             elif guidance_rescale:
                 raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loops")
             else:
-                routing = self._identitynet_tokens(batches) if self.has_identitynet else contextlib.nullcontext()
+                routing = self._identitynet_tokens(batches, spec) if self.has_identitynet else contextlib.nullcontext()
                 with routing:
                     output = self._run_loop(
                         loop, **{self._control_image_arg: control_images[0] if len(control_images) == 1 else control_images},

@@ -67,8 +67,10 @@ def test_face_image_and_the_step_window(text_to_image, analyzer, astronaut, phot
                             **COMMON, **kw).images
     from_photo = run(face_image=str(astronaut))
     assert np.array_equal(from_photo, run(id_embeds=torch.from_numpy(analyzer.identity([astronaut]))))
-    with pytest.raises(TypeError, match="unexpected keyword argument.* kps_image"):
-        run(face_image=str(astronaut), kps_image=str(astronaut))  # IdentityNet is SDXL's
+    with pytest.raises(TypeError, match="unexpected keyword argument.* control_image"):
+        run(face_image=str(astronaut), control_image=photo)  # IdentityNet is SDXL's
+    with pytest.raises(ValueError, match="pass regions="):  # on SD1.5 a pose photo only places several people
+        run(face_image=str(astronaut), kps_image=str(astronaut))
     # Outside the window the identity is off: a window past the last step equals id_scale 0.
     assert_close(run(face_image=str(astronaut), id_scale=0.0), run(face_image=str(astronaut), id_guidance_start=0.99))
 

@@ -65,21 +65,23 @@ def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) 
 
     Black canvas of ``image_size`` (width, height); an ellipse from each eye and mouth corner to
     the nose in that point's colour, dimmed to 60%; then a full-colour disc of radius 10 on each
-    keypoint.
+    keypoint. ``kps`` is one face's (5, 2) or several faces' (N, 5, 2), all drawn on one canvas.
     """
     from PIL import Image
 
     width, height = image_size
-    kps = np.asarray(kps, dtype=np.float64)
+    faces = np.asarray(kps, dtype=np.float64).reshape(-1, 5, 2)
     canvas = np.zeros((height, width, 3), dtype=np.float64)
-    for start in (0, 1, 3, 4):
-        (x0, y0), (x1, y1) = kps[start], kps[2]
-        length = float(np.hypot(x0 - x1, y0 - y1))
-        angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
-        centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
-        polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), angle, 0, 360, 1)
-        cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[start])
+    for kps in faces:
+        for start in (0, 1, 3, 4):
+            (x0, y0), (x1, y1) = kps[start], kps[2]
+            length = float(np.hypot(x0 - x1, y0 - y1))
+            angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
+            centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
+            polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), angle, 0, 360, 1)
+            cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[start])
     canvas = (canvas * 0.6).astype(np.uint8)
-    for index, (x, y) in enumerate(kps):
-        cv2.circle(canvas, (int(x), int(y)), 10, KPS_COLORS[index], -1)
+    for kps in faces:
+        for index, (x, y) in enumerate(kps):
+            cv2.circle(canvas, (int(x), int(y)), 10, KPS_COLORS[index], -1)
     return Image.fromarray(canvas)
