@@ -91,6 +91,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
             feature_extractor=feature_extractor, image_encoder=image_encoder,
         )
+        self.default_sample_size = unet.config.sample_size  # plain SDXL's loop (no ControlNet) reads it
 
     # ---------------------------------------------------------------- ControlNets
     @property

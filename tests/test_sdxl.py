@@ -198,6 +198,9 @@ def test_faceid_sdxl_parity_with_diffusers(tmp_path, xl):
     got = run(ours, id_embeds=emb, id_scale=0.6)
     assert np.abs(expected - got).max() <= 1e-5
     assert differ(got, run(ours, id_embeds=embedding(5, scale=1.0), id_scale=0.6), 1e-2)
+    # No ControlNet and no size: plain SDXL's loop renders at the base model's native size.
+    native = ours.unet.config.sample_size * ours.vae_scale_factor
+    assert ours("a person", id_embeds=emb, num_inference_steps=1).images[0].size == (native, native)
     # Keypoints drive IdentityNet, which FaceID-SDXL does not have: refused, as on the command line.
     with pytest.raises(ValueError, match="kps_image= and face_kps= drive InstantID's IdentityNet"):
         run(ours, id_embeds=emb, kps_image="pose.jpg")
