@@ -175,3 +175,9 @@ def place_kps(kps: np.ndarray, box: Sequence[float], size: float = 0.3, height: 
     x0, y0, x1, y1 = box
     spread = max(float(np.ptp(kps, axis=0).max()), 1e-6)
     return (kps - kps.mean(0)) * (size * min(x1 - x0, y1 - y0) / spread) + [(x0 + x1) / 2, y0 + height * (y1 - y0)]
+
+
+def columns(count: int, width: int, height: int) -> list[tuple[float, float, float, float]]:
+    """``count`` equal columns of a ``width`` x ``height`` image, left to right, as boxes: where
+    several people go when nothing else says."""
+    return [(i * width / count, 0.0, (i + 1) * width / count, float(height)) for i in range(count)]

@@ -66,6 +66,24 @@ def _timesteps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 999,749,499,249, got {text!r}") from None
 
 
+def _box(text: str) -> tuple[int, int, int, int]:
+    """``X0,Y0,X1,Y1`` in output pixels, a non-empty box."""
+    try:
+        x0, y0, x1, y1 = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1 in output pixels such as 0,0,512,1024, got {text!r}") from None
+    if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
+        raise argparse.ArgumentTypeError(f"the box {text} is empty or negative: need 0 <= X0 < X1 and 0 <= Y0 < Y1")
+    return x0, y0, x1, y1
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated face numbers such as 1,0, got {text!r}") from None
+
+
 def _strength(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -145,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(random weights: it checks the stack, its images are noise).",
     )
     gen.add_argument("--face", action="append", required=True, metavar="PHOTO",
-                     help="face photo; repeat for several photos of the same person")
+                     help="face photo; repeat for several photos of the same person (with --people: one per person)")
+    gen.add_argument("--people", action="store_true",
+                     help="each --face is a different person in the same image, placed by --face-region, else around "
+                          "the faces of --kps-image (left to right), else in equal columns left to right")
+    gen.add_argument("--face-region", type=_box, action="append", default=None, metavar="X0,Y0,X1,Y1",
+                     help="where the person of the matching --face goes, in output pixels; one per --face (implies --people)")
+    gen.add_argument("--face-order", type=_indices, default=None, metavar="I,J,...",
+                     help="with --people and --kps-image: the face of the pose photo each --face takes, counting its "
+                          "faces left to right (default: the largest faces, left to right)")
     gen.add_argument("--negative-face", action="append", default=None, metavar="PHOTO",
                      help="a face to steer away from (through the unconditional branch); repeatable")
     gen.add_argument("--negative-face-index", type=int, default=0, metavar="N",
@@ -156,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output PNG; with --num-images N, OUT-0.png ... are written, image i with seed SEED+i")
     _add_model_arguments(gen)
     gen.add_argument("--kps-image", default=None, metavar="PHOTO",
-                     help="InstantID: take the face position and pose from this photo")
+                     help="InstantID: take the face position and pose from this photo; with --people, a photo with a "
+                          "face per person that places them (any method)")
     gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=_positive_int, default=1)
@@ -322,6 +349,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         _output_paths(args.out, 1)
     if args.command == "generate":
         _output_paths(args.out, args.num_images)
+        _check_people(args)
         if _uses_prompt(args) and not args.prompt:
             raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
         if args.fix_faces and not _uses_prompt(args):
@@ -333,6 +361,20 @@ def check_arguments(args: argparse.Namespace) -> None:
             if ignored:
                 print(f"idgen: warning: Arc2Face generates from the identity alone: ignoring {', '.join(ignored)}",
                       file=sys.stderr)
+
+
+def _check_people(args: argparse.Namespace) -> None:
+    if args.face_region:
+        args.people = True
+        if len(args.face_region) != len(args.face):
+            raise IDGenError(f"{len(args.face_region)} --face-region for {len(args.face)} --face photo(s): give one region "
+                             "per person, in the order of their --face")
+    if args.face_order and not (args.people and args.kps_image):
+        raise IDGenError("--face-order picks the faces of --kps-image for --people: add both, or leave it out")
+    if args.people and not _uses_prompt(args):
+        raise IDGenError("--people places several people with FaceID or InstantID; Arc2Face makes one portrait")
+    if args.people and args.fix_faces:
+        raise IDGenError("--fix-faces repaints every face with one identity: leave it out with --people")
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -423,18 +465,21 @@ def _output_paths(out: str, count: int) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from idgen.adapters.regions import columns
+
     paths = _output_paths(args.out, args.num_images)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
     method = session.method
-    id_embeds = session.identity(args.face)
+    id_embeds = session.people(args.face) if args.people else session.identity(args.face)
     negative_id_embeds = session.identity(args.negative_face, args.negative_face_index) if args.negative_face else None
     identitynet = session.identitynet is not None
-    if args.kps_image and not identitynet:
-        raise IDGenError("--kps-image needs InstantID's IdentityNet: use an SDXL base with --adapter InstantX/InstantID")
+    if args.kps_image and not identitynet and not args.people:
+        raise IDGenError("--kps-image needs InstantID's IdentityNet (use an SDXL base with --adapter InstantX/InstantID), "
+                         "or --people to place several people around its faces")
     pipe = session.load()
 
-    identity = dict(session.clip_inputs(pipe, args.face), id_embeds=id_embeds)
+    identity = dict(session.clip_inputs(pipe, args.face, people=args.people), id_embeds=id_embeds)
     call = dict(
         session.call_kwargs(args.prompt),
         **identity,
@@ -442,7 +487,13 @@ def run_generate(args: argparse.Namespace) -> None:
         num_images_per_prompt=args.num_images,
         generator=session.generators(args.seed, args.num_images),
     )
-    kps_image = args.kps_image or args.face[0]
+    kps_image = args.kps_image or (args.face if args.people else args.face[0])  # people: each posed in their region
+    regions = None
+    if args.people:
+        regions = args.face_region or ("faces" if args.kps_image else columns(len(args.face), *pipe.output_size(
+            None, args.height, args.width)))
+        call.update(regions=regions, kps_image=args.kps_image, face_order=args.face_order,
+                    face_index=session.options.face_index)
     if method.uses_prompt:
         call.update(negative_prompt=args.negative_prompt)
     if identitynet:
@@ -453,9 +504,12 @@ def run_generate(args: argparse.Namespace) -> None:
         prompt=args.prompt if method.uses_prompt else None,
         negative_prompt=args.negative_prompt if method.uses_prompt else None,
         faces=", ".join(args.face), face_index=session.options.face_index,
+        regions=None if regions is None else regions if isinstance(regions, str) else
+        "; ".join(",".join(f"{v:g}" for v in box) for box in regions),
+        face_order=",".join(map(str, args.face_order)) if args.face_order else None,
         negative_faces=", ".join(args.negative_face) if args.negative_face else None,
         negative_face_index=args.negative_face_index if args.negative_face else None,
-        kps_image=kps_image if identitynet else None,
+        kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else None,
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
     for i, (image, path) in enumerate(zip(result.images, paths)):

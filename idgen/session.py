@@ -275,12 +275,18 @@ class Session:
                 "--image-encoder with a CLIPVisionModelWithProjection folder, or leave it out for h94/IP-Adapter's"
             ) from None
 
-    def clip_inputs(self, pipe, photos: Sequence[ImageInput], face_index: int | None = None) -> dict[str, Any]:
-        """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person); nothing for
-        the other methods."""
+    def clip_inputs(self, pipe, photos: Sequence[ImageInput], face_index: int | None = None,
+                    people: bool = False) -> dict[str, Any]:
+        """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person, or with
+        ``people`` one photo per person); nothing for the other methods."""
         if not self.method.face_clip:
             return {}
         index = self.options.face_index if face_index is None else face_index
+        if people:
+            import torch
+
+            rows = [pipe.encode_face_clip([photo], 1, i) for photo, i in zip(photos, self._person_indices(photos))]
+            return {"face_clip_embeds": torch.cat(rows)}
         return {"face_clip_embeds": pipe.encode_face_clip(list(photos), 1, index)}
 
     def _check_schedule(self, scheduler) -> None:
@@ -312,6 +318,17 @@ class Session:
             check_portrait_faces(len(photos))
             return torch.from_numpy(self.analyzer.embeddings(photos, index))
         return torch.from_numpy(self.analyzer.identity(photos, index, raw=self.method.raw_id_embeds))
+
+    def people(self, photos: Sequence[ImageInput]):
+        """The identities of several people, one photo each, one row per person: (people, 512), or
+        (people, 1, 512) for FaceID-Portrait; ``face_index`` is one index, or one per person."""
+        import torch
+
+        return torch.stack([self.identity([photo], i) for photo, i in zip(photos, self._person_indices(photos))])
+
+    def _person_indices(self, photos: Sequence[ImageInput]) -> list[int]:
+        index = self.options.face_index
+        return list(index) if isinstance(index, (list, tuple)) else [index] * len(photos)
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
         """Pipeline call arguments shared by generate, eval and the demo."""

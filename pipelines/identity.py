@@ -673,14 +673,15 @@ class IdentityPipelineMixin(FaceInputMixin):
         """The regions of ``people`` identities, and the faces and size of ``kps_image`` when given
         (their keypoints pose IdentityNet): ``regions`` as masks or boxes, one per person, or
         ``"faces"``: the part of the image nearest to each person's face in ``kps_image``."""
-        faces, size = self.pose_faces(kps_image, people, face_order) if kps_image is not None else (None, None)
+        group = None if isinstance(kps_image, (list, tuple)) else kps_image  # a list: each person's own pose photo
+        faces, size = self.pose_faces(group, people, face_order) if group is not None else (None, None)
         if isinstance(regions, str):
             if regions != "faces" or faces is None:
                 raise IdentityInputError(f"regions={regions!r}: give one mask or box per person, or regions='faces' "
                                          "with kps_image= (a photo with a face per person)")
             centres = [((f.bbox[0] + f.bbox[2]) / 2 / size[0], (f.bbox[1] + f.bbox[3]) / 2 / size[1]) for f in faces]
             return Regions.around(np.asarray(centres)), faces, size
-        if face_order is not None and kps_image is None:
+        if face_order is not None and group is None:
             raise IdentityInputError("face_order= picks faces of kps_image=: pass the group photo too")
         spec = Regions.from_spec(regions)
         if spec.count != people:

@@ -48,6 +48,8 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments
 
     # 3. Encode the identity (several people: side by side, each in a region)
     spec = None
+    if isinstance(args["kps_image"], (list, tuple)):
+        raise ValueError("kps_image= on SD1.5 places several people around the faces of one group photo: pass one photo")
     if args["regions"] is not None:
         if args["face_weights"] is not None:
             raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")

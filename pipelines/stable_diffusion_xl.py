@@ -204,12 +204,13 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         image = load_image(source, self.face_analyzer.max_pixels)
         return self.face_analyzer.get_face(image, index).kps, image.size
 
-    def _people_pose(self, face_image, face_kps, pose_faces, pose_size, regions: Regions,
+    def _people_pose(self, photos, face_kps, pose_faces, pose_size, regions: Regions,
                      face_index: int | Sequence[int], height: int | None, width: int | None
                      ) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Every person's keypoints (people, 5, 2) and the size of the photo they belong to:
-        ``face_kps`` as given (output pixels), the faces of the group photo, or each person's own
-        face photo posed in their region (``place_kps``)."""
+        ``face_kps`` as given (output pixels), the faces of the group photo, or the face of each
+        person's photo in ``photos`` (their pose photo, else their face photo) posed in their
+        region (``place_kps``)."""
         if face_kps is not None:
             kps = np.asarray(face_kps, np.float64)
             if kps.shape != (regions.count, 5, 2):
@@ -218,13 +219,14 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             return kps, None
         if pose_faces is not None:
             return np.stack([face.kps for face in pose_faces]), pose_size
-        if face_image is None:
+        if photos is None or len(photos) != regions.count:
             raise IdentityInputError("IdentityNet needs each person's keypoints: pass kps_image= (a photo with a face "
-                                     "per person), face_kps= (people, 5, 2) or face_image=")
+                                     "per person, or a list with a pose photo per person), face_kps= (people, 5, 2) "
+                                     "or face_image=")
         size = self.output_size(None, height, width)
         indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * regions.count
         return np.stack([place_kps(self._pose(photo, None, None, index)[0], box)
-                         for photo, index, box in zip(face_image, indices, regions.boxes(*size))]), None
+                         for photo, index, box in zip(photos, indices, regions.boxes(*size))]), None
 
     # ---------------------------------------------------------------- call
     @torch.no_grad()
@@ -297,7 +299,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
         Several people: ``regions`` and ``face_order`` as in ``IDStableDiffusionPipeline``. IdentityNet
         then draws every person's keypoints in one image (from ``kps_image``'s faces, ``face_kps``
-        (people, 5, 2), or each person's face photo posed in their region) and reads each person's
+        (people, 5, 2), or the face of each person's photo posed in their region: ``kps_image`` as
+        a list with one pose photo per person, else their face photos) and reads each person's
         tokens in their region.
         """
         # 1. Check inputs
@@ -348,7 +351,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         control_images = extra_images
         if self.has_identitynet:
             if people:
-                kps, source_size = self._people_pose(face_image, face_kps, pose_faces, pose_size, spec, face_index,
+                photos = kps_image if isinstance(kps_image, (list, tuple)) else face_image
+                kps, source_size = self._people_pose(photos, face_kps, pose_faces, pose_size, spec, face_index,
                                                      height, width)
             else:
                 kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
