@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .adapters.regions import columns
 from .errors import IDGenError
 from .facefix import fix_faces
 from .faces import KPS_COLORS, FaceAnalyzer
@@ -74,8 +75,11 @@ class DemoApp:
             raise gr.Error(str(err)) from None
 
     def generate(self, files, pose, prompt, negative_prompt, style, id_scale, identitynet_scale, steps, guidance,
-                 seed, num_images, face_index: float = 0, fix: bool = False) -> list[tuple[str, str]]:
-        """Generate, write each image as PNG with its metadata, and return (path, caption) pairs."""
+                 seed, num_images, face_index: float = 0, fix: bool = False, people: bool = False
+                 ) -> list[tuple[str, str]]:
+        """Generate, write each image as PNG with its metadata, and return (path, caption) pairs.
+        With ``people`` each photo is a different person: around the faces of the pose photo, else
+        in equal columns left to right."""
         import gradio as gr
 
         try:
@@ -83,10 +87,16 @@ class DemoApp:
                 raise IDGenError("upload at least one face photo first")
             if self.session.method.uses_prompt and not (prompt or "").strip():
                 raise IDGenError("write a prompt first")
+            if people and (fix or not self.session.method.uses_prompt):
+                raise IDGenError("several people need FaceID or InstantID, without Fix faces (it repaints every face "
+                                 "with one identity)")
+            if pose is not None and not (people or self.has_identitynet):
+                raise IDGenError("the pose photo poses InstantID's IdentityNet, which this model does not have; it "
+                                 "also places several people: tick Several people, or remove it")
             photos, seed, face_index = [_path(f) for f in files], int(seed), int(face_index or 0)
-            id_embeds = self.session.identity(photos, face_index)
+            id_embeds = self.session.people(photos, face_index) if people else self.session.identity(photos, face_index)
             text = STYLES.get(style, "{prompt}").format(prompt=(prompt or "").strip())
-            identity = dict(self.session.clip_inputs(self.pipe, photos, face_index), id_embeds=id_embeds)
+            identity = dict(self.session.clip_inputs(self.pipe, photos, face_index, people), id_embeds=id_embeds)
             call = dict(self.session.call_kwargs(text), **identity,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
                         num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
@@ -94,10 +104,18 @@ class DemoApp:
             if self.session.method.uses_prompt:
                 call.update(id_scale=float(id_scale), negative_prompt=negative_prompt or None)
                 settings.update(prompt=text, negative_prompt=negative_prompt or None, id_scale=float(id_scale))
+            if people:
+                options = self.session.options
+                regions = "faces" if pose is not None else columns(len(photos), *self.pipe.output_size(
+                    None, options.height, options.width))
+                call.update(regions=regions, face_index=face_index,
+                            kps_image=_path(pose) if pose is not None else photos if self.has_identitynet else None)
+                settings.update(people=len(photos), regions="faces of the pose photo" if pose is not None else "columns")
             if self.has_identitynet:
-                kps_image = _path(pose) if pose is not None else photos[0]
-                call.update(kps_image=kps_image, face_index=face_index if pose is None else 0,
-                            controlnet_conditioning_scale=float(identitynet_scale))
+                if not people:
+                    call.update(kps_image=_path(pose) if pose is not None else photos[0],
+                                face_index=face_index if pose is None else 0)
+                call.update(controlnet_conditioning_scale=float(identitynet_scale))
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
@@ -139,7 +157,11 @@ def build_demo(app: DemoApp):
                                     height=240)
                 face_index = gr.Number(value=app.session.options.face_index, precision=0, minimum=0,
                                        label="Face number (0 = largest; as on the preview)", elem_id="face_index")
-                pose = gr.Image(label="Pose photo (optional)", type="filepath", visible=app.has_identitynet,
+                people = gr.Checkbox(value=False, label="Several people: each photo is another person (placed around "
+                                     "the faces of the pose photo, else side by side)", elem_id="people",
+                                     visible=app.session.method.uses_prompt)
+                pose = gr.Image(label="Pose photo (optional): InstantID's pose; with several people, a photo with a "
+                                "face per person", type="filepath", visible=app.session.method.uses_prompt,
                                 elem_id="pose")
                 prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
@@ -168,7 +190,7 @@ def build_demo(app: DemoApp):
             return app.generate(*values)
 
         run.click(generate, inputs=[files, pose, prompt, negative, style, id_scale, identitynet, steps, guidance, seed,
-                                    count, face_index, fix], outputs=gallery)
+                                    count, face_index, fix, people], outputs=gallery)
     return demo
 
 

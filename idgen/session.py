@@ -285,7 +285,7 @@ class Session:
         if people:
             import torch
 
-            rows = [pipe.encode_face_clip([photo], 1, i) for photo, i in zip(photos, self._person_indices(photos))]
+            rows = [pipe.encode_face_clip([photo], 1, i) for photo, i in zip(photos, self._person_indices(photos, index))]
             return {"face_clip_embeds": torch.cat(rows)}
         return {"face_clip_embeds": pipe.encode_face_clip(list(photos), 1, index)}
 
@@ -319,15 +319,16 @@ class Session:
             return torch.from_numpy(self.analyzer.embeddings(photos, index))
         return torch.from_numpy(self.analyzer.identity(photos, index, raw=self.method.raw_id_embeds))
 
-    def people(self, photos: Sequence[ImageInput]):
+    def people(self, photos: Sequence[ImageInput], face_index: int | Sequence[int] | None = None):
         """The identities of several people, one photo each, one row per person: (people, 512), or
         (people, 1, 512) for FaceID-Portrait; ``face_index`` is one index, or one per person."""
         import torch
 
-        return torch.stack([self.identity([photo], i) for photo, i in zip(photos, self._person_indices(photos))])
+        indices = self._person_indices(photos, face_index)
+        return torch.stack([self.identity([photo], i) for photo, i in zip(photos, indices)])
 
-    def _person_indices(self, photos: Sequence[ImageInput]) -> list[int]:
-        index = self.options.face_index
+    def _person_indices(self, photos: Sequence[ImageInput], face_index: int | Sequence[int] | None) -> list[int]:
+        index = self.options.face_index if face_index is None else face_index
         return list(index) if isinstance(index, (list, tuple)) else [index] * len(photos)
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:

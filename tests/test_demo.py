@@ -24,7 +24,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_demo_app_without_a_browser(preset, analyzer, astronaut):
+def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     """The click handlers themselves: a preview with the face drawn, images with captions, and
     gr.Error (a message in the page) for a photo with no face."""
     gr = pytest.importorskip("gradio")
@@ -59,6 +59,16 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut):
         app.generate([], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
     fixed = app.generate([str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True)
     assert Image.open(fixed[0][0]).text["face_fix"] == "no face found"  # the tiny preset paints noise: kept
+    # Several people: side by side, or around the faces of a group photo
+    pair = app.generate([str(astronaut)] * 2, None, "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, False, True)
+    assert Image.open(pair[0][0]).text["regions"] == "columns" and Image.open(pair[0][0]).text["people"] == "2"
+    grouped = app.generate([str(astronaut)] * 2, str(group_photo), "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1,
+                           0, False, True)
+    assert Image.open(grouped[0][0]).text["regions"] == "faces of the pose photo"
+    with pytest.raises(gr.Error, match="tick Several people"):
+        app.generate([str(astronaut)], str(group_photo), "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
+    with pytest.raises(gr.Error, match="without Fix faces"):
+        app.generate([str(astronaut)] * 2, None, "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True, True)
     assert build_demo(app) is not None
     # `idgen demo --face-index 1` starts the face picker at 1
     picked = DemoApp(start_session(steps=2, face_index=1), app.pipe)
