@@ -39,6 +39,7 @@ def test_gradients_reach_the_trained_parameters_only(tmp_path, data):  # noqa: F
     for target in ("adapter", "lora"):
         pipe, model, refl, train_set, _ = setup(reward_config(data, tmp_path / target, train_target=target), Accelerator())
         batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=2)))
+        batch["position"] = torch.arange(2)
         loss, metrics = refl.loss(model, batch, 0)
         loss.backward()
         trained = {id(p) for p in model.parameters() if p.requires_grad}

@@ -129,7 +129,9 @@ class TrainableIdentity(nn.Module):
 
 class StepBatches(torch.utils.data.Sampler):
     """Batches of dataset indices for micro-steps ``start, start + 1, ...``: epoch ``e`` is the
-    permutation seeded by ``seed + e``, so batch ``k`` is the same whenever it is drawn."""
+    permutation seeded by ``seed + e``, so batch ``k`` is the same whenever it is drawn. With
+    ``world`` processes, micro-step ``k`` of the run takes samples ``k * world * batch_size`` on,
+    process ``rank`` its ``rank``-th share: the global batch is one process's of ``world`` times the size."""
 
     def __init__(self, size: int, batch_size: int, seed: int, start: int, count: int, rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
@@ -139,10 +141,14 @@ class StepBatches(torch.utils.data.Sampler):
         epoch, offset = divmod(position, self.size)
         return int(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))[offset])
 
+    def positions(self, step: int) -> list[int]:
+        """The run-wide positions of this process's samples at micro-step ``step``."""
+        first = (step * self.world + self.rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
     def __iter__(self):
         for step in range(self.start, self.start + self.count):
-            first = (step * self.world + self.rank) * self.batch_size
-            yield [self._index(first + i) for i in range(self.batch_size)]
+            yield [self._index(position) for position in self.positions(step)]
 
     def __len__(self) -> int:
         return self.count
@@ -210,14 +216,11 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
         start_step = load_checkpoint(resumed[0], accelerator, model, optimizer, ema)
         accelerator.print(f"resumed from {resumed[0]} at step {start_step}")
     micro_steps = config.gradient_accumulation_steps
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=StepBatches(
-            len(dataset), config.train_batch_size, config.seed, start_step * micro_steps,
-            (config.max_train_steps - start_step) * micro_steps, accelerator.process_index, accelerator.num_processes,
-        ),
-        num_workers=config.dataloader_num_workers,
+    batches = StepBatches(
+        len(dataset), config.train_batch_size, config.seed, start_step * micro_steps,
+        (config.max_train_steps - start_step) * micro_steps, accelerator.process_index, accelerator.num_processes,
     )
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.dataloader_num_workers)
     logger = MetricsLog(config.output_dir, accelerator)
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as handle:
@@ -226,6 +229,7 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     step = start_step
     progress = tqdm(total=config.max_train_steps, initial=start_step, desc="training", disable=not accelerator.is_main_process)
     for micro, batch in enumerate(loader, start=start_step * micro_steps):
+        batch["position"] = torch.tensor(batches.positions(micro))  # seeds each sample's random draws
         with accelerator.accumulate(model):
             loss, metrics = step_loss(model, batch, micro)
             accelerator.backward(loss)
@@ -249,16 +253,25 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     return accelerator.unwrap_model(model)
 
 
-def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool = False) -> str:
-    """Run (or resume) adapter training; returns the exported adapter file. ``overwrite``
-    replaces a run already in ``output_dir`` (without it, or ``resume``, such a run is refused)."""
+def start_run(config: AdapterTrainConfig, resume: str | None, overwrite: bool):
+    """Check the config, start the accelerator and prepare the run folder. Several processes on a
+    machine without an accelerator (``accelerate launch --multi_gpu --num_processes N`` on CPUs)
+    train together over gloo, instead of as N separate runs writing one folder."""
     from accelerate import Accelerator
 
     config.check()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
-    )
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=config.mixed_precision,
+                              cpu=several and not torch.accelerator.is_available())
     prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
+    return accelerator
+
+
+def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool = False) -> str:
+    """Run (or resume) adapter training; returns the exported adapter file. ``overwrite``
+    replaces a run already in ``output_dir`` (without it, or ``resume``, such a run is refused)."""
+    accelerator = start_run(config, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
     pipe, sdxl = load_base(config)
     model, weight_dtype = prepare_models(config, accelerator, pipe)
@@ -282,12 +295,25 @@ def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool
     return path
 
 
+def sample_generators(seed: int, positions: torch.Tensor) -> list[torch.Generator]:
+    """One generator per sample, seeded by the run's seed and the sample's run-wide position: a
+    sample's random draws are the same however the global batch is split over processes."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(position)) for position in positions]
+
+
+def _per_sample(draw, generators: list[torch.Generator]) -> torch.Tensor:
+    """``draw(generator)`` for each sample's generator, stacked."""
+    return torch.stack([draw(generator) for generator in generators])
+
+
 def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, weight_dtype) -> torch.Tensor:
-    """Noise-prediction loss of one batch; every random draw is seeded by (seed, micro-step)."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
+    """Noise-prediction loss of one batch; every random draw of a sample is seeded by (seed, the
+    sample's position in the run: ``batch["position"]``)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = sample_generators(config.seed, batch["position"])
     pixels = batch["pixels"].to(device, weight_dtype)
-    size = len(pixels)
-    draw = torch.rand(size, generator=generator)
+    draw = _per_sample(lambda g: torch.rand((), generator=g), generators)
     drop_text = (draw < config.text_dropout) | (draw >= 1 - config.both_dropout)
     drop_id = ((draw >= config.text_dropout) & (draw < config.text_dropout + config.id_dropout)) | (draw >= 1 - config.both_dropout)
     captions = ["" if drop else caption for caption, drop in zip(batch["caption"], drop_text)]
@@ -297,19 +323,20 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     id_embeds = torch.where(drop_id[:, None], torch.zeros_like(id_embeds), id_embeds).to(device)
 
     with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = pipe.vae.encode(pixels).latent_dist.sample(generator=generators)
         latents = latents.float() * pipe.vae.config.scaling_factor
         if sdxl:
             text_embeds, added = _sdxl_conditioning(pipe, captions, device, config.resolution)
         else:
             text_embeds, added = pipe.encode_prompt(captions, device, 1, False)[0], None
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
+    noise = randn_tensor(latents.shape, generator=generators, dtype=latents.dtype).to(device)
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    timesteps = _per_sample(lambda g: torch.randint(0, train_steps, (), generator=g), generators).to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     noisy = noisy.to(weight_dtype)
     if config.editing_direction_weight:  # the frozen base's predictions first: the identity forwards stay set
         templates = config.edit_prompts.split("|")
-        edits = [templates[int(i)] for i in torch.randint(len(templates), (size,), generator=generator)]
+        edits = [templates[int(i)] for i in _per_sample(lambda g: torch.randint(len(templates), (), generator=g), generators)]
         edit_captions = [template.format(caption=caption) for template, caption in zip(edits, captions)]
         with torch.no_grad():
             edit_embeds, edit_added = (_sdxl_conditioning(pipe, edit_captions, device, config.resolution) if sdxl
@@ -330,6 +357,7 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
 @torch.no_grad()
 def base_prediction(model: TrainableIdentity, noisy, timesteps, text_embeds, added_cond_kwargs=None) -> torch.Tensor:
     """The frozen base model's prediction: the identity adapter detached and its LoRA off."""
+    model = getattr(model, "module", model)  # under DistributedDataParallel: the model it wraps
     unet = model.unet
     model.adapter.detach()
     lora = bool(model.lora)

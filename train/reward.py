@@ -20,14 +20,15 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from idgen.adapters import identity_adapter_state_dict, save_adapter_checkpoint
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
 
-from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, training_loss
-from .checkpoints import prepare_run_folder
+from .adapter import (ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, sample_generators, start_run,
+                      training_loss)
 from .config import run_training_cli
 from .data import FaceDataset
 from .rewards import AestheticReward, IdentityReward
@@ -90,14 +91,15 @@ class ReFL:
             ids = ids * batch["embedding_norm"][:, None]
         return ids.to(self.device)
 
-    def generate(self, model, batch, generator: torch.Generator, stop: int) -> torch.Tensor:
-        """Images in [0, 1], with gradient through the last denoising step only."""
+    def generate(self, model, batch, generator: torch.Generator | list[torch.Generator], stop: int) -> torch.Tensor:
+        """Images in [0, 1], with gradient through the last denoising step only; ``generator``
+        draws the starting noise (a list: one per sample)."""
         pipe, size = self.pipe, len(batch["id_embeds"])
         with torch.no_grad():
             text = pipe.encode_prompt(list(batch["caption"]), self.device, 1, False)[0]
         shape = (size, pipe.unet.config.in_channels, self.config.resolution // pipe.vae_scale_factor,
                  self.config.resolution // pipe.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator).to(self.device) * self.scheduler.init_noise_sigma
+        latents = randn_tensor(shape, generator=generator).to(self.device) * self.scheduler.init_noise_sigma
         ids = self.ids(batch)
         timesteps = self.scheduler.timesteps
         with torch.no_grad():
@@ -120,9 +122,13 @@ class ReFL:
 
     def loss(self, model, batch, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         config = self.config
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
+        # The stopping step is the optimizer step's, shared by its micro-batches on every process (the
+        # global batch is one batch however it is split); the noise is each sample's.
+        step = micro // config.gradient_accumulation_steps
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         stop = int(torch.randint(config.refl_min_step, config.refl_max_step + 1, (1,), generator=generator))
-        scores = self.rewards(self.generate(model, batch, generator, stop), batch)
+        noise = sample_generators(config.seed + 1, batch["position"])
+        scores = self.rewards(self.generate(model, batch, noise, stop), batch)
         loss = -config.identity_reward_weight * scores["identity_reward"].mean()
         if self.aesthetic is not None:
             loss = loss - config.aesthetic_reward_weight * scores["aesthetic_reward"].mean()
@@ -197,12 +203,7 @@ def setup(config: RewardTrainConfig, accelerator):
 def train(config: RewardTrainConfig, resume: str | None = None, overwrite: bool = False) -> tuple[str, dict, dict]:
     """Run (or resume) reward fine-tuning; returns (export path, held-out rewards before, after).
     ``overwrite`` as in adapter training."""
-    from accelerate import Accelerator
-
-    config.check()
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision)
-    prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
+    accelerator = start_run(config, resume, overwrite)
     pipe, model, refl, train_set, held_out = setup(config, accelerator)
     before = refl.evaluate(model, held_out)
     accelerator.print(f"held-out identity reward before: {before['identity_reward']:.4f}")

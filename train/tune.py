@@ -20,8 +20,7 @@ import torch
 
 from idgen.errors import IDGenError
 
-from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, training_loss
-from .checkpoints import prepare_run_folder
+from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, start_run, training_loss
 from .config import run_training_cli
 from .data import FaceDataset
 
@@ -53,15 +52,11 @@ class TuneConfig(AdapterTrainConfig):
 
 def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False) -> str:
     """Train (or resume) the person LoRA; returns the exported LoRA folder's file."""
-    from accelerate import Accelerator
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    config.check()
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision)
-    prepare_run_folder(accelerator, config.output_dir, resume, overwrite)
+    accelerator = start_run(config, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)
     pipe, sdxl = load_base(config)
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the config's seed
