@@ -48,6 +48,7 @@ class IdentityAttention(nn.Module):
         self.value: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None  # 0-d tensor: this layer's id_scale at this step
         self.regions: RegionWeights | None = None  # several people: their weights by query length
+        self.observer = None  # training: called as observer(self, query) before the identity attention
         self._query: torch.Tensor | None = None
         self._hooked: tuple[nn.Module, nn.Module] | None = None
         self._handles: list = []
@@ -105,6 +106,8 @@ class IdentityAttention(nn.Module):
             out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
             return out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
 
+        if self.observer is not None:
+            self.observer(self, query)
         key, value = self.key.to(query.dtype), self.value.to(query.dtype)
         if self.regions is None:
             out = attend(key, value)

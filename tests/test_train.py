@@ -385,3 +385,41 @@ def test_editing_direction_loss(tmp_path, data, preset):
     assert not torch.equal(plain_run["image_proj.proj.2.weight"], edited["image_proj.proj.2.weight"])
     with pytest.raises(IDGenError, match="needs \\{caption\\}"):
         train(config(data, tmp_path / "bad", editing_direction_weight=1.0, edit_prompts="smiling"))
+
+
+def test_face_attention_loss(tmp_path, data):
+    """SeFi-IDE's face-wise attention loss: it reads the joint text+identity attention map of
+    every identity layer; descending its gradient moves the identity tokens' map into the face box
+    (and the text tokens' out of it); weight 0 is the plain loss; training with it gives other weights."""
+    from idgen.train.adapter import TrainableIdentity, face_mask, load_base
+    from idgen.train.face_attention import FaceAttentionLoss
+
+    pipe, _ = load_base(config(data, tmp_path / "base"))
+    model = TrainableIdentity(pipe.unet, pipe.identity_adapter)
+    noisy, timesteps, text = torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 77, 32)
+    ids = torch.randn(2, 512)
+    faces = face_mask(torch.tensor([[32.0, 16.0, 96.0, 96.0]] * 2), noisy.shape, 128)
+    watcher = FaceAttentionLoss(pipe.unet, model.adapter)
+    trained = [p for p in model.adapter.parameters()]
+    optimizer = torch.optim.Adam(trained, lr=0.02)
+    losses = []
+    for _ in range(6):
+        watcher.start(faces, torch.tensor([True, True]))
+        model(noisy, timesteps, text, ids)
+        loss = watcher.loss()
+        assert len(watcher.losses) == len(model.adapter.layers)  # every identity layer reported
+        losses.append(float(loss))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert 0 < losses[-1] < losses[0] - 0.01, losses
+    watcher.start(faces, torch.tensor([False, False]))  # no sample has an identity: nothing to fit
+    model(noisy, timesteps, text, ids)
+    assert float(watcher.loss()) == 0.0
+    watcher.close()
+    assert all(layer.observer is None for layer in model.adapter.layers)
+    plain = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
+    attended = load_file(train(config(data, tmp_path / "attn", max_train_steps=2, face_attention_loss_weight=1.0)))
+    assert not torch.equal(plain["image_proj.proj.2.weight"], attended["image_proj.proj.2.weight"])
+    with pytest.raises(IDGenError, match="face_attention_loss_weight must not be negative"):
+        train(config(data, tmp_path / "bad", face_attention_loss_weight=-1.0))

@@ -34,6 +34,7 @@ from idgen.pipelines.identity import ID_LORA_NAME
 from .checkpoints import load_checkpoint, prepare_run_folder, resolve_resume, save_checkpoint
 from .config import run_training_cli
 from .data import FaceDataset
+from .face_attention import FaceAttentionLoss
 
 
 @dataclass
@@ -61,6 +62,7 @@ class AdapterTrainConfig:
     both_dropout: float = 0.05  # both dropped (ti_drop)
     identity_enhanced: bool = False  # Infinite-ID: text cross-attention off while training
     face_loss_weight: float = 0.0  # masked diffusion loss: the face box's pixels weigh 1 + this
+    face_attention_loss_weight: float = 0.0  # SeFi-IDE's face-wise attention loss (0: off)
     editing_direction_weight: float = 0.0  # MasterWeaver's editing-direction loss (0: off)
     # Its edits, separated by "|"; {caption} is where the photo's caption goes.
     edit_prompts: str = "{caption}, smiling|{caption}, wearing glasses|{caption}, with a hat|{caption}, as an old person"
@@ -87,13 +89,12 @@ class AdapterTrainConfig:
         for name in ("text_dropout", "id_dropout", "both_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise IDGenError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.editing_direction_weight < 0:
-            raise IDGenError(f"editing_direction_weight must not be negative, got {self.editing_direction_weight}")
         if self.editing_direction_weight and not all("{caption}" in p for p in self.edit_prompts.split("|")):
             raise IDGenError("every edit_prompts entry needs {caption}, where the photo's caption goes, e.g. "
                              "'{caption}, smiling'")
-        if self.face_loss_weight < 0:
-            raise IDGenError(f"face_loss_weight must not be negative, got {self.face_loss_weight}")
+        for name in ("face_loss_weight", "face_attention_loss_weight", "editing_direction_weight"):
+            if getattr(self, name) < 0:
+                raise IDGenError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.text_dropout + self.id_dropout + self.both_dropout >= 1:
             raise IDGenError("text_dropout + id_dropout + both_dropout must stay below 1")
         for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
@@ -343,11 +344,22 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
                                        else (pipe.encode_prompt(edit_captions, device, 1, False)[0], None))
         base, base_edit = (base_prediction(model, noisy, timesteps, embeds, cond)
                            for embeds, cond in ((text_embeds, added), (edit_embeds, edit_added)))
-    prediction = model(noisy, timesteps, text_embeds, id_embeds, added)
+    faces = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device)
+    watcher = None
+    if config.face_attention_loss_weight:  # the identity layers report their maps during this forward
+        watcher = FaceAttentionLoss(pipe.unet, getattr(model, "module", model).adapter)
+        watcher.start(faces, ~drop_id)
+    try:
+        prediction = model(noisy, timesteps, text_embeds, id_embeds, added)
+    finally:
+        if watcher is not None:
+            watcher.close()
     kind = pipe.scheduler.config.prediction_type
     target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(latents, noise, timesteps)
-    mask = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device) if config.face_loss_weight else None
-    loss = denoising_loss(prediction.float(), target.float(), mask, config.face_loss_weight)
+    loss = denoising_loss(prediction.float(), target.float(), faces if config.face_loss_weight else None,
+                          config.face_loss_weight)
+    if watcher is not None:
+        loss = loss + config.face_attention_loss_weight * watcher.loss().to(loss.device)
     if config.editing_direction_weight:
         prediction_edit = model(noisy, timesteps, edit_embeds, id_embeds, edit_added)
         loss = loss + config.editing_direction_weight * editing_direction_loss(prediction, prediction_edit, base, base_edit)
