@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="InstantID: take the face position and pose from this photo; with --people, a photo with a "
                           "face per person that places them (any method)")
     gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
+    gen.add_argument("--id-fusion", choices=("adain", "freecure"), default=None,
+                     help="merge the identity with the base model's own take on the prompt: Infinite-ID's AdaIN-mean "
+                          "mixed attention, or FreeCure's recovery of the attributes the prompt names (hair, smile, ...)")
+    gen.add_argument("--recover-words", default=None, metavar="WORD,WORD",
+                     help="with --id-fusion freecure: the prompt's words to recover (default: its attribute words)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--fix-faces", action="store_true",
@@ -373,6 +378,10 @@ def _check_people(args: argparse.Namespace) -> None:
         raise IDGenError("--face-order picks the faces of --kps-image for --people: add both, or leave it out")
     if args.people and not _uses_prompt(args):
         raise IDGenError("--people places several people with FaceID or InstantID; Arc2Face makes one portrait")
+    if args.recover_words and args.id_fusion != "freecure":
+        raise IDGenError("--recover-words names what --id-fusion freecure recovers: add it, or leave them out")
+    if args.id_fusion and not _uses_prompt(args):
+        raise IDGenError("--id-fusion merges the identity with the prompt: Arc2Face has no prompt")
     if args.people and args.fix_faces:
         raise IDGenError("--fix-faces repaints every face with one identity: leave it out with --people")
 
@@ -496,6 +505,9 @@ def run_generate(args: argparse.Namespace) -> None:
                     face_index=session.options.face_index)
     if method.uses_prompt:
         call.update(negative_prompt=args.negative_prompt)
+    if args.id_fusion:
+        call.update(id_fusion=args.id_fusion,
+                    recover_words=[w.strip() for w in args.recover_words.split(",")] if args.recover_words else None)
     if identitynet:
         call.update(kps_image=kps_image, face_index=session.options.face_index,
                     controlnet_conditioning_scale=args.identitynet_scale)
@@ -507,6 +519,7 @@ def run_generate(args: argparse.Namespace) -> None:
         regions=None if regions is None else regions if isinstance(regions, str) else
         "; ".join(",".join(f"{v:g}" for v in box) for box in regions),
         face_order=",".join(map(str, args.face_order)) if args.face_order else None,
+        id_fusion=args.id_fusion, recover_words=args.recover_words,
         negative_faces=", ".join(args.negative_face) if args.negative_face else None,
         negative_face_index=args.negative_face_index if args.negative_face else None,
         kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else None,

@@ -29,6 +29,7 @@ from idgen.adapters import (
     peft_lora_state_dict,
     resolve_checkpoint_file,
 )
+from idgen.adapters.fusion import StreamFusion, attribute_tokens
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
 from idgen.faces import Face, FaceAnalyzer, ImageInput, load_image
@@ -688,6 +689,19 @@ class IdentityPipelineMixin(FaceInputMixin):
             raise IdentityInputError(f"regions= holds {spec.count} region(s) for {people} people: give one per person")
         return spec, faces, size
 
+    def fusion_tokens(self, id_fusion: str | None, prompt: str | list[str] | None, num_images_per_prompt: int,
+                      recover_words: Sequence[str] | None) -> list[list[int]] | None:
+        """FreeCure's attribute tokens for each prompt row (``attribute_tokens``); None otherwise."""
+        if id_fusion != "freecure":
+            if recover_words is not None:
+                raise ValueError("recover_words= names what id_fusion='freecure' recovers: set it too, or leave them out")
+            return None
+        if prompt is None:
+            raise ValueError("id_fusion='freecure' finds the attribute words in the prompt: pass prompt= as text")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [attribute_tokens(self.tokenizer, text, recover_words) for text in prompts
+                for _ in range(num_images_per_prompt)]
+
     def output_size(self, source_size: tuple[int, int] | None, height: int | None, width: int | None) -> tuple[int, int]:
         """(width, height) of the output: as given; else the base model's native resolution on the
         long side with the pose photo's aspect (multiples of 64 for SDXL), never the photo's own
@@ -715,6 +729,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         id_guidance_end: float = 1.0,
         loop: Any = None,
         regions: Regions | None = None,
+        id_fusion: str | None = None,
+        fusion_tokens: list[list[int]] | None = None,
     ) -> Iterator["IdentityTokens"]:
         """Condition the UNet on the identity for one generation call.
 
@@ -723,7 +739,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         step window ``id_guidance_start/end`` is read off the pipeline's real schedule
         (``num_timesteps``), so custom ``timesteps=`` / ``sigmas=`` work. Outside the block the
         UNet is plain. With ``regions`` the tokens are several people's (``encode_people_tokens``),
-        each acting in their region at every resolution of the UNet's latents.
+        each acting in their region at every resolution of the UNet's latents. ``id_fusion`` runs
+        the base stream beside (``idgen.adapters.fusion``; ``fusion_tokens``: FreeCure's attribute
+        tokens per prompt row).
         """
         if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0:
             raise ValueError(
@@ -736,13 +754,17 @@ class IdentityPipelineMixin(FaceInputMixin):
         gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
         batches = IdentityTokens(tokens, negative_tokens, num_images_per_prompt)
         state = {"step": 0, "shape": None, "on": True}
+        fusion = StreamFusion(self.unet, id_fusion, fusion_tokens) if id_fusion is not None else None
 
         def before_unet(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
             if state["shape"] != sample.shape:
                 weights = None if regions is None else regions.weights(
                     *sample.shape[-2:], self.vae_scale_factor, sample.device)
-                adapter.set_tokens(batches.for_batch(sample.shape[0]), gates, weights)
+                tokens = batches.for_batch(sample.shape[0])
+                if fusion is not None:  # the base stream, after the identity rows: no identity
+                    tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+                adapter.set_tokens(tokens, gates, weights)
                 state["shape"] = sample.shape
             on = id_window(state["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
             if on != state["on"]:
@@ -752,10 +774,14 @@ class IdentityPipelineMixin(FaceInputMixin):
             state["step"] += 1
 
         handle = self.unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+        if fusion is not None:
+            fusion.attach(self.unet)
         try:
             yield batches
         finally:
             handle.remove()
+            if fusion is not None:
+                fusion.detach()
             adapter.clear()
 
 

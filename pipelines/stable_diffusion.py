@@ -19,7 +19,7 @@ _PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_e
                 "cross_attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds")
 _IDENTITY_ARGS = ("face_image", "id_embeds", "id_scale", "negative_face_image", "negative_id_embeds", "face_index",
                   "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale", "regions",
-                  "kps_image", "face_order")
+                  "kps_image", "face_order", "id_fusion", "recover_words")
 
 
 def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments: dict[str, Any]):
@@ -71,9 +71,11 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments
         )
 
     # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
+    images_per_prompt = loop.get("num_images_per_prompt", 1)
+    fusion_tokens = pipe.fusion_tokens(args["id_fusion"], args["prompt"], images_per_prompt, args["recover_words"])
     with pipe.identity_conditioning(
-        tokens, negative_tokens, loop.get("num_images_per_prompt", 1), args["id_scale"], args["id_guidance_start"],
-        args["id_guidance_end"], regions=spec,
+        tokens, negative_tokens, images_per_prompt, args["id_scale"], args["id_guidance_start"],
+        args["id_guidance_end"], regions=spec, id_fusion=args["id_fusion"], fusion_tokens=fusion_tokens,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                              cross_attention_kwargs=args["cross_attention_kwargs"], **loop)
@@ -106,6 +108,8 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         regions: RegionsInput | None = None,
         kps_image: ImageInput | None = None,
         face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -156,6 +160,12 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
                 its aspect ratio unless ``height``/``width`` are given.
             face_order: which face of ``kps_image`` each person takes, counting its faces left to
                 right (default: the largest faces, left to right).
+            id_fusion: merge the identity with the base model's own take on the prompt, training-free
+                (``idgen.adapters.fusion``): ``"adain"`` (Infinite-ID's mixed self-attention with
+                AdaIN-mean) or ``"freecure"`` (FreeCure: the attributes named in the prompt, such
+                as hair or a smile, drawn as the base model draws them). None: off.
+            recover_words: with ``"freecure"``, the prompt's words to recover (default: those of
+                ``idgen.adapters.fusion.ATTRIBUTE_WORDS`` in the prompt).
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """

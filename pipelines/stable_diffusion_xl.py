@@ -248,6 +248,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         kps_image: ImageInput | None = None,
         regions: RegionsInput | None = None,
         face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
         image: Any = None,
         prompt_2: str | list[str] | None = None,
         height: int | None = None,
@@ -302,6 +304,9 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         (people, 5, 2), or the face of each person's photo posed in their region: ``kps_image`` as
         a list with one pose photo per person, else their face photos) and reads each person's
         tokens in their region.
+
+        ``id_fusion`` / ``recover_words`` as in ``IDStableDiffusionPipeline`` (IdentityNet acts in the
+        identity stream only).
         """
         # 1. Check inputs
         self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
@@ -374,7 +379,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 4. Denoise and decode: the loop of the matching diffusers pipeline
         loop = self._loop_pipeline()
         with self.identity_conditioning(
-            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop, spec
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop, spec,
+            id_fusion, self.fusion_tokens(id_fusion, prompt, num_images_per_prompt, recover_words),
         ) as batches:
             if not self.controlnets:
                 output = self._run_loop(loop, guidance_rescale=guidance_rescale, **common)
