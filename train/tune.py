@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,9 @@ def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False)
     accelerator = start_run(config, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)
     pipe, sdxl = load_base(config)
-    with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the config's seed
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # initial weights from the config's seed
         torch.manual_seed(config.seed)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # beside FaceID's LoRA, on purpose
         pipe.unet.add_adapter(LoraConfig(r=config.tune_rank, lora_alpha=config.tune_rank, init_lora_weights="gaussian",
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
                               adapter_name=TUNE_LORA_NAME)
@@ -81,8 +83,7 @@ def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False)
         layers = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in
                   get_peft_model_state_dict(pipe.unet, adapter_name=TUNE_LORA_NAME).items()}
         StableDiffusionPipeline.save_lora_weights(config.output_dir, unet_lora_layers=layers, safe_serialization=True)
-        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-                  if torch.cuda.is_available() else "")
+        memory = _peak_memory()
         accelerator.print(f"exported {path} ({config.max_train_steps} steps in {seconds:.1f} s, "
                           f"{config.max_train_steps / seconds:.2f} steps/s{memory}); load it with --lora "
                           f"{config.output_dir}")
@@ -96,3 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _peak_memory() -> str:
+    """The run's peak memory for the summary line: the GPU's, else the process's resident size."""
+    if torch.cuda.is_available():
+        return f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return ""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return f", peak process memory {kib / 2**20:.2f} GiB"
