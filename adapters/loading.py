@@ -82,7 +82,9 @@ def resolve_checkpoint_file(
 
 
 #: Identity checkpoint families recognised by their top-level keys but not run yet.
-_NOT_YET = {"PhotoMaker": {"id_encoder", "lora_weights"}, "PuLID": {"id_adapter", "id_adapter_attn_layers"}}
+_NOT_YET = {"PuLID": {"id_adapter", "id_adapter_attn_layers"}}
+#: PhotoMaker's top-level groups (its own pipeline, ``IDPhotoMakerPipeline``).
+PHOTOMAKER_GROUPS = {"id_encoder", "lora_weights"}
 
 
 def _nest(flat: StateDict) -> dict[str, StateDict]:
@@ -95,12 +97,9 @@ def _nest(flat: StateDict) -> dict[str, StateDict]:
     return nested
 
 
-def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
-    """Read an adapter checkpoint into ``{"image_proj": ..., "ip_adapter": ...}``.
-
-    ``.safetensors`` is read as such; any other file only with ``torch.load(weights_only=True)``,
-    which refuses pickles that carry code.
-    """
+def read_checkpoint(path: str) -> dict:
+    """The raw contents of a checkpoint: ``.safetensors`` read as such, any other file only with
+    ``torch.load(weights_only=True)``, which refuses pickles that carry code."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -115,7 +114,16 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
         ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict: pass an identity adapter checkpoint")
+    return raw
+
+
+def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
+    """Read an adapter checkpoint (``read_checkpoint``) into ``{"image_proj": ..., "ip_adapter": ...}``."""
+    raw = read_checkpoint(path)
     groups = {str(key).split(".")[0] for key in raw}
+    if groups & PHOTOMAKER_GROUPS:
+        raise CheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load it into "
+                              "IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
     for family, marks in _NOT_YET.items():
         if groups & marks:
             raise CheckpointError(

@@ -147,9 +147,10 @@ class FaceIDPlusProjection(ModelMixin, ConfigMixin):
         num_tokens: int = 4,
         clip_embed_dim: int = 1280,
         depth: int = 4,
-        heads: int = 12,  # of 64 dims each: cross_attention_dim / 64 in the published checkpoints
+        heads: int = 12,  # of dim_head dims each: cross_attention_dim / 64 in the published checkpoints
         ff_mult: int = 4,
         shortcut: bool = False,
+        dim_head: int = 64,
     ):
         super().__init__()
         self.proj = nn.Sequential(
@@ -159,7 +160,7 @@ class FaceIDPlusProjection(ModelMixin, ConfigMixin):
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
         self.perceiver_resampler = FacePerceiverResampler(
-            cross_attention_dim, depth, 64, heads, clip_embed_dim, cross_attention_dim, ff_mult
+            cross_attention_dim, depth, dim_head, heads, clip_embed_dim, cross_attention_dim, ff_mult
         )
 
     @property

@@ -7,10 +7,8 @@ from .version import __version__
 
 
 _PIPELINES = ("IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
-              "IDStableDiffusionXLImg2ImgPipeline",
-    "IDStableDiffusionXLInpaintPipeline",
-    "IDStableDiffusionXLPipeline", "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline",
-              "IDArc2FacePipeline", "load_identitynet")
+              "IDStableDiffusionXLPipeline", "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline",
+              "IDArc2FacePipeline", "IDPhotoMakerPipeline", "load_identitynet")
 
 
 def __getattr__(name: str):
@@ -29,6 +27,7 @@ __all__ = [
     "FaceAnalyzer",
     "IDArc2FacePipeline",
     "IDGenError",
+    "IDPhotoMakerPipeline",
     "IdentityInputError",
     "IDStableDiffusionImg2ImgPipeline",
     "IDStableDiffusionInpaintPipeline",

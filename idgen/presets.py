@@ -297,6 +297,44 @@ def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int | None = 8, hid
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
+def tiny_photomaker_clip(seed: int = 0):
+    """A tiny random CLIP vision model in PhotoMaker's layout (64-dimensional heads, as CLIP ViTs)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed + 6)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1, image_size=56,
+        patch_size=14, projection_dim=32)).eval()
+
+
+def random_photomaker_state_dict(unet, seed: int = 0, lora_rank: int = 4, clip=None) -> dict:
+    """A random checkpoint in PhotoMaker V2's layout for an SDXL-shaped ``unet`` (the prompt's width
+    is its cross-attention width): ``id_encoder`` (CLIP vision model with projection,
+    ``qformer_perceiver``, ``fuse_module``, the unused ``visual_projection_2``) and ``lora_weights``
+    (diffusers' old attention-processor LoRA keys, ``unet.<layer>.processor.to_q_lora.down.weight``)."""
+    from idgen.adapters.photomaker import _RENAMES, PhotoMakerEncoder
+
+    clip = clip or tiny_photomaker_clip(seed)
+    torch.manual_seed(seed)
+    encoder = PhotoMakerEncoder(embed_dim=unet.config.cross_attention_dim, clip_embed_dim=clip.config.hidden_size)
+    generator = torch.Generator().manual_seed(seed + 1)
+    back = {ours: official for official, ours in _RENAMES.items()}
+    id_encoder = {key: value.clone() for key, value in clip.state_dict().items() if not key.endswith("position_ids")}
+    id_encoder["visual_projection_2.weight"] = torch.randn(1280, clip.config.hidden_size, generator=generator) * 0.02
+    for key, value in encoder.state_dict().items():
+        prefix = next(p for p in back if key.startswith(p))
+        noise = torch.randn(value.shape, generator=generator) * 0.02 if key.endswith(("norm.weight", "norm.bias")) else 0
+        id_encoder[back[prefix] + key[len(prefix):]] = value + noise
+    lora = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        for part, linear in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out", attn.to_out[0])):
+            out_features, in_features = linear.weight.shape
+            lora[f"unet.{name}.{part}_lora.down.weight"] = torch.randn(lora_rank, in_features, generator=generator) * in_features**-0.5
+            lora[f"unet.{name}.{part}_lora.up.weight"] = torch.randn(out_features, lora_rank, generator=generator) * 0.05
+    return {"id_encoder": id_encoder, "lora_weights": lora}
+
+
 def write_random_recognizer(path: str, seed: int = 0) -> None:
     """An ONNX face recognizer with the inputs and outputs of insightface's ``w600k_r50.onnx``
     (``input.1``: N x 3 x 112 x 112, one N x 512 output) and random weights, marked as such."""

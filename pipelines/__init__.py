@@ -2,6 +2,7 @@
 
 from .arc2face import IDArc2FacePipeline
 from .identity import FaceInputMixin, IdentityPipelineMixin
+from .photomaker import IDPhotoMakerPipeline
 from .stable_diffusion import IDStableDiffusionImg2ImgPipeline, IDStableDiffusionInpaintPipeline, IDStableDiffusionPipeline
 from .stable_diffusion_xl import (
     IDStableDiffusionXLImg2ImgPipeline,
@@ -10,7 +11,7 @@ from .stable_diffusion_xl import (
     load_identitynet,
 )
 
-__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
+__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDPhotoMakerPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
            "IDStableDiffusionPipeline",
            "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline", "IDStableDiffusionXLPipeline",
            "IdentityPipelineMixin", "load_identitynet"]

@@ -32,7 +32,7 @@ from idgen.adapters import (
 from idgen.adapters.fusion import StreamFusion, attribute_tokens
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
-from idgen.faces import Face, FaceAnalyzer, ImageInput, load_image
+from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load_image
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
 
@@ -136,6 +136,11 @@ class FaceInputMixin:
 
     def set_face_analyzer(self, analyzer: FaceAnalyzer) -> None:
         self._face_analyzer = analyzer
+
+    @property
+    def max_pixels(self) -> int:
+        """The largest photo accepted: the face analyzer's limit, without loading one."""
+        return DEFAULT_MAX_PIXELS if self._face_analyzer is None else self._face_analyzer.max_pixels
 
     #: Whether images leave the pipeline with idgen's invisible mark (``idgen.watermark``).
     _watermark: bool = False
