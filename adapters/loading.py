@@ -97,6 +97,10 @@ def _nest(flat: StateDict) -> dict[str, StateDict]:
     return nested
 
 
+class PhotoMakerCheckpointError(CheckpointError):
+    """A PhotoMaker checkpoint given where an adapter checkpoint was expected."""
+
+
 def read_checkpoint(path: str) -> dict:
     """The raw contents of a checkpoint: ``.safetensors`` read as such, any other file only with
     ``torch.load(weights_only=True)``, which refuses pickles that carry code."""
@@ -122,8 +126,8 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     raw = read_checkpoint(path)
     groups = {str(key).split(".")[0] for key in raw}
     if groups & PHOTOMAKER_GROUPS:
-        raise CheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load it into "
-                              "IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
+        raise PhotoMakerCheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load "
+                                        "it into IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
     for family, marks in _NOT_YET.items():
         if groups & marks:
             raise CheckpointError(

@@ -94,7 +94,7 @@ def _strength(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
-                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl' or 'tiny-arc2face' (offline presets), "
+                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl', 'tiny-photomaker' or 'tiny-arc2face' (offline presets), "
                         "a hub id or a local diffusers folder; SD1.5 or SDXL is read from it")
     parser.add_argument("--adapter", default=None,
                         help=f"identity adapter: hub id, folder or file (default: {METHODS['faceid'].default_adapter} for "
@@ -123,6 +123,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1.0; InstantID 0.8, as its reference runs it)")
     parser.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
     parser.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
+    parser.add_argument("--trigger-word", default="img",
+                        help="PhotoMaker: the word after the class word that marks the person (default img: "
+                        "'a photo of a woman img')")
+    parser.add_argument("--start-merge-step", type=int, default=None, metavar="N",
+                        help="PhotoMaker: steps denoised with the prompt alone before the identity joins (default: "
+                        "20%% of the steps, as its demo)")
     parser.add_argument("--lora", action="append", default=None, metavar="PATH_OR_ID[:WEIGHT]",
                         help="a LoRA to add (repeatable): a .safetensors file, a folder, a hub id or "
                         "owner/name/file.safetensors, with an optional weight (default 1), e.g. "
@@ -386,6 +392,20 @@ def _check_people(args: argparse.Namespace) -> None:
         raise IDGenError("--fix-faces repaints every face with one identity: leave it out with --people")
 
 
+def _check_photomaker(args: argparse.Namespace) -> None:
+    """PhotoMaker's identity enters the prompt: the flags of adapter attention do not apply."""
+    unused = [flag for flag, given in (
+        ("--negative-face", args.negative_face), ("--people", args.people), ("--id-fusion", args.id_fusion),
+        ("--fix-faces", args.fix_faces), ("--kps-image", args.kps_image), ("--id-scale", args.id_scale is not None),
+        ("--id-start", args.id_start != 0.0), ("--id-end", args.id_end != 1.0)) if given]
+    if unused:
+        raise IDGenError(f"PhotoMaker puts the identity into the prompt; {', '.join(unused)} act on adapter attention: "
+                         "leave them out (--start-merge-step sets when the identity joins)")
+    if args.trigger_word not in args.prompt.split() and f" {args.trigger_word}" not in args.prompt:
+        raise IDGenError(f"PhotoMaker finds the person in the prompt as a class word followed by "
+                         f"'{args.trigger_word}': write e.g. --prompt \"a photo of a woman {args.trigger_word} ...\"")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .eval.run import evaluate
 
@@ -480,6 +500,8 @@ def run_generate(args: argparse.Namespace) -> None:
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
     method = session.method
+    if method.prompt_identity:
+        _check_photomaker(args)
     id_embeds = session.people(args.face) if args.people else session.identity(args.face)
     negative_id_embeds = session.identity(args.negative_face, args.negative_face_index) if args.negative_face else None
     identitynet = session.identitynet is not None
@@ -492,10 +514,11 @@ def run_generate(args: argparse.Namespace) -> None:
     call = dict(
         session.call_kwargs(args.prompt),
         **identity,
-        negative_id_embeds=negative_id_embeds,
         num_images_per_prompt=args.num_images,
         generator=session.generators(args.seed, args.num_images),
     )
+    if negative_id_embeds is not None:
+        call.update(negative_id_embeds=negative_id_embeds)
     kps_image = args.kps_image or (args.face if args.people else args.face[0])  # people: each posed in their region
     regions = None
     if args.people:

@@ -61,6 +61,8 @@ class DemoApp:
     def __init__(self, session: Session, pipe, out_dir: str | None = None):
         self.session, self.pipe, self.analyzer = session, pipe, session.analyzer
         self.has_identitynet = getattr(pipe, "has_identitynet", False)
+        method = session.method
+        self.adapter_attention = method.uses_prompt and not method.prompt_identity  # id_scale applies
         # Results are PNG files with the same metadata as the CLI's (the gallery would re-encode images).
         self.out_dir = out_dir or tempfile.mkdtemp(prefix="idgen-demo-")
 
@@ -87,7 +89,9 @@ class DemoApp:
                 raise IDGenError("upload at least one face photo first")
             if self.session.method.uses_prompt and not (prompt or "").strip():
                 raise IDGenError("write a prompt first")
-            if people and (fix or not self.session.method.uses_prompt):
+            if (people or fix) and not self.adapter_attention:
+                raise IDGenError("several people and Fix faces need FaceID or InstantID (adapter attention)")
+            if people and fix:
                 raise IDGenError("several people need FaceID or InstantID, without Fix faces (it repaints every face "
                                  "with one identity)")
             if pose is not None and not (people or self.has_identitynet):
@@ -102,8 +106,11 @@ class DemoApp:
                         num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
             settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style)
             if self.session.method.uses_prompt:
-                call.update(id_scale=float(id_scale), negative_prompt=negative_prompt or None)
-                settings.update(prompt=text, negative_prompt=negative_prompt or None, id_scale=float(id_scale))
+                call.update(negative_prompt=negative_prompt or None)
+                settings.update(prompt=text, negative_prompt=negative_prompt or None)
+            if self.adapter_attention:
+                call.update(id_scale=float(id_scale))
+                settings.update(id_scale=float(id_scale))
             if people:
                 options = self.session.options
                 regions = "faces" if pose is not None else columns(len(photos), *self.pipe.output_size(
@@ -132,7 +139,8 @@ class DemoApp:
         for i, (image, fix_settings) in enumerate(fixed):
             path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
             self.session.save(image, path, self.pipe, seed + i, **settings, **fix_settings)
-            results.append((path, f"seed {seed + i} · id_scale {float(id_scale):.2f} · {text}"))
+            scale = f" · id_scale {float(id_scale):.2f}" if self.adapter_attention else ""
+            results.append((path, f"seed {seed + i}{scale} · {text}"))
         return results
 
 
@@ -159,16 +167,19 @@ def build_demo(app: DemoApp):
                                        label="Face number (0 = largest; as on the preview)", elem_id="face_index")
                 people = gr.Checkbox(value=False, label="Several people: each photo is another person (placed around "
                                      "the faces of the pose photo, else side by side)", elem_id="people",
-                                     visible=app.session.method.uses_prompt)
+                                     visible=app.adapter_attention)
                 pose = gr.Image(label="Pose photo (optional): InstantID's pose; with several people, a photo with a "
-                                "face per person", type="filepath", visible=app.session.method.uses_prompt,
+                                "face per person", type="filepath", visible=app.adapter_attention,
                                 elem_id="pose")
-                prompt = gr.Textbox(label="Prompt", value="a photo of a person", elem_id="prompt")
+                person = f"a person {app.session.options.trigger_word}" if app.session.method.prompt_identity else "a person"
+                prompt = gr.Textbox(label="Prompt", value=f"a photo of {person}", elem_id="prompt",
+                                    info="PhotoMaker: the class word, then the trigger word" if app.session.method.prompt_identity
+                                    else None)
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
                 style = gr.Dropdown(list(STYLES), value="none", label="Style")
                 default_scale = app.session.id_scale
                 id_scale = gr.Slider(0.0, 1.5, value=default_scale if isinstance(default_scale, float) else 1.0, step=0.05,
-                                     label="Identity strength (id_scale)")
+                                     label="Identity strength (id_scale)", visible=app.adapter_attention)
                 identitynet = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="IdentityNet strength",
                                         visible=app.has_identitynet)
                 fixed = bool(app.session.options.timesteps)  # --timesteps sets the steps
@@ -178,7 +189,7 @@ def build_demo(app: DemoApp):
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 count = gr.Slider(1, 4, value=1, step=1, label="Images")
                 fix = gr.Checkbox(value=False, label="Fix faces (repaint each face found with the identity)",
-                                  visible=app.session.method.uses_prompt, elem_id="fix_faces")
+                                  visible=app.adapter_attention, elem_id="fix_faces")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results (PNG with settings as metadata)", elem_id="gallery", columns=2,

@@ -20,11 +20,12 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 8
-TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl")
+PRESET_FORMAT = 9
+TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
 FACEID_SDXL_FILE = "ip-adapter-faceid_sdxl.safetensors"
+PHOTOMAKER_FILE = "photomaker-v2.bin"
 
 
 def cache_dir() -> str:
@@ -388,13 +389,28 @@ def _build_tiny(folder: str, seed: int) -> None:
     unet.save_pretrained(os.path.join(folder, "arc2face", "arc2face"))
     sdxl = tiny_sdxl_pipeline(seed)
     sdxl.save_pretrained(os.path.join(folder, "sdxl"))
+    _drop_empty_components(os.path.join(folder, "sdxl"))
     instantid = os.path.join(folder, "instantid")
     tiny_identitynet(sdxl.unet, seed).save_pretrained(os.path.join(instantid, "ControlNetModel"))
     save_adapter_checkpoint(random_instantid_state_dict(sdxl.unet, seed), os.path.join(instantid, INSTANTID_FILE))
     save_adapter_checkpoint(random_faceid_state_dict(sdxl.unet, seed), os.path.join(folder, "faceid-sdxl", FACEID_SDXL_FILE))
+    os.makedirs(os.path.join(folder, "photomaker"))
+    torch.save(random_photomaker_state_dict(sdxl.unet, seed), os.path.join(folder, "photomaker", PHOTOMAKER_FILE))
     clip, tokenizer = tiny_clip(seed)
     clip.save_pretrained(os.path.join(folder, "clip"))
     tokenizer.save_pretrained(os.path.join(folder, "clip"))
+
+
+def _drop_empty_components(folder: str) -> None:
+    """A saved pipeline's ``model_index.json`` without its unset optional parts (an SDXL base
+    names no ControlNet), so any SDXL pipeline class loads it without notices."""
+    import json
+
+    path = os.path.join(folder, "model_index.json")
+    with open(path) as handle:
+        index = json.load(handle)
+    with open(path, "w") as handle:
+        json.dump({k: v for k, v in index.items() if v != [None, None]}, handle, indent=2)
 
 
 def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Preset:
@@ -404,7 +420,7 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
     tokenizer, VAE and scheduler; ``adapter`` is the folder in Arc2Face's layout.
     ``tiny-sdxl``: SDXL-shaped base; ``adapter`` is a folder in InstantID's layout
     (``ip-adapter.bin`` + ``ControlNetModel/``). ``tiny-faceid-sdxl``: the same base with a
-    FaceID-SDXL adapter file.
+    FaceID-SDXL adapter file; ``tiny-photomaker`` with a PhotoMaker V2 file.
     """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
@@ -425,6 +441,7 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         "tiny-arc2face": ("base", "arc2face"),
         "tiny-sdxl": ("sdxl", "instantid"),
         "tiny-faceid-sdxl": ("sdxl", os.path.join("faceid-sdxl", FACEID_SDXL_FILE)),
+        "tiny-photomaker": ("sdxl", os.path.join("photomaker", PHOTOMAKER_FILE)),
     }[name]
     return Preset(
         name=name,

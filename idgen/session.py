@@ -55,6 +55,10 @@ def _is_plus(adapter: str, weight_name: str | None) -> bool:
     return adapter == FACEID_REPO and "plus" in (weight_name or "")
 
 
+def _is_photomaker(adapter: str, weight_name: str | None) -> bool:
+    return "photomaker" in f"{adapter}/{weight_name or ''}".lower()
+
+
 @dataclass(frozen=True)
 class Method:
     """One identity method: how its adapter is recognised, what runs it, and its defaults
@@ -76,6 +80,7 @@ class Method:
     uses_prompt: bool = True  # Arc2Face generates from the identity alone
     per_photo: bool = False  # each face photo gives its own tokens (FaceID-Portrait), not one mean
     face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
+    prompt_identity: bool = False  # the identity enters the prompt (PhotoMaker): no id_scale, no negative identity
 
 
 #: Identity methods, in the order they are tried; the last of each family is its fallback.
@@ -95,6 +100,8 @@ METHODS: dict[str, Method] = {
                face_clip=True),
         Method("faceid-portrait-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_portrait, "faceid_portrait",
                guidance=5.0, per_photo=True),
+        Method("photomaker", "sdxl", "IDPhotoMakerPipeline", _is_photomaker, "photomaker", steps=50, guidance=5.0,
+               default_weight_name="photomaker-v2.bin", raw_id_embeds=True, per_photo=True, prompt_identity=True),
         Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
                default_weight_name="ip-adapter-faceid_sdxl.bin"),
     )
@@ -131,6 +138,8 @@ class SessionOptions:
     scheduler: str | None = None  # a name of idgen.schedulers (default: the base model's)
     timesteps: list[int] | None = None  # the exact timesteps to sample at (DMD2: 999,749,499,249)
     compile: bool = False  # torch.compile the UNet and IdentityNet (the first image waits for it)
+    trigger_word: str = "img"  # PhotoMaker: the word after the class word that marks the person
+    start_merge_step: int | None = None  # PhotoMaker: steps with the prompt alone (default: 20% of the steps)
 
     @classmethod
     def from_namespace(cls, args: Any) -> "SessionOptions":
@@ -241,7 +250,7 @@ class Session:
                     f"could not load InstantID's IdentityNet from {self.identitynet} ({type(err).__name__}): pass "
                     "--identitynet with a ControlNetModel folder or InstantX/InstantID"
                 ) from None
-        elif self.method.family == "sdxl":
+        elif self.method.pipeline == "IDStableDiffusionXLPipeline":
             extra["controlnet"] = None
         try:
             if self.method.family == "arc2face":
@@ -279,6 +288,8 @@ class Session:
                     people: bool = False) -> dict[str, Any]:
         """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person, or with
         ``people`` one photo per person); nothing for the other methods."""
+        if self.method.prompt_identity:  # PhotoMaker's CLIP reads the photos themselves
+            return {"face_image": list(photos)}
         if not self.method.face_clip:
             return {}
         index = self.options.face_index if face_index is None else face_index
@@ -303,6 +314,12 @@ class Session:
                              f"use values below {limit}")
 
     @property
+    def start_merge_step(self) -> int:
+        """PhotoMaker: the steps with the prompt alone; its demo's 20% unless given."""
+        merge = self.options.start_merge_step
+        return int(0.2 * self.steps) if merge is None else merge
+
+    @property
     def id_scale(self) -> float | dict[str, float]:
         return self.method.id_scale if self.options.id_scale is None else self.options.id_scale
 
@@ -312,6 +329,10 @@ class Session:
         import torch
 
         index = self.options.face_index if face_index is None else face_index
+        if self.method.per_photo and self.method.raw_id_embeds:  # PhotoMaker: each photo's raw vector
+            import numpy as np
+
+            return torch.from_numpy(np.stack([face.raw_embedding for face in self.analyzer.faces(photos, index)]))
         if self.method.per_photo:
             from .adapters import check_portrait_faces
 
@@ -337,7 +358,9 @@ class Session:
                     width=self.options.width)
         if self.options.timesteps:
             call.update(timesteps=list(self.options.timesteps))
-        if self.method.uses_prompt:
+        if self.method.prompt_identity:
+            call.update(prompt=prompt, trigger_word=self.options.trigger_word, start_merge_step=self.start_merge_step)
+        elif self.method.uses_prompt:
             call.update(prompt=prompt, id_scale=self.id_scale, id_guidance_start=self.options.id_start,
                         id_guidance_end=self.options.id_end)
         return call
@@ -384,7 +407,9 @@ class Session:
             "steps": str(self.steps),
             "guidance": str(self.guidance),
             **({"id_scale": str(self.id_scale), "id_window": f"{self.options.id_start}-{self.options.id_end}"}
-               if self.method.uses_prompt else {}),  # Arc2Face has neither
+               if self.method.uses_prompt and not self.method.prompt_identity else {}),  # Arc2Face has neither
+            **({"trigger_word": self.options.trigger_word, "start_merge_step": str(self.start_merge_step)}
+               if self.method.prompt_identity else {}),
             "method": self.method.name,
             "base_model": self.options.base,
             "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
@@ -424,8 +449,10 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
     if base in TINY_PRESETS:
         preset = get_preset(base)
+        random_parts = ["base"]
         if adapter is None:
-            adapter, random_parts = preset.adapter, ["base", "adapter"]
+            adapter = preset.adapter
+            random_parts.append("adapter")
         elif METHODS["arc2face"].recognises(adapter, options.weight_name):
             raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
                              "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -434,9 +461,24 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     adapter_file = None
     if method.family != "arc2face":
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
+        from .adapters.loading import PhotoMakerCheckpointError
+        from .adapters.photomaker import photomaker_state_dicts
 
         adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
-        found = detect_format(load_adapter_state_dict(adapter_file), adapter_file).format
+        def photomaker() -> str:
+            photomaker_state_dicts(adapter_file)  # the layout checked as PhotoMaker's
+            if method.family != "sdxl":
+                raise IDGenError(f"{adapter_file} is PhotoMaker V2, made for SDXL, but {options.base} is not SDXL: pass "
+                                 "an SDXL --base (offline: tiny-sdxl)")
+            return "photomaker"
+
+        if method.checkpoint_format == "photomaker":
+            found = photomaker()
+        else:
+            try:
+                found = detect_format(load_adapter_state_dict(adapter_file), adapter_file).format
+            except PhotoMakerCheckpointError:  # a PhotoMaker file under another name: its keys decide
+                found = photomaker()
         if found != method.checkpoint_format:  # a trained or renamed checkpoint: its keys decide
             method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
                           method)
