@@ -388,8 +388,6 @@ def _check_people(args: argparse.Namespace) -> None:
         raise IDGenError("--recover-words names what --id-fusion freecure recovers: add it, or leave them out")
     if args.id_fusion and not _uses_prompt(args):
         raise IDGenError("--id-fusion merges the identity with the prompt: Arc2Face has no prompt")
-    if args.people and args.fix_faces:
-        raise IDGenError("--fix-faces repaints every face with one identity: leave it out with --people")
 
 
 def _check_photomaker(args: argparse.Namespace) -> None:
@@ -548,13 +546,19 @@ def run_generate(args: argparse.Namespace) -> None:
         kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else None,
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
+    fix_identity, fix_regions = identity, None
+    if args.fix_faces and args.people:  # each face takes the identity of the region it lies in
+        from .facefix import people_identities
+
+        fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
+                                                      args.face_order)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         extra = {}
         if args.fix_faces:
             from .facefix import fix_faces
 
-            image, extra = fix_faces(session, pipe, image, identity, args.prompt, args.seed + i, args.fix_strength,
-                                     negative_prompt=args.negative_prompt, keep_faceless=True)
+            image, extra = fix_faces(session, pipe, image, fix_identity, args.prompt, args.seed + i, args.fix_strength,
+                                     negative_prompt=args.negative_prompt, keep_faceless=True, regions=fix_regions)
             if extra["face_fix"] == "no face found":
                 print(f"idgen: warning: no face found to fix in {path}; it is kept as generated", file=sys.stderr)
         session.save(image, path, pipe, args.seed + i, **settings, **extra)

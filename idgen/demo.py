@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from .adapters.regions import columns
 from .errors import IDGenError
-from .facefix import fix_faces
+from .facefix import fix_faces, people_identities
 from .faces import KPS_COLORS, FaceAnalyzer
 from .session import Session, SessionOptions, start_session
 
@@ -91,9 +91,6 @@ class DemoApp:
                 raise IDGenError("write a prompt first")
             if (people or fix) and not self.adapter_attention:
                 raise IDGenError("several people and Fix faces need FaceID or InstantID (adapter attention)")
-            if people and fix:
-                raise IDGenError("several people need FaceID or InstantID, without Fix faces (it repaints every face "
-                                 "with one identity)")
             if pose is not None and not (people or self.has_identitynet):
                 raise IDGenError("the pose photo poses InstantID's IdentityNet, which this model does not have; it "
                                  "also places several people: tick Several people, or remove it")
@@ -126,9 +123,13 @@ class DemoApp:
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
-            fixed = [fix_faces(self.session, self.pipe, image, identity, text, seed + i,
-                               negative_prompt=negative_prompt or None, keep_faceless=True) if fix else (image, {})
-                     for i, image in enumerate(images)]
+            fix_identity, fix_regions = identity, None
+            if fix and people:  # each face takes the identity of the region it lies in
+                fix_identity, fix_regions = people_identities(self.pipe, identity, call["regions"], len(photos),
+                                                              _path(pose) if pose is not None else None)
+            fixed = [fix_faces(self.session, self.pipe, image, fix_identity, text, seed + i,
+                               negative_prompt=negative_prompt or None, keep_faceless=True, regions=fix_regions)
+                     if fix else (image, {}) for i, image in enumerate(images)]
         except IDGenError as err:
             message = str(err)
             for photo in [_path(f) for f in files or []] + ([_path(pose)] if pose is not None else []):

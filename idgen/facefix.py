@@ -8,13 +8,13 @@ back and blended in. Pixels outside the oval's feather are the input's, exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .errors import IDGenError, NoFaceError
-from .faces import FaceAnalyzer, ImageInput, load_image
+from .faces import Face, FaceAnalyzer, ImageInput, load_image
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,14 @@ def face_fix(
     analyzer: FaceAnalyzer,
     faces: Sequence[int] | None = None,
     options: FaceFixOptions = FaceFixOptions(),
+    identity_of: Callable[[Face], dict[str, Any] | None] | None = None,
     **call: Any,
 ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
     """Repaint faces ``faces`` (indices, largest first; default all) of ``image``. ``call`` is the
     pipeline call for one face: the prompt, the identity (``face_image=`` or ``id_embeds=`` ...),
-    steps, guidance, generator; the crop, mask, strength and size are set here. Returns the image
-    and the crop box of each face repainted."""
+    steps, guidance, generator; the crop, mask, strength and size are set here. With several
+    people, ``identity_of(face)`` gives each face's identity arguments (None: leave it). Returns
+    the image and the crop box of each face repainted."""
     pipe = inpaint_pipeline(pipe)
     photo = load_image(image, analyzer.max_pixels)
     found = analyzer.analyze(photo)
@@ -97,11 +99,14 @@ def face_fix(
     boxes = []
     for index in chosen:
         face = found[index]
+        person = {} if identity_of is None else identity_of(face)
+        if person is None:
+            continue
         box = _crop_box(face.bbox, options.margin, photo.size)
         side = box[2] - box[0]
         oval = _oval(face.bbox, box, options.feather)
         crop = Image.fromarray(out[box[1]:box[3], box[0]:box[2]])
-        kwargs = {key: value for key, value in call.items() if key not in ("height", "width")}
+        kwargs = {key: value for key, value in {**call, **person}.items() if key not in ("height", "width")}
         if getattr(pipe, "has_identitynet", False):
             kwargs["face_kps"] = (face.kps - np.array(box[:2])) * (size / side)
         result = pipe(image=crop.resize((size, size), Image.LANCZOS), mask_image=oval.resize((size, size)),
@@ -115,22 +120,46 @@ def face_fix(
     return Image.fromarray(out), boxes
 
 
-def fix_faces(session, pipe, image: ImageInput, identity: dict[str, Any], prompt: str | None, seed: int,
-              strength: float = 0.6, faces: Sequence[int] | None = None, negative_prompt: str | None = None,
-              keep_faceless: bool = False) -> tuple[Image.Image, dict[str, str]]:
+def fix_faces(session, pipe, image: ImageInput, identity: dict[str, Any] | list[dict[str, Any]], prompt: str | None,
+              seed: int, strength: float = 0.6, faces: Sequence[int] | None = None, negative_prompt: str | None = None,
+              keep_faceless: bool = False, regions: Any = None) -> tuple[Image.Image, dict[str, str]]:
     """``face_fix`` with a session's method and settings: the faces of ``image`` repainted with
     ``identity`` (the call's identity arguments, ``id_embeds=`` and any method inputs, computed once
     by the caller); also the PNG settings that say so. With ``keep_faceless``, an image without a
-    face comes back as it is, its settings saying so (a generated image); else that raises."""
+    face comes back as it is, its settings saying so (a generated image); else that raises.
+
+    Several people: ``identity`` is a list with each person's arguments and ``regions``
+    (``idgen.adapters.regions.Regions``) where each is; a face takes the identity of the region its
+    centre lies in, and a face outside every region is left as it is."""
     import torch
 
-    call = dict(session.call_kwargs(prompt), **identity, negative_prompt=negative_prompt,
-                generator=torch.Generator().manual_seed(seed))
+    call = dict(session.call_kwargs(prompt), negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed))
+    identity_of = None
+    if regions is None:
+        call.update(identity)
+    else:
+        photo = load_image(image, session.analyzer.max_pixels)
+        masks = regions.render(*photo.size)
+
+        def identity_of(face) -> dict[str, Any] | None:
+            x, y = ((face.bbox[:2] + face.bbox[2:]) / 2).astype(int).clip(0, [photo.width - 1, photo.height - 1])
+            return identity[int(masks[:, y, x].argmax())] if masks[:, y, x].max() > 0 else None
+
+        image = photo
     try:
-        fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), **call)
+        fixed, boxes = face_fix(pipe, image, session.analyzer, faces, FaceFixOptions(strength=strength), identity_of,
+                                **call)
     except NoFaceError:
         if not keep_faceless:
             raise
         return load_image(image), {"face_fix": "no face found"}
     crops = "; ".join(",".join(map(str, box)) for box in boxes)
     return fixed, {"face_fix": f"{len(boxes)} face(s) repainted at strength {strength} (crops {crops})"}
+
+
+def people_identities(pipe, identity: dict[str, Any], regions: Any, count: int, kps_image: ImageInput | None = None,
+                      face_order: Sequence[int] | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """For ``fix_faces`` on an image of several people: each person's identity arguments (row ``p``
+    of ``identity``'s, one row per person) and their regions, from the generation's ``regions``."""
+    spec = pipe.people_regions(regions, count, kps_image, face_order)[0]
+    return [{key: value[p] for key, value in identity.items()} for p in range(count)], spec

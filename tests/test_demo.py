@@ -67,8 +67,8 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     assert Image.open(grouped[0][0]).text["regions"] == "faces of the pose photo"
     with pytest.raises(gr.Error, match="tick Several people"):
         app.generate([str(astronaut)], str(group_photo), "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1)
-    with pytest.raises(gr.Error, match="without Fix faces"):
-        app.generate([str(astronaut)] * 2, None, "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True, True)
+    fixed_pair = app.generate([str(astronaut)] * 2, None, "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True, True)
+    assert Image.open(fixed_pair[0][0]).text["face_fix"] == "no face found"  # each face by its region's identity
     assert build_demo(app) is not None
     # `idgen demo --face-index 1` starts the face picker at 1
     picked = DemoApp(start_session(steps=2, face_index=1), app.pipe)

@@ -78,3 +78,27 @@ def test_arc2face_has_no_face_fix(cache, tmp_path, astronaut, capsys):
                  "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--fix-faces inpaints with FaceID or InstantID" in err[0]
+
+
+def test_several_people_each_face_takes_its_region_identity(cache, group_photo, astronaut):
+    """With regions, each face of the group photo is repainted with the identity of the region its
+    centre lies in: the left faces as with person A alone, the right ones as with person B alone."""
+    from idgen.adapters.regions import Regions
+    from idgen.facefix import fix_faces
+
+    session = start_session(steps=2)
+    pipe = session.load()
+    pipe.set_progress_bar_config(disable=True)
+    photo = Image.open(group_photo).convert("RGB")
+    a, b = {"id_embeds": embedding(1)}, {"id_embeds": embedding(2)}
+    halves = Regions.from_spec([(0, 0, photo.width // 2, photo.height), (photo.width // 2, 0, photo.width, photo.height)])
+    both, settings = fix_faces(session, pipe, photo, [a, b], "a photo of a person", 0, 0.8, regions=halves)
+    only_a, _ = fix_faces(session, pipe, photo, a, "a photo of a person", 0, 0.8)
+    only_b, _ = fix_faces(session, pipe, photo, b, "a photo of a person", 0, 0.8)
+    assert settings["face_fix"].startswith("6 face(s) repainted")
+    both, only_a, only_b = (np.asarray(image, dtype=int) for image in (both, only_a, only_b))
+    for face in session.analyzer.analyze(photo):
+        x1, y1, x2, y2 = face.bbox.astype(int)
+        inner = (slice(y1 + (y2 - y1) // 4, y2 - (y2 - y1) // 4), slice(x1 + (x2 - x1) // 4, x2 - (x2 - x1) // 4))
+        same, other = (only_a, only_b) if (x1 + x2) / 2 < photo.width / 2 else (only_b, only_a)
+        assert np.abs(both[inner] - same[inner]).mean() < 0.25 * np.abs(both[inner] - other[inner]).mean()

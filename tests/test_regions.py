@@ -254,10 +254,13 @@ def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
         (["--face-region", "0,0,64,64", "--face-region", "64,0,128,64"], "2 --face-region for 1 --face"),
         (["--face-region", "0,0,64,64", "--face-region", "64,0,128,64", "--face", str(astronaut), "--face-order", "1,0"],
          "--face-order picks the faces of --kps-image"),
-        (["--people", "--face", str(astronaut), "--fix-faces"], "--fix-faces repaints every face with one identity"),
     ):
         assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out), *flags]) == 2
         assert message in capsys.readouterr().err
+    # --fix-faces with several people: each face by its region's identity (the tiny preset paints no face)
+    assert main(["generate", "--face", str(astronaut), "--face", str(astronaut), "--people", "--fix-faces", "--prompt",
+                 "p", "--steps", "1", "--out", str(out)]) == 0
+    assert Image.open(out).text["face_fix"] == "no face found"
 
 
 def test_cli_instantid_people(tmp_path, astronaut):
