@@ -450,6 +450,7 @@ def run_tune(args: argparse.Namespace) -> None:
 
     session = start_session(base=args.base, adapter=args.adapter, weight_name=args.weight_name,
                             face_model=args.face_model)
+    session.adapter_state = None  # training reads its init_adapter itself: no copy kept meanwhile
     if session.method.checkpoint_format not in ("faceid", "instantid"):
         raise IDGenError(f"tuning runs on FaceID or InstantID adapters; {session.adapter} is {session.method.name}")
     data = os.path.join(args.out, "data")

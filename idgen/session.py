@@ -234,6 +234,9 @@ class Session:
     random_parts: list[str] = field(default_factory=list)
     signer: Any = None  # idgen.credentials.Signer when Content Credentials are asked for
     loras: list[LoRASpec] = field(default_factory=list)
+    #: The adapter checkpoint as read and checked by ``start_session``, handed to the pipeline by the
+    #: first ``load()`` (not read twice) and then dropped.
+    adapter_state: dict | None = field(default=None, repr=False)
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
@@ -264,7 +267,10 @@ class Session:
         self._check_schedule(pipe.scheduler)
         if self.adapter_file is not None:
             extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
-            pipe.load_identity_adapter(self.adapter_file, **extra)
+            if self.adapter_state is not None:
+                extra["weight_name"] = self.adapter_file
+            pipe.load_identity_adapter(self.adapter_state or self.adapter_file, **extra)
+            self.adapter_state = None
         pipe.set_face_analyzer(self.analyzer)
         pipe.to(device)
         load_loras(pipe, self.loras)  # on the device: fusing is a matrix product per layer
@@ -458,7 +464,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
                              "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
         base, face_model = preset.base, face_model or preset.face_pack
     method, adapter, weight_name = resolve_method(base, adapter, options.weight_name)
-    adapter_file = None
+    adapter_file = adapter_state = None
     if method.family != "arc2face":
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
         from .adapters.loading import PhotoMakerCheckpointError
@@ -476,9 +482,10 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             found = photomaker()
         else:
             try:
-                found = detect_format(load_adapter_state_dict(adapter_file), adapter_file).format
+                adapter_state = load_adapter_state_dict(adapter_file)
+                found = detect_format(adapter_state, adapter_file).format
             except PhotoMakerCheckpointError:  # a PhotoMaker file under another name: its keys decide
-                found = photomaker()
+                found, adapter_state = photomaker(), None
         if found != method.checkpoint_format:  # a trained or renamed checkpoint: its keys decide
             method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
                           method)
@@ -493,7 +500,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
     guidance = method.guidance if options.guidance is None else options.guidance
     return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
-                   random_parts, signer, loras)
+                   random_parts, signer, loras, adapter_state)
 
 
 def check_timesteps(timesteps: Sequence[int], steps: int | None) -> None:

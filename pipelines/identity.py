@@ -329,7 +329,8 @@ class IdentityPipelineMixin(FaceInputMixin):
     ) -> None:
         """Load an identity adapter (e.g. ``h94/IP-Adapter-FaceID`` with
         ``weight_name="ip-adapter-faceid_sd15.bin"``) from a hub id, a folder, a file, or a
-        state dict ``{"image_proj": ..., "ip_adapter": ...}`` already in memory.
+        state dict ``{"image_proj": ..., "ip_adapter": ...}`` already in memory (``weight_name``
+        then names it: its file, for messages and the PlusV2 check).
 
         Hooks identity attention into every cross-attention layer. FaceID's LoRA is fused into
         the UNet's weights at its full strength, so steps cost what the base model's do; it is
@@ -343,7 +344,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         name, or an SDXL checkpoint: the keys do not tell).
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
-            path, state_dict = "the given state dict", pretrained_model_name_or_path_or_file
+            path, state_dict = weight_name or "the given state dict", pretrained_model_name_or_path_or_file
         else:
             path = resolve_checkpoint_file(pretrained_model_name_or_path_or_file, weight_name, subfolder, **hub_kwargs)
             state_dict = load_adapter_state_dict(path)

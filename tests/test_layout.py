@@ -94,3 +94,18 @@ def test_session_loads_each_tiny_preset_with_its_method_defaults(preset):
     assert start_session(base="tiny", steps=3, guidance=2.0, id_scale=0.5).call_kwargs("a person") == dict(
         num_inference_steps=3, guidance_scale=2.0, height=None, width=None, prompt="a person", id_scale=0.5,
         id_guidance_start=0.0, id_guidance_end=1.0)
+
+
+def test_the_adapter_checkpoint_is_read_once(monkeypatch, preset):
+    """start_session reads and checks the checkpoint; load() hands that to the pipeline instead of
+    reading the file again (InstantID's is 1.7 GB)."""
+    from idgen import start_session
+    from idgen.adapters import loading
+
+    reads = []
+    original = loading.read_checkpoint
+    monkeypatch.setattr(loading, "read_checkpoint", lambda path: reads.append(path) or original(path))
+    session = start_session(base="tiny-sdxl")
+    pipe = session.load()
+    assert reads == [session.adapter_file] and session.adapter_state is None
+    assert pipe.adapter_spec.format == "instantid"
