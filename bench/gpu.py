@@ -189,7 +189,9 @@ def table(title: str, cases: list[Case], results: dict, baseline: str, count: in
 
 # ------------------------------------------------------------------------------ SD1.5 FaceID
 def sd15_cases(parts: dict, size: int, steps: int, count: int, device: str, dtype: torch.dtype, folder: str,
-               compile_: bool, few_step: bool = True) -> list[Case]:
+               compile_: bool, few_step: bool = True, methods: bool = True) -> list[Case]:
+    """Plain diffusers, diffusers' FaceID path and idgen's, then (``compile_``) compiled, (``few_step``)
+    the 4-step recipe, and (``methods``) what several people and the fusions cost over one identity."""
     from diffusers import StableDiffusionPipeline
 
     from idgen import IDStableDiffusionPipeline
@@ -227,6 +229,13 @@ def sd15_cases(parts: dict, size: int, steps: int, count: int, device: str, dtyp
         compile_models(compiled)
         cases.append(Case("idgen FaceID, compiled", call(compiled, id_embeds=embeds),
                           ("idgen FaceID", "diffusers FaceID (load_ip_adapter)")))
+    if methods:
+        halves = [(0, 0, size // 2, size), (size // 2, 0, size, size)]
+        cases += [Case("idgen FaceID, two people (regions=)",
+                       call(ours, id_embeds=torch.stack([embeds, embeds.roll(1)]), regions=halves)),
+                  Case("idgen FaceID, id_fusion='adain'", call(ours, id_embeds=embeds, id_fusion="adain")),
+                  Case("idgen FaceID, id_fusion='freecure'",
+                       call(ours, id_embeds=embeds, id_fusion="freecure", recover_words=["portrait"]))]
     if few_step:
         fast = idgen_pipe()
         fast.scheduler = make_scheduler("lcm", fast.scheduler.config)

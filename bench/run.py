@@ -58,7 +58,7 @@ def bench_identity_overhead(latent: int, steps: int, repeats: int) -> dict:
     parts = gpu.build(gpu.sd15_parts, 1, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as folder:
         cases = gpu.sd15_cases(parts, latent * 8, steps, 1, "cpu", torch.float32, folder, compile_=False,
-                               few_step=False)
+                               few_step=False, methods=False)
         results = gpu.measure(cases, repeats, "cpu")
     plain, anchor, ours = (results[case.name] for case in cases)
     return {"config": f"SD1.5 config (random weights), fp32, CPU, {latent * 8} px, {steps} steps, CFG, FaceID with its "
