@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -631,6 +632,36 @@ class IdentityPipelineMixin(FaceInputMixin):
         negative_tokens, tokens = tokens.reshape(len(both), -1, tokens.shape[-1]).chunk(2)
         return tokens, negative_tokens
 
+    def encode_call_identity(
+        self,
+        face_image: FaceImages | None,
+        id_embeds: torch.Tensor | None,
+        negative_face_image: FaceImages | None,
+        negative_id_embeds: torch.Tensor | None,
+        batch_size: int,
+        face_index: int | Sequence[int] = 0,
+        face_weights: Sequence[float] | None = None,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+        regions: RegionsInput | None = None,
+        kps_image: ImageInput | None = None,
+        face_order: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, "PeopleLayout | None"]:
+        """A call's identity tokens and negative tokens: one person (``encode_id_tokens``), or with
+        ``regions`` several, side by side (``encode_people_tokens``), with where each goes."""
+        if regions is None:
+            if face_order is not None:
+                raise ValueError("face_order= orders the people of regions=: pass regions= too, or leave it out")
+            return (*self.encode_id_tokens(face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size,
+                                           face_index, face_weights, face_clip_embeds, s_scale), None)
+        if face_weights is not None:
+            raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
+        layout = PeopleLayout(*self.people_regions(regions, self.count_people(face_image, id_embeds), kps_image,
+                                                   face_order))
+        tokens = self.encode_people_tokens(face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size,
+                                           face_index, face_clip_embeds, s_scale)
+        return (*tokens, layout)
+
     def encode_people_tokens(
         self,
         face_image: Sequence[FaceImages] | None,
@@ -789,6 +820,16 @@ class IdentityPipelineMixin(FaceInputMixin):
             if fusion is not None:
                 fusion.detach()
             adapter.clear()
+
+
+@dataclass(frozen=True)
+class PeopleLayout:
+    """Where several people go: their regions, and the faces and size of the group photo
+    (``kps_image``) when one was given."""
+
+    regions: Regions
+    pose_faces: list[Face] | None
+    pose_size: tuple[int, int] | None
 
 
 class IdentityTokens:

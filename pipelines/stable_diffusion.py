@@ -47,35 +47,24 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments
     )
 
     # 3. Encode the identity (several people: side by side, each in a region)
-    spec = None
-    if isinstance(args["kps_image"], (list, tuple)):
-        raise ValueError("kps_image= on SD1.5 places several people around the faces of one group photo: pass one photo")
-    if args["regions"] is not None:
-        if args["face_weights"] is not None:
-            raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
-        spec, _, pose_size = pipe.people_regions(args["regions"], pipe.count_people(args["face_image"], args["id_embeds"]),
-                                                 args["kps_image"], args["face_order"])
-        tokens, negative_tokens = pipe.encode_people_tokens(
-            args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
-            prompt_embeds.shape[0], args["face_index"], args["face_clip_embeds"], args["s_scale"],
-        )
-        if pose_size is not None and "height" in named:  # text to image: the group photo's aspect
-            loop["width"], loop["height"] = pipe.output_size(pose_size, loop.get("height"), loop.get("width"))
-    elif args["kps_image"] is not None or args["face_order"] is not None:
-        raise ValueError("kps_image= and face_order= place several people: pass regions= ('faces', or one mask or box "
-                         "per person) too")
-    else:
-        tokens, negative_tokens = pipe.encode_id_tokens(
-            args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
-            prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
-        )
+    if isinstance(args["kps_image"], (list, tuple)) or (args["kps_image"] is not None and args["regions"] is None):
+        raise ValueError("kps_image= on SD1.5 places several people around the faces of one group photo: pass "
+                         "regions= ('faces', or one mask or box per person) with one photo")
+    tokens, negative_tokens, people = pipe.encode_call_identity(
+        args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
+        prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
+        args["regions"], args["kps_image"], args["face_order"],
+    )
+    if people is not None and people.pose_size is not None and "height" in named:  # the group photo's aspect
+        loop["width"], loop["height"] = pipe.output_size(people.pose_size, loop.get("height"), loop.get("width"))
 
     # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
     images_per_prompt = loop.get("num_images_per_prompt", 1)
     fusion_tokens = pipe.fusion_tokens(args["id_fusion"], args["prompt"], images_per_prompt, args["recover_words"])
     with pipe.identity_conditioning(
         tokens, negative_tokens, images_per_prompt, args["id_scale"], args["id_guidance_start"],
-        args["id_guidance_end"], regions=spec, id_fusion=args["id_fusion"], fusion_tokens=fusion_tokens,
+        args["id_guidance_end"], regions=people and people.regions, id_fusion=args["id_fusion"],
+        fusion_tokens=fusion_tokens,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                              cross_attention_kwargs=args["cross_attention_kwargs"], **loop)

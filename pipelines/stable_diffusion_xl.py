@@ -37,7 +37,7 @@ from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.adapters.regions import RegionalAttnProcessor, Regions, place_kps
 from idgen.errors import IdentityInputError
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens, RegionsInput
+from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens, PeopleLayout, RegionsInput
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -204,21 +204,21 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         image = load_image(source, self.face_analyzer.max_pixels)
         return self.face_analyzer.get_face(image, index).kps, image.size
 
-    def _people_pose(self, photos, face_kps, pose_faces, pose_size, regions: Regions,
-                     face_index: int | Sequence[int], height: int | None, width: int | None
-                     ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    def _people_pose(self, photos, face_kps, people: PeopleLayout, face_index: int | Sequence[int],
+                     height: int | None, width: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Every person's keypoints (people, 5, 2) and the size of the photo they belong to:
         ``face_kps`` as given (output pixels), the faces of the group photo, or the face of each
         person's photo in ``photos`` (their pose photo, else their face photo) posed in their
         region (``place_kps``)."""
+        regions = people.regions
         if face_kps is not None:
             kps = np.asarray(face_kps, np.float64)
             if kps.shape != (regions.count, 5, 2):
                 raise IdentityInputError(f"face_kps= for {regions.count} people must have shape ({regions.count}, 5, 2), "
                                          f"got {kps.shape}")
             return kps, None
-        if pose_faces is not None:
-            return np.stack([face.kps for face in pose_faces]), pose_size
+        if people.pose_faces is not None:
+            return np.stack([face.kps for face in people.pose_faces]), people.pose_size
         if photos is None or len(photos) != regions.count:
             raise IdentityInputError("IdentityNet needs each person's keypoints: pass kps_image= (a photo with a face "
                                      "per person, or a list with a pose photo per person), face_kps= (people, 5, 2) "
@@ -311,12 +311,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 1. Check inputs
         self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         extra_images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        people = regions is not None
-        if not people and face_order is not None:
-            raise ValueError("face_order= orders the people of regions=: pass regions= too, or leave it out")
-        if people and face_weights is not None:
-            raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
-        if not self.has_identitynet and (face_kps is not None or (kps_image is not None and not people)):
+        if not self.has_identitynet and (face_kps is not None or (kps_image is not None and regions is None)):
             raise ValueError(
                 "kps_image= and face_kps= drive InstantID's IdentityNet, which this pipeline does not have: load an "
                 "InstantID adapter and pass controlnet=load_identitynet(...) to from_pretrained, or leave them out"
@@ -338,27 +333,17 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         )
 
         # 3. Encode the identity (several people: side by side, each in a region); draw the IdentityNet keypoints
-        spec = None
-        if people:
-            spec, pose_faces, pose_size = self.people_regions(
-                regions, self.count_people(face_image, id_embeds), kps_image, face_order)
-            tokens, negative_tokens = self.encode_people_tokens(
-                face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
-                face_clip_embeds, s_scale,
-            )
-            if pose_size is not None and self._loop_classes is None:  # text to image: the group photo's aspect
-                width, height = self.output_size(pose_size, height, width)
-        else:
-            tokens, negative_tokens = self.encode_id_tokens(
-                face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
-                face_weights, face_clip_embeds, s_scale,
-            )
+        tokens, negative_tokens, people = self.encode_call_identity(
+            face_image, id_embeds, negative_face_image, negative_id_embeds, prompt_embeds.shape[0], face_index,
+            face_weights, face_clip_embeds, s_scale, regions, kps_image, face_order,
+        )
+        if people is not None and people.pose_size is not None and self._loop_classes is None:
+            width, height = self.output_size(people.pose_size, height, width)  # text to image: the group photo's aspect
         control_images = extra_images
         if self.has_identitynet:
-            if people:
+            if people is not None:
                 photos = kps_image if isinstance(kps_image, (list, tuple)) else face_image
-                kps, source_size = self._people_pose(photos, face_kps, pose_faces, pose_size, spec, face_index,
-                                                     height, width)
+                kps, source_size = self._people_pose(photos, face_kps, people, face_index, height, width)
             else:
                 kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
             width, height = self.output_size(source_size, height, width)
@@ -379,7 +364,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         # 4. Denoise and decode: the loop of the matching diffusers pipeline
         loop = self._loop_pipeline()
         with self.identity_conditioning(
-            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop, spec,
+            tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop,
+            people and people.regions,
             id_fusion, self.fusion_tokens(id_fusion, prompt, num_images_per_prompt, recover_words),
         ) as batches:
             if not self.controlnets:
@@ -387,7 +373,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             elif guidance_rescale:
                 raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loops")
             else:
-                routing = self._identitynet_tokens(batches, spec) if self.has_identitynet else contextlib.nullcontext()
+                routing = self._identitynet_tokens(batches, people and people.regions) if self.has_identitynet else contextlib.nullcontext()
                 with routing:
                     output = self._run_loop(
                         loop, **{self._control_image_arg: control_images[0] if len(control_images) == 1 else control_images},
