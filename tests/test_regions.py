@@ -273,3 +273,15 @@ def test_cli_instantid_people(tmp_path, astronaut):
                  "--steps", "2"]) == 0
     meta = Image.open(out).text
     assert meta["regions"] == "0,0,64,128; 64,0,128,128; 128,0,192,128" and meta["kps_image"] == "face photos"
+
+
+def test_faceid_sdxl_people(cache):
+    """FaceID-SDXL (no IdentityNet) places each person in their region too."""
+    from idgen.presets import get_preset
+
+    xl = get_preset("tiny-faceid-sdxl", root=str(cache))
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base)
+    pipe.load_identity_adapter(xl.adapter)
+    pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(latents(pipe, embedding(0)[None], regions=[(0, 0, W, H)]), latents(pipe, embedding(0)))
+    assert_each_identity_acts_in_its_half(lambda e: latents(pipe, e, regions=HALVES), *(embedding(i) for i in range(4)))
