@@ -121,9 +121,14 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
             page.get_by_text("no face found").first.wait_for(timeout=60_000)
             page.screenshot(path=os.path.join(ARTIFACTS, "demo-no-face.png"), full_page=True)
 
-            # The app keeps working after the error.
-            page.locator("#faces input[type=file]").set_input_files(str(astronaut))
+            # The app keeps working after the error; a fresh page: two photos, each another person, side by side.
+            page.goto(url)
+            page.locator("#faces input[type=file]").set_input_files([str(astronaut), str(astronaut)])
             page.wait_for_selector("#detected img", timeout=60_000)
+            page.locator("#people input[type=checkbox]").check()
+            page.locator("#generate").click()
+            page.wait_for_selector("#gallery img", timeout=120_000)
+            page.screenshot(path=os.path.join(ARTIFACTS, "demo-people.png"), full_page=True)
             browser.close()
     finally:
         os.killpg(server.pid, 15)
