@@ -108,6 +108,9 @@ class DemoApp:
             if self.adapter_attention:
                 call.update(id_scale=float(id_scale))
                 settings.update(id_scale=float(id_scale))
+            if self.session.method.prompt_identity:  # PhotoMaker: its merge step follows the steps slider
+                call.update(start_merge_step=self.session.merge_step(int(steps)))
+                settings.update(start_merge_step=call["start_merge_step"])
             if people:
                 options = self.session.options
                 regions = "faces" if pose is not None else columns(len(photos), *self.pipe.output_size(

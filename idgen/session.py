@@ -321,9 +321,12 @@ class Session:
 
     @property
     def start_merge_step(self) -> int:
-        """PhotoMaker: the steps with the prompt alone; its demo's 20% unless given."""
+        return self.merge_step(self.steps)
+
+    def merge_step(self, steps: int) -> int:
+        """PhotoMaker: the steps with the prompt alone, of ``steps``; its demo's 20% unless given."""
         merge = self.options.start_merge_step
-        return int(0.2 * self.steps) if merge is None else merge
+        return int(0.2 * steps) if merge is None else merge
 
     @property
     def id_scale(self) -> float | dict[str, float]:

@@ -216,3 +216,16 @@ def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
                  "--out", str(out)]) == 0
     assert Image.open(out).text["method"] == "photomaker"
     assert Image.open(out).text["random_weights"].startswith("random weights in: base, adapter")
+
+
+def test_demo(cache, astronaut):
+    """The demo runs PhotoMaker: its merge step follows the steps slider (20% of it)."""
+    from idgen.demo import DemoApp, build_demo
+    from idgen.session import start_session
+
+    session = start_session(base="tiny-photomaker", height=64, width=64)
+    app = DemoApp(session, session.load())
+    assert not app.adapter_attention and build_demo(app) is not None
+    path, caption = app.generate([str(astronaut)], None, PROMPT, "", "none", 1.0, 0.8, 10, 5.0, 0, 1)[0]
+    meta = Image.open(path).text
+    assert meta["method"] == "photomaker" and meta["start_merge_step"] == "2" and "id_scale" not in caption
