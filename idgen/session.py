@@ -338,15 +338,12 @@ class Session:
         import torch
 
         index = self.options.face_index if face_index is None else face_index
-        if self.method.per_photo and self.method.raw_id_embeds:  # PhotoMaker: each photo's raw vector
-            import numpy as np
-
-            return torch.from_numpy(np.stack([face.raw_embedding for face in self.analyzer.faces(photos, index)]))
         if self.method.per_photo:
-            from .adapters import check_portrait_faces
+            if not self.method.raw_id_embeds:  # FaceID-Portrait (PhotoMaker takes any number, raw)
+                from .adapters import check_portrait_faces
 
-            check_portrait_faces(len(photos))
-            return torch.from_numpy(self.analyzer.embeddings(photos, index))
+                check_portrait_faces(len(photos))
+            return torch.from_numpy(self.analyzer.embeddings(photos, index, raw=self.method.raw_id_embeds))
         return torch.from_numpy(self.analyzer.identity(photos, index, raw=self.method.raw_id_embeds))
 
     def people(self, photos: Sequence[ImageInput], face_index: int | Sequence[int] | None = None):

@@ -267,6 +267,14 @@ class FaceInputMixin:
         return id_embeds
 
 
+def per_person(face_index: int | Sequence[int], people: int) -> list[int]:
+    """``face_index`` for each of ``people``: one index for all, or one each."""
+    indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * people
+    if len(indices) != people:
+        raise IdentityInputError(f"face_index has {len(indices)} values for {people} people: give one, or one per person")
+    return indices
+
+
 def id_window(step: int, total: int, start: float, end: float) -> bool:
     """Whether the identity acts at loop step ``step`` of ``total``: ``start <= step/total`` and
     ``(step+1)/total <= end`` (ControlNet's ``control_guidance_start/end`` rule)."""
@@ -679,9 +687,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         people = self.count_people(face_image, id_embeds)
         if face_clip_embeds is not None and len(face_clip_embeds) != people:
             raise IdentityInputError(f"face_clip_embeds holds {len(face_clip_embeds)} rows for {people} people: give one per person")
-        indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * people
-        if len(indices) != people:
-            raise IdentityInputError(f"face_index has {len(indices)} values for {people} people: give one, or one per person")
+        indices = per_person(face_index, people)
+        if negative_face_image is not None and negative_id_embeds is None:  # one negative for all: detected once
+            negative_id_embeds, negative_face_image = self.encode_identity(negative_face_image, batch_size), None
         rows = []
         for p in range(people):
             photos = None if face_image is None else face_image[p]

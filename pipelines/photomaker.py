@@ -133,10 +133,7 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
 
         photos = [load_image(photo, self.max_pixels) for photo in face_image]
         if id_embeds is None:
-            import numpy as np
-
-            faces = self.face_analyzer.faces(photos, face_index)
-            id_embeds = torch.from_numpy(np.stack([face.raw_embedding for face in faces]).astype(np.float32))
+            id_embeds = torch.from_numpy(self.face_analyzer.embeddings(photos, face_index, raw=True))
         id_embeds = torch.as_tensor(id_embeds).reshape(-1, self.id_encoder.config.id_embed_dim)
         if len(id_embeds) != len(photos):
             raise IdentityInputError(f"id_embeds holds {len(id_embeds)} vectors for {len(photos)} photos: one per photo")

@@ -37,7 +37,15 @@ from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.adapters.regions import RegionalAttnProcessor, Regions, place_kps
 from idgen.errors import IdentityInputError
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin, IdentityTokens, PeopleLayout, RegionsInput
+from .identity import (
+    FaceImages,
+    IDScale,
+    IdentityPipelineMixin,
+    IdentityTokens,
+    PeopleLayout,
+    RegionsInput,
+    per_person,
+)
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -224,9 +232,9 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
                                      "per person, or a list with a pose photo per person), face_kps= (people, 5, 2) "
                                      "or face_image=")
         size = self.output_size(None, height, width)
-        indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * regions.count
         return np.stack([place_kps(self._pose(photo, None, None, index)[0], box)
-                         for photo, index, box in zip(photos, indices, regions.boxes(*size))]), None
+                         for photo, index, box in zip(photos, per_person(face_index, regions.count),
+                                                      regions.boxes(*size))]), None
 
     # ---------------------------------------------------------------- call
     @torch.no_grad()

@@ -285,3 +285,11 @@ def test_faceid_sdxl_people(cache):
     pipe.set_progress_bar_config(disable=True)
     assert torch.equal(latents(pipe, embedding(0)[None], regions=[(0, 0, W, H)]), latents(pipe, embedding(0)))
     assert_each_identity_acts_in_its_half(lambda e: latents(pipe, e, regions=HALVES), *(embedding(i) for i in range(4)))
+
+
+def test_negative_face_for_several_people(pipe, astronaut):
+    """One negative identity serves every person: a negative photo equals its embedding given."""
+    two = torch.stack([embedding(0), embedding(1)])
+    from_photo = latents(pipe, two, regions=HALVES, negative_face_image=str(astronaut))
+    given = latents(pipe, two, regions=HALVES, negative_id_embeds=torch.from_numpy(pipe.face_analyzer.identity([astronaut])))
+    assert torch.equal(from_photo, given) and not torch.equal(from_photo, latents(pipe, two, regions=HALVES))

@@ -219,10 +219,12 @@ class FaceAnalyzer:
                 raise NoFaceError(f"face image {i}: {err}") from None
         return faces
 
-    def embeddings(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0) -> np.ndarray:
+    def embeddings(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0, raw: bool = False) -> np.ndarray:
         """(N, 512): the normalised embedding of the chosen face of each photo (``faces``), kept
-        apart (FaceID-Portrait makes tokens from each)."""
-        return np.stack([face.embedding for face in self.faces(images, face_index)]).astype(np.float32)
+        apart (FaceID-Portrait makes tokens from each); with ``raw``, the recognizer's raw vectors
+        (PhotoMaker's input)."""
+        faces = self.faces(images, face_index)
+        return np.stack([face.raw_embedding if raw else face.embedding for face in faces]).astype(np.float32)
 
     def face_crops(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0, size: int = 224) -> np.ndarray:
         """(N, size, size, 3) uint8 RGB: the chosen face of each photo (``faces``) aligned to the
