@@ -344,7 +344,9 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
                                        else (pipe.encode_prompt(edit_captions, device, 1, False)[0], None))
         base, base_edit = (base_prediction(model, noisy, timesteps, embeds, cond)
                            for embeds, cond in ((text_embeds, added), (edit_embeds, edit_added)))
-    faces = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device)
+    faces = None  # the face boxes as latent masks, for the losses that read them
+    if config.face_loss_weight or config.face_attention_loss_weight:
+        faces = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device)
     watcher = None
     if config.face_attention_loss_weight:  # the identity layers report their maps during this forward
         watcher = FaceAttentionLoss(pipe.unet, getattr(model, "module", model).adapter)
