@@ -49,21 +49,25 @@ class IdentityAttention(nn.Module):
         self.scale: torch.Tensor | None = None  # 0-d tensor: this layer's id_scale at this step
         self.regions: RegionWeights | None = None  # several people: their weights by query length
         self.observer = None  # training: called as observer(self, query) before the identity attention
+        self.num_zero = 0  # PuLID: all-zero identity tokens appended, diluting the identity attention
+        self.ortho = "off"  # PuLID: "v1" keeps the identity output orthogonal to the text's, "v2" weighs it
         self._query: torch.Tensor | None = None
         self._hooked: tuple[nn.Module, nn.Module] | None = None
         self._handles: list = []
 
     # ---------------------------------------------------------------- state of one call
-    def set_tokens(self, tokens: torch.Tensor, scale: torch.Tensor, regions: RegionWeights | None = None) -> None:
+    def set_tokens(self, tokens: torch.Tensor, scale: torch.Tensor, regions: RegionWeights | None = None,
+                   num_zero: int = 0, ortho: str = "off") -> None:
         """Identity keys/values from ``tokens`` (batch, num_tokens, cross_attention_dim), for
         every following forward until ``clear``; ``scale`` is a 0-d tensor updated in place.
         With ``regions`` the tokens are several people's, side by side, and each person's
-        attention acts where their weights say."""
+        attention acts where their weights say. ``num_zero`` and ``ortho``: PuLID's settings."""
         self.key, self.value, self.scale = self.to_k_id(tokens), self.to_v_id(tokens), scale
-        self.regions = regions
+        self.regions, self.num_zero, self.ortho = regions, num_zero, ortho
 
     def clear(self) -> None:
         self.key = self.value = self.scale = self.regions = self._query = None
+        self.num_zero, self.ortho = 0, "off"
 
     # ---------------------------------------------------------------- hooks
     def attach(self, attn: nn.Module) -> None:
@@ -103,8 +107,12 @@ class IdentityAttention(nn.Module):
             return tensor.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
 
         def attend(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            if self.num_zero:
+                zeros = key.new_zeros(batch, self.num_zero, key.shape[-1])
+                key, value = torch.cat([key, zeros], dim=1), torch.cat([value, zeros], dim=1)
             out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
-            return out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
+            out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
+            return out if self.ortho == "off" else self._orthogonal(hidden_states, out, heads(query), heads(key))
 
         if self.observer is not None:
             self.observer(self, query)
@@ -117,6 +125,20 @@ class IdentityAttention(nn.Module):
                       zip(weights, key.chunk(len(weights), dim=1), value.chunk(len(weights), dim=1)))
         out = self.scale.to(out.dtype) * out
         return (hidden_states + out if self.text_enabled else out, *args[1:])
+
+
+    def _orthogonal(self, text: torch.Tensor, identity: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """PuLID's orthogonal identity output, in float32: per channel, the part of ``identity``
+        along ``text`` over the image's positions is dropped ("v1"), or kept in proportion to the
+        attention the query gives the first five identity tokens ("v2"). A channel the text leaves
+        at zero everywhere (SDXL's zeroed empty negative prompt) has nothing to project on."""
+        text32, identity32 = text.float(), identity.float()
+        energy = (text32 * text32).sum(-2, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        along = (text32 * identity32).sum(-2, keepdim=True) / energy * text32
+        if self.ortho == "v1":
+            return (identity32 - along).to(identity.dtype)
+        weight = (query @ key.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[..., :5].sum(-1, keepdim=True)
+        return (identity32 + (weight.float() - 1) * along).to(identity.dtype)
 
 
 class IdentityAdapter(nn.Module):
@@ -147,13 +169,13 @@ class IdentityAdapter(nn.Module):
             layer.clear()
 
     def set_tokens(self, tokens: torch.Tensor, scales: dict[str, torch.Tensor] | None = None,
-                   regions: RegionWeights | None = None) -> None:
+                   regions: RegionWeights | None = None, num_zero: int = 0, ortho: str = "off") -> None:
         """Condition every layer on ``tokens`` (one row per UNet batch row) with per-layer
-        0-d ``scales`` (default 1); ``regions``: the tokens are several people's (see
-        ``IdentityAttention.set_tokens``)."""
+        0-d ``scales`` (default 1); ``regions``, ``num_zero``, ``ortho``: see
+        ``IdentityAttention.set_tokens``."""
         one = torch.ones((), device=tokens.device)
         for name, layer in self.items():
-            layer.set_tokens(tokens, scales[name] if scales is not None else one, regions)
+            layer.set_tokens(tokens, scales[name] if scales is not None else one, regions, num_zero, ortho)
 
     def clear(self) -> None:
         for layer in self.layers:

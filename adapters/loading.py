@@ -22,6 +22,7 @@ from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 from .attention import IdentityAdapter, IdentityAttention
 from .lora import LoRALayers
 from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler
+from .pulid import PuLIDEncoder, PuLIDEncoderV1, build_pulid_encoder, is_pulid, pulid_adapter_state_dict, pulid_format
 
 StateDict = dict[str, torch.Tensor]
 
@@ -81,8 +82,6 @@ def resolve_checkpoint_file(
         ) from None
 
 
-#: Identity checkpoint families recognised by their top-level keys but not run yet.
-_NOT_YET = {"PuLID": {"id_adapter", "id_adapter_attn_layers"}}
 #: PhotoMaker's top-level groups (its own pipeline, ``IDPhotoMakerPipeline``).
 PHOTOMAKER_GROUPS = {"id_encoder", "lora_weights"}
 
@@ -128,12 +127,8 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     if groups & PHOTOMAKER_GROUPS:
         raise PhotoMakerCheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load "
                                         "it into IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
-    for family, marks in _NOT_YET.items():
-        if groups & marks:
-            raise CheckpointError(
-                f"{path} is a {family} checkpoint ({', '.join(sorted(groups & marks))}), which idgen does not run yet: "
-                "use an IP-Adapter-FaceID (plain, Plus, PlusV2, Portrait) or InstantID checkpoint"
-            )
+    if is_pulid(raw):
+        return pulid_adapter_state_dict(raw, path)
     if "image_proj" in raw or "ip_adapter" in raw:
         if not all(isinstance(raw.get(k), dict) for k in ("image_proj", "ip_adapter")):
             raise CheckpointError(f"{path} lacks 'image_proj' or 'ip_adapter': pass a complete adapter checkpoint")
@@ -152,7 +147,7 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
 class AdapterSpec:
     """What a checkpoint describes, read from its keys and shapes."""
 
-    format: str  # "faceid", "faceid_portrait", "faceid_plus" or "instantid"
+    format: str  # "faceid", "faceid_portrait", "faceid_plus", "instantid", "pulid" (v1.1) or "pulid_v1"
     cross_attention_dim: int
     num_tokens: int
     lora_rank: int | None
@@ -164,6 +159,9 @@ _REQUIRED_PROJ_KEYS = {
     "faceid_plus": ("norm.weight", "proj.0.weight", "proj.2.weight", "perceiver_resampler.proj_in.weight",
                     "perceiver_resampler.layers.0.0.to_q.weight", "perceiver_resampler.layers.0.1.1.weight"),
     "faceid": tuple(sorted(_FACEID_PROJ_KEYS)),
+    "pulid": ("latents", "proj_out", "id_embedding_mapping.0.weight", "id_embedding_mapping.6.weight",
+              "mapping_0.0.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"),
+    "pulid_v1": ("body.0.weight", "body.6.weight", "mapping_0.0.weight", "mapping_0.6.weight", "mapping_patch_0.0.weight"),
 }
 #: Every identity adapter projects ArcFace vectors.
 ID_EMBED_DIM = 512
@@ -211,6 +209,8 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
     validate_tensors(state_dict, path)
     proj = state_dict["image_proj"]
     keys = set(proj)
+    if pulid_format(proj):
+        return _pulid_spec(proj, pulid_format(proj), path)
     if "latents" in keys or "proj_in.weight" in keys:
         format = "instantid"
     elif "perceiver_resampler.proj_in.weight" in keys:
@@ -249,6 +249,22 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
             "this is not an ArcFace identity adapter"
         )
     return spec
+
+
+def _pulid_spec(proj: StateDict, format: str, path: str) -> AdapterSpec:
+    """PuLID's ID encoder: tokens and width from its shapes; its input is ArcFace's 512 + EVA's."""
+    missing = [key for key in _REQUIRED_PROJ_KEYS[format] if key not in proj]
+    if missing:
+        raise CheckpointError(f"{path} looks like a PuLID checkpoint but id_adapter lacks {', '.join(missing)}: the file "
+                              "is incomplete; download it again")
+    first = proj["id_embedding_mapping.0.weight" if format == "pulid" else "body.0.weight"]
+    if _dim(first, 1, "id input", path) <= ID_EMBED_DIM:
+        raise CheckpointError(f"{path}: PuLID's ID encoder takes {first.shape[1]}-d vectors, not ArcFace's "
+                              f"{ID_EMBED_DIM} plus EVA-CLIP's: the file is damaged or of another format")
+    if format == "pulid":
+        return AdapterSpec(format, _dim(proj["proj_out"], 1, "proj_out", path), _dim(proj["latents"], 1, "latents", path), None)
+    context = _dim(proj["mapping_0.6.weight"], 0, "mapping_0.6.weight", path)
+    return AdapterSpec(format, context, _dim(proj["body.6.weight"], 0, "body.6.weight", path) // context + 5, None)
 
 
 def _hidden_size(unet, name: str) -> int:
@@ -324,11 +340,13 @@ def _check_lora_shapes(unet, ip_adapter: StateDict, index: int, name: str, rank:
 
 def build_projection(
     state_dict: dict[str, StateDict], spec: AdapterSpec, path: str = "checkpoint", shortcut: bool = False
-) -> FaceIDProjection | FaceIDPlusProjection | InstantIDResampler:
+) -> FaceIDProjection | FaceIDPlusProjection | InstantIDResampler | PuLIDEncoder | PuLIDEncoderV1:
     """The projection model the checkpoint describes, with its weights (shapes read from the keys);
     ``shortcut``: FaceID-PlusV2's (the keys do not tell v1 from v2)."""
     proj = state_dict["image_proj"]
     try:
+        if spec.format in ("pulid", "pulid_v1"):
+            return build_pulid_encoder(proj, spec.format)
         if spec.format == "instantid":
             dim = int(proj["latents"].shape[2])
             model = InstantIDResampler(

@@ -61,6 +61,25 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out)
 
 
+def perceiver_layers(dim: int, depth: int, dim_head: int, heads: int, ff_mult: int) -> nn.ModuleList:
+    """``depth`` pairs of (``PerceiverAttention``, feed-forward), named as the published keys
+    (``layers.N.0.*``, ``layers.N.1.{0,1,3}.*``)."""
+    return nn.ModuleList(
+        nn.ModuleList(
+            [
+                PerceiverAttention(dim, dim_head, heads),
+                nn.Sequential(
+                    nn.LayerNorm(dim),
+                    nn.Linear(dim, dim * ff_mult, bias=False),
+                    nn.GELU(),
+                    nn.Linear(dim * ff_mult, dim, bias=False),
+                ),
+            ]
+        )
+        for _ in range(depth)
+    )
+
+
 class _Perceiver:
     """The body of IP-Adapter's perceiver resamplers (InstantID's, FaceID-Plus's): ``proj_in`` of
     the context, ``depth`` layers of attention and feed-forward on the latents, then
@@ -71,20 +90,7 @@ class _Perceiver:
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    PerceiverAttention(dim, dim_head, heads),
-                    nn.Sequential(
-                        nn.LayerNorm(dim),
-                        nn.Linear(dim, dim * ff_mult, bias=False),
-                        nn.GELU(),
-                        nn.Linear(dim * ff_mult, dim, bias=False),
-                    ),
-                ]
-            )
-            for _ in range(depth)
-        )
+        self.layers = perceiver_layers(dim, depth, dim_head, heads, ff_mult)
 
     def resample(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         context = self.proj_in(context)

@@ -20,12 +20,13 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 9
-TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker")
+PRESET_FORMAT = 10
+TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker", "tiny-pulid")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
 FACEID_SDXL_FILE = "ip-adapter-faceid_sdxl.safetensors"
 PHOTOMAKER_FILE = "photomaker-v2.bin"
+PULID_FILE, FACE_PARSER_FILE = "pulid_v1.1.safetensors", "parsing_bisenet.pth"
 
 
 def cache_dir() -> str:
@@ -43,6 +44,8 @@ class Preset:
     adapter: str  # identity model: adapter checkpoint file, or a folder in Arc2Face layout
     face_pack: str  # insightface-style pack folder (recognition model only)
     clip: str  # tiny CLIP (model + tokenizer folder) for CLIP-T
+    image_encoder: str | None = None  # the adapter's own image encoder (PuLID's EVA02-CLIP tower folder)
+    face_parser: str | None = None  # PuLID's face parser (facexlib's BiSeNet file)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -204,20 +207,56 @@ def random_instantid_state_dict(unet, seed: int = 0, dim: int = 128, depth: int 
     """A random checkpoint in the official InstantID ``ip-adapter.bin`` layout for ``unet``
     (Resampler with ``dim / 64`` heads of 64, identity K/V on every cross-attention layer)."""
     from idgen.adapters import InstantIDResampler
-    from idgen.adapters.loading import _hidden_size, _is_cross_attention
 
     generator = torch.Generator().manual_seed(seed)
     out = unet.config.cross_attention_dim
     torch.manual_seed(seed)
     resampler = InstantIDResampler(dim=dim, depth=depth, heads=dim // 64, num_queries=num_queries, output_dim=out)
     image_proj = {k: v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in resampler.state_dict().items()}
-    ip_adapter = {}
+    return {"image_proj": image_proj, "ip_adapter": _random_identity_kv(unet, generator)}
+
+
+def _random_identity_kv(unet, generator: torch.Generator) -> dict:
+    """Random ``N.to_{k,v}_ip.weight`` for every cross-attention layer of ``unet``."""
+    from idgen.adapters.loading import _hidden_size, _is_cross_attention
+
+    out, ip_adapter = unet.config.cross_attention_dim, {}
     for index, name in enumerate(unet.attn_processors):
         if _is_cross_attention(name):
-            hidden = _hidden_size(unet, name)
             for part in ("to_k_ip", "to_v_ip"):
-                ip_adapter[f"{index}.{part}.weight"] = torch.randn(hidden, out, generator=generator) * out**-0.5
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+                ip_adapter[f"{index}.{part}.weight"] = torch.randn(_hidden_size(unet, name), out, generator=generator) * out**-0.5
+    return ip_adapter
+
+
+def tiny_eva_tower(seed: int = 0):
+    """A tiny random EVA02-CLIP vision tower (56 px, 32 wide, 5 blocks each giving PuLID a hidden state)."""
+    from idgen.adapters.eva_clip import EVAVisionTower
+
+    torch.manual_seed(seed + 7)
+    tower = EVAVisionTower(image_size=56, patch_size=14, width=32, layers=5, head_width=16, mlp_ratio=2.0, embed_dim=16,
+                           hidden_layers=(0, 1, 2, 3, 4))
+    with torch.no_grad():
+        for name in ("cls_token", "pos_embed", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias"):
+            tower.get_parameter(name).normal_(0, 0.02)
+    return tower.eval()
+
+
+def random_pulid_state_dict(unet, eva, seed: int = 0, dim: int = 64) -> dict:
+    """A random checkpoint in PuLID v1.1's layout (``pulid_v1.1.safetensors``, flat keys) for
+    ``unet``, reading the ``eva`` tower's features: ``id_adapter.*`` (an IDFormer of width ``dim``)
+    and ``id_adapter_attn_layers.N.id_to_{k,v}.weight``."""
+    from idgen.adapters.pulid import PuLIDEncoder
+
+    torch.manual_seed(seed)
+    encoder = PuLIDEncoder(dim=dim, depth=5, dim_head=64, heads=max(1, dim // 64), num_id_token=2, num_queries=8,
+                           output_dim=unet.config.cross_attention_dim, clip_dim=eva.config.embed_dim,
+                           vit_dim=eva.config.width, hidden_dim=dim)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state = {f"id_adapter.{k}": v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in encoder.state_dict().items()}
+    for key, value in _random_identity_kv(unet, generator).items():
+        index, part = key.split(".")[:2]
+        state[f"id_adapter_attn_layers.{index}.id_{part.removesuffix('_ip')}.weight"] = value
+    return state
 
 
 def tiny_clip(seed: int = 0):
@@ -396,9 +435,26 @@ def _build_tiny(folder: str, seed: int) -> None:
     save_adapter_checkpoint(random_faceid_state_dict(sdxl.unet, seed), os.path.join(folder, "faceid-sdxl", FACEID_SDXL_FILE))
     os.makedirs(os.path.join(folder, "photomaker"))
     torch.save(random_photomaker_state_dict(sdxl.unet, seed), os.path.join(folder, "photomaker", PHOTOMAKER_FILE))
+    _build_pulid(os.path.join(folder, "pulid"), sdxl.unet, seed)
     clip, tokenizer = tiny_clip(seed)
     clip.save_pretrained(os.path.join(folder, "clip"))
     tokenizer.save_pretrained(os.path.join(folder, "clip"))
+
+
+def _build_pulid(folder: str, unet, seed: int) -> None:
+    """PuLID's files: a random v1.1 checkpoint, the tiny EVA tower it reads (``eva_clip/``) and a
+    random face parser in facexlib's format (fp16, as small as it gets)."""
+    from safetensors.torch import save_file
+
+    from idgen.adapters.face_parsing import BiSeNet
+
+    eva = tiny_eva_tower(seed)
+    eva.save_pretrained(os.path.join(folder, "eva_clip"))
+    save_file({k: v.contiguous() for k, v in random_pulid_state_dict(unet, eva, seed).items()},
+              os.path.join(folder, PULID_FILE))
+    torch.manual_seed(seed + 8)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in BiSeNet().state_dict().items()},
+               os.path.join(folder, FACE_PARSER_FILE))
 
 
 def _drop_empty_components(folder: str) -> None:
@@ -420,7 +476,8 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
     tokenizer, VAE and scheduler; ``adapter`` is the folder in Arc2Face's layout.
     ``tiny-sdxl``: SDXL-shaped base; ``adapter`` is a folder in InstantID's layout
     (``ip-adapter.bin`` + ``ControlNetModel/``). ``tiny-faceid-sdxl``: the same base with a
-    FaceID-SDXL adapter file; ``tiny-photomaker`` with a PhotoMaker V2 file.
+    FaceID-SDXL adapter file; ``tiny-photomaker`` with a PhotoMaker V2 file; ``tiny-pulid`` with
+    a PuLID v1.1 file, its tiny EVA02-CLIP tower and a random face parser.
     """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
@@ -442,7 +499,9 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         "tiny-sdxl": ("sdxl", "instantid"),
         "tiny-faceid-sdxl": ("sdxl", os.path.join("faceid-sdxl", FACEID_SDXL_FILE)),
         "tiny-photomaker": ("sdxl", os.path.join("photomaker", PHOTOMAKER_FILE)),
+        "tiny-pulid": ("sdxl", os.path.join("pulid", PULID_FILE)),
     }[name]
+    pulid = name == "tiny-pulid"
     return Preset(
         name=name,
         seed=seed,
@@ -450,4 +509,6 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         adapter=os.path.join(folder, adapter),
         face_pack=os.path.join(folder, "faces"),
         clip=os.path.join(folder, "clip"),
+        image_encoder=os.path.join(folder, "pulid", "eva_clip") if pulid else None,
+        face_parser=os.path.join(folder, "pulid", FACE_PARSER_FILE) if pulid else None,
     )

@@ -31,6 +31,7 @@ from idgen.adapters import (
     resolve_checkpoint_file,
 )
 from idgen.adapters.fusion import StreamFusion, attribute_tokens
+from idgen.adapters.pulid import ORTHO_MODES, PULID_DEFAULTS, eva_face_pixels
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
 from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load_image
@@ -42,6 +43,10 @@ ID_LORA_NAME = "faceid"
 #: FaceID-Plus's image encoder (CLIP ViT-H/14), in ``models/image_encoder`` of this repo.
 PLUS_IMAGE_ENCODER = "h94/IP-Adapter"
 SDXL_CROSS_ATTENTION_DIM = 2048
+#: PuLID's checkpoint formats (v1.1, v1).
+PULID_FORMATS = tuple(PULID_DEFAULTS)
+#: PuLID's face crop for parsing and EVA-CLIP (FFHQ-aligned, as facexlib's).
+PULID_CROP_SIZE = 512
 _NO_ENCODER = object()  # no FaceID-Plus image encoder to take out on unload
 
 
@@ -194,7 +199,7 @@ class FaceInputMixin:
                              "photo: leave it out")
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"each identity needs the same number of photos, got {[len(g) for g in groups]}")
-        return torch.from_numpy(np.stack([self.face_analyzer.embeddings(g, face_index) for g in groups]))
+        return torch.from_numpy(np.stack([self.face_analyzer.embeddings(g, face_index, self.raw_id_embeds) for g in groups]))
 
     @staticmethod
     def _face_groups(face_image: FaceImages, batch_size: int) -> list[list[ImageInput]]:
@@ -299,6 +304,9 @@ class IdentityPipelineMixin(FaceInputMixin):
     _fused_id_lora: FusedLoRA | None = None
     #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
     _image_encoder_before: Any = _NO_ENCODER
+    #: PuLID's face encoders: EVA02-CLIP's vision tower and the face parser (set by loading PuLID).
+    eva_encoder: Any = None
+    face_parser: Any = None
 
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
@@ -307,11 +315,15 @@ class IdentityPipelineMixin(FaceInputMixin):
 
     @property
     def per_photo_id_embeds(self) -> bool:
-        return self.adapter_spec is not None and self.adapter_spec.format == "faceid_portrait"
+        return self.adapter_spec is not None and self.adapter_spec.format in ("faceid_portrait", *PULID_FORMATS)
 
     @property
     def raw_id_embeds(self) -> bool:
-        return self.adapter_spec is not None and self.adapter_spec.format == "instantid"
+        return self.adapter_spec is not None and self.adapter_spec.format in ("instantid", *PULID_FORMATS)
+
+    @property
+    def is_pulid(self) -> bool:
+        return self.adapter_spec is not None and self.adapter_spec.format in PULID_FORMATS
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -322,6 +334,7 @@ class IdentityPipelineMixin(FaceInputMixin):
             new.identity_adapter, new.adapter_spec = pipeline.identity_adapter, pipeline.adapter_spec
             new._id_lora, new._fused_id_lora = pipeline._id_lora, pipeline._fused_id_lora
             new._image_encoder_before = pipeline._image_encoder_before
+            new.eva_encoder, new.face_parser = pipeline.eva_encoder, pipeline.face_parser
             new._face_analyzer = pipeline._face_analyzer
         return new
 
@@ -334,6 +347,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         fuse_lora: bool = True,
         image_encoder: Any = None,
         shortcut: bool | None = None,
+        face_parser: Any = None,
         **hub_kwargs,
     ) -> None:
         """Load an identity adapter (e.g. ``h94/IP-Adapter-FaceID`` with
@@ -351,6 +365,11 @@ class IdentityPipelineMixin(FaceInputMixin):
         FaceID-Plus also loads CLIP ViT-H (``image_encoder``, default h94/IP-Adapter's) as the
         pipeline's ``image_encoder``; ``shortcut`` marks PlusV2 (default: "plusv2" in the file
         name, or an SDXL checkpoint: the keys do not tell).
+
+        PuLID (v1.1 or v1) also loads EVA02-CLIP-L's vision tower (``image_encoder``: an
+        ``EVAVisionTower``, its folder or an official file; default QuanSun/EVA-CLIP's) and
+        facexlib's BiSeNet face parser (``face_parser``: a module or ``parsing_bisenet.pth``;
+        default facexlib's release), as ``pipe.eva_encoder`` and ``pipe.face_parser``.
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
             path, state_dict = weight_name or "the given state dict", pretrained_model_name_or_path_or_file
@@ -361,7 +380,13 @@ class IdentityPipelineMixin(FaceInputMixin):
         if spec.format not in self.supported_adapter_formats:
             raise CheckpointError(self._unsupported_format_message(spec, path))
         check_adapter(self.unet, state_dict, spec, path)
-        encoder = None
+        encoder = pulid = None
+        if spec.format in PULID_FORMATS:
+            pulid = self._pulid_encoders(image_encoder, face_parser)
+        elif image_encoder is not None and spec.format != "faceid_plus":
+            raise ValueError(f"image_encoder= is FaceID-Plus's and PuLID's; {path} is a {spec.format} adapter: leave it out")
+        if face_parser is not None and pulid is None:
+            raise ValueError(f"face_parser= is PuLID's; {path} is a {spec.format} adapter: leave it out")
         if spec.format == "faceid_plus":
             encoder = self._face_image_encoder(image_encoder)
             if shortcut is None:
@@ -376,6 +401,8 @@ class IdentityPipelineMixin(FaceInputMixin):
             self.register_modules(image_encoder=encoder)
         adapter.attach(self.unet)
         self.identity_adapter, self.adapter_spec = adapter, spec
+        if pulid is not None:
+            self.eva_encoder, self.face_parser = pulid
         lora = faceid_lora_layers(self.unet, state_dict)
         if lora:
             self._id_lora = lora
@@ -394,11 +421,15 @@ class IdentityPipelineMixin(FaceInputMixin):
         elif self._id_lora is not None:
             self._remove_id_lora()
         self.identity_adapter, self.adapter_spec, self._id_lora, self._fused_id_lora = None, None, None, None
+        self.eva_encoder = self.face_parser = None
         if self._image_encoder_before is not _NO_ENCODER:  # FaceID-Plus's image encoder goes too
             self.register_modules(image_encoder=self._image_encoder_before)
             self._image_encoder_before = _NO_ENCODER
 
     def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
+        if spec.format in PULID_FORMATS:
+            return (f"{path} is a PuLID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline with an SDXL "
+                    "base (PuLID ships with SDXL-Lightning bases)")
         if spec.format == "instantid":
             return (
                 f"{path} is an InstantID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline "
@@ -587,6 +618,57 @@ class IdentityPipelineMixin(FaceInputMixin):
                 ) from None
         return image_encoder.to(self.unet.device, self.unet.dtype)
 
+    def _pulid_encoders(self, image_encoder: Any, face_parser: Any) -> tuple[Any, Any]:
+        """PuLID's EVA02-CLIP tower and face parser, on the UNet's device (the tower in its dtype)."""
+        from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
+        from idgen.adapters.face_parsing import load_face_parser
+
+        tower = image_encoder if isinstance(image_encoder, torch.nn.Module) else load_eva_tower(image_encoder)
+        if not isinstance(tower, EVAVisionTower):
+            raise ValueError(f"PuLID's image_encoder is an EVAVisionTower (EVA02-CLIP), got {type(tower).__name__}")
+        return tower.to(self.unet.device, self.unet.dtype), load_face_parser(face_parser).to(self.unet.device)
+
+    @torch.no_grad()
+    def encode_face_eva(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """PuLID's EVA02-CLIP features of each identity's photos: the normalised image embeddings
+        (N, n, 768) and five hidden states (N, n * L, C), the photos' tokens side by side. Each
+        photo's face is aligned to FFHQ's template at 512 px and parsed; EVA sees it grey on white."""
+        device = self._execution_device
+        parser, tower = self.face_parser.to(device), self.eva_encoder.to(device)
+        embeds, hidden = [], []
+        for photos in self._face_groups(face_image, batch_size):
+            crops = self.face_analyzer.face_crops(photos, face_index, PULID_CROP_SIZE, template="ffhq")
+            embed, states = tower(eva_face_pixels(crops, parser, tower.config.image_size))
+            embeds.append(torch.nn.functional.normalize(embed.float(), dim=-1))
+            hidden.append([state.reshape(1, -1, state.shape[-1]) for state in states])
+        return torch.stack(embeds), [torch.cat(level) for level in zip(*hidden)]
+
+    def _pulid_tokens(self, id_embeds: torch.Tensor, negative_id_embeds: torch.Tensor, face_image: FaceImages | None,
+                      negative_face_image: FaceImages | None, face_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """PuLID's identity tokens: its ID encoder on each identity's raw ArcFace vectors (N, n, 512)
+        joined with EVA's features of the same photos; the negative's EVA features are its photo's,
+        else zeros (the reference's unconditional input)."""
+        if face_image is None:
+            raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (id_embeds= "
+                                     "alone is not enough)")
+        projection, device = self.identity_adapter.projection, self._execution_device
+        self.identity_adapter.to(device=device, dtype=self.unet.dtype)
+        positive_eva = self.encode_face_eva(face_image, len(id_embeds), face_index)
+        if negative_face_image is not None:
+            negative_eva = self.encode_face_eva(negative_face_image, len(id_embeds))
+        elif negative_id_embeds.shape[1] != id_embeds.shape[1]:
+            raise IdentityInputError(f"the negative identity has {negative_id_embeds.shape[1]} vector(s) and the "
+                                     f"identity {id_embeds.shape[1]} photo(s): give as many")
+        else:
+            negative_eva = (torch.zeros_like(positive_eva[0]), [torch.zeros_like(level) for level in positive_eva[1]])
+
+        def tokens(arcface: torch.Tensor, eva: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+            cond = torch.cat([arcface.float().to(device), eva[0].to(device)], dim=-1)
+            return projection(cond.to(projection.dtype), [level.to(device, projection.dtype) for level in eva[1]])
+
+        return tokens(id_embeds, positive_eva), tokens(negative_id_embeds, negative_eva)
+
     def encode_id_tokens(
         self,
         face_image: FaceImages | None,
@@ -618,6 +700,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         if negative_id_embeds is None:
             negative_id_embeds = torch.zeros_like(positive)
         negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", 1 + per_photo)
+        if self.is_pulid:
+            return self._pulid_tokens(positive, negative, face_image, negative_face_image, face_index)
         if per_photo:
             check_portrait_faces(positive.shape[1])
             if negative.shape[1] != positive.shape[1]:
@@ -763,6 +847,21 @@ class IdentityPipelineMixin(FaceInputMixin):
             return snap(height / aspect), height
         return (native, snap(native * aspect)) if aspect <= 1 else (snap(native / aspect), native)
 
+    def pulid_settings(self, num_zero: int | None, ortho: str | None) -> tuple[int, str]:
+        """PuLID's attention settings for a call: ``num_zero`` zero tokens (more: more editable,
+        less alike) and ``ortho`` ("off", "v1", "v2"); by default its reference demo's (v1.1: 20 and
+        "v2"; v1's "fidelity" mode: 8 and "v2"). Other adapters take neither."""
+        if not self.is_pulid:
+            if num_zero is not None or ortho is not None:
+                raise ValueError("num_zero= and ortho= are PuLID's settings; this adapter takes neither: leave them out")
+            return 0, "off"
+        default_zero, default_ortho = PULID_DEFAULTS[self.adapter_spec.format]
+        num_zero = default_zero if num_zero is None else int(num_zero)
+        ortho = default_ortho if ortho is None else ortho
+        if num_zero < 0 or ortho not in ORTHO_MODES:
+            raise ValueError(f"PuLID takes num_zero >= 0 and ortho in {ORTHO_MODES}, got {num_zero} and {ortho!r}")
+        return num_zero, ortho
+
     @contextlib.contextmanager
     def identity_conditioning(
         self,
@@ -776,6 +875,8 @@ class IdentityPipelineMixin(FaceInputMixin):
         regions: Regions | None = None,
         id_fusion: str | None = None,
         fusion_tokens: list[list[int]] | None = None,
+        num_zero: int | None = None,
+        ortho: str | None = None,
     ) -> Iterator["IdentityTokens"]:
         """Condition the UNet on the identity for one generation call.
 
@@ -786,8 +887,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         UNet is plain. With ``regions`` the tokens are several people's (``encode_people_tokens``),
         each acting in their region at every resolution of the UNet's latents. ``id_fusion`` runs
         the base stream beside (``idgen.adapters.fusion``; ``fusion_tokens``: FreeCure's attribute
-        tokens per prompt row).
+        tokens per prompt row). ``num_zero`` and ``ortho``: PuLID's (``pulid_settings``).
         """
+        num_zero, ortho = self.pulid_settings(num_zero, ortho)
         if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0:
             raise ValueError(
                 f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {id_guidance_start} and {id_guidance_end}"
@@ -809,7 +911,7 @@ class IdentityPipelineMixin(FaceInputMixin):
                 tokens = batches.for_batch(sample.shape[0])
                 if fusion is not None:  # the base stream, after the identity rows: no identity
                     tokens = torch.cat([tokens, torch.zeros_like(tokens)])
-                adapter.set_tokens(tokens, gates, weights)
+                adapter.set_tokens(tokens, gates, weights, num_zero, ortho)
                 state["shape"] = sample.shape
             on = id_window(state["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
             if on != state["on"]:

@@ -76,7 +76,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     """
 
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "controlnet"]
-    supported_adapter_formats = ("faceid", "faceid_portrait", "faceid_plus", "instantid")
+    supported_adapter_formats = ("faceid", "faceid_portrait", "faceid_plus", "instantid", "pulid", "pulid_v1")
 
     def __init__(
         self,
@@ -252,6 +252,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         id_guidance_end: float = 1.0,
         face_clip_embeds: torch.Tensor | None = None,
         s_scale: float = 1.0,
+        num_zero: int | None = None,
+        ortho: str | None = None,
         face_kps: np.ndarray | None = None,
         kps_image: ImageInput | None = None,
         regions: RegionsInput | None = None,
@@ -315,6 +317,10 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
         ``id_fusion`` / ``recover_words`` as in ``IDStableDiffusionPipeline`` (IdentityNet acts in the
         identity stream only).
+
+        PuLID: ``num_zero`` zero identity tokens and ``ortho`` ("off", "v1", "v2"), defaults from
+        its reference demo (``pulid_settings``); ``face_image`` is required (EVA-CLIP reads it),
+        several photos of one person are read together (v1.1).
         """
         # 1. Check inputs
         self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
@@ -374,7 +380,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         with self.identity_conditioning(
             tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop,
             people and people.regions,
-            id_fusion, self.fusion_tokens(id_fusion, prompt, num_images_per_prompt, recover_words),
+            id_fusion, self.fusion_tokens(id_fusion, prompt, num_images_per_prompt, recover_words), num_zero, ortho,
         ) as batches:
             if not self.controlnets:
                 output = self._run_loop(loop, guidance_rescale=guidance_rescale, **common)

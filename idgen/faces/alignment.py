@@ -50,8 +50,24 @@ def arcface_template(size: int = 112) -> np.ndarray:
     raise ValueError(f"ArcFace crops are multiples of 112 or 128 pixels, got {size}")
 
 
-def align_face(rgb: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp the face with keypoints ``kps`` onto the ArcFace template (insightface ``norm_crop``)."""
+#: FFHQ's 5-keypoint template at 512 px (facexlib's): a looser crop with hair and chin, which
+#: face restoration and PuLID's face parsing take.
+FFHQ_TEMPLATE = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    dtype=np.float32,
+)
+#: facexlib's grey outside the photo in an FFHQ crop.
+FFHQ_BORDER = (135, 133, 132)
+
+
+def align_face(rgb: np.ndarray, kps: np.ndarray, size: int = 112, template: str = "arcface") -> np.ndarray:
+    """Warp the face with keypoints ``kps`` onto the ArcFace template (insightface ``norm_crop``),
+    or with ``template="ffhq"`` onto FFHQ's (facexlib's ``align_warp_face``)."""
+    if template == "ffhq":
+        matrix = similarity_transform(kps, FFHQ_TEMPLATE * (size / 512.0))
+        return cv2.warpAffine(rgb, matrix, (size, size), borderValue=FFHQ_BORDER)
+    if template != "arcface":
+        raise ValueError(f"template is 'arcface' or 'ffhq', got {template!r}")
     matrix = similarity_transform(kps, arcface_template(size))
     return cv2.warpAffine(rgb, matrix, (size, size), borderValue=0.0)
 

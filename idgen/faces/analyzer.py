@@ -226,11 +226,12 @@ class FaceAnalyzer:
         faces = self.faces(images, face_index)
         return np.stack([face.raw_embedding if raw else face.embedding for face in faces]).astype(np.float32)
 
-    def face_crops(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0, size: int = 224) -> np.ndarray:
+    def face_crops(self, images: Sequence[ImageInput], face_index: int | Sequence[int] = 0, size: int = 224,
+                   template: str = "arcface") -> np.ndarray:
         """(N, size, size, 3) uint8 RGB: the chosen face of each photo (``faces``) aligned to the
-        ArcFace template at ``size`` (FaceID-Plus's CLIP input)."""
+        ArcFace template at ``size`` (FaceID-Plus's CLIP input), or FFHQ's (PuLID's)."""
         loaded = [load_image(image, self.max_pixels) for image in images]
-        return np.stack([align_face(np.asarray(image), face.kps, size)
+        return np.stack([align_face(np.asarray(image), face.kps, size, template)
                          for image, face in zip(loaded, self.faces(loaded, face_index))])
 
     def identity(
