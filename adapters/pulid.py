@@ -153,7 +153,7 @@ def pulid_format(image_proj: StateDict) -> str | None:
     """"pulid" (v1.1's IDFormer), "pulid_v1" (v1's IDEncoder), or None."""
     if "id_embedding_mapping.0.weight" in image_proj:
         return "pulid"
-    if "body.0.weight" in image_proj and "mapping_patch_0.0.weight" in image_proj:
+    if "body.0.weight" in image_proj or any(key.startswith("mapping_patch_") for key in image_proj):
         return "pulid_v1"
     return None
 

@@ -94,7 +94,7 @@ def _strength(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
-                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl', 'tiny-photomaker' or 'tiny-arc2face' (offline presets), "
+                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl', 'tiny-photomaker', 'tiny-pulid' or 'tiny-arc2face' (offline presets), "
                         "a hub id or a local diffusers folder; SD1.5 or SDXL is read from it")
     parser.add_argument("--adapter", default=None,
                         help=f"identity adapter: hub id, folder or file (default: {METHODS['faceid'].default_adapter} for "
@@ -108,7 +108,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "for an adapter that has none beside it, e.g. one you trained; 'none' runs without it")
     parser.add_argument("--image-encoder", default=None, metavar="PATH",
                         help="FaceID-Plus: its CLIP image encoder, a folder or hub id (default: h94/IP-Adapter's "
-                        "models/image_encoder)")
+                        "models/image_encoder); PuLID: EVA02-CLIP-L, a folder, file or hub id (default: QuanSun/EVA-CLIP's "
+                        "EVA02_CLIP_L_336_psz14_s6B.pt)")
+    parser.add_argument("--face-parser", default=None, metavar="PATH",
+                        help="PuLID: facexlib's face parser parsing_bisenet.pth (default: downloaded from facexlib's release)")
+    parser.add_argument("--num-zero", type=int, default=None, metavar="N",
+                        help="PuLID: zero identity tokens; more gives more editable, less alike faces (default 20; v1: 8)")
+    parser.add_argument("--ortho", choices=("off", "v1", "v2"), default=None,
+                        help="PuLID: keep only the identity's part orthogonal to the prompt's (v1), or weigh it (v2, default)")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
     parser.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")

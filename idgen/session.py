@@ -55,6 +55,10 @@ def _is_plus(adapter: str, weight_name: str | None) -> bool:
     return adapter == FACEID_REPO and "plus" in (weight_name or "")
 
 
+def _is_pulid(adapter: str, weight_name: str | None) -> bool:
+    return "pulid" in f"{adapter}/{weight_name or ''}".lower()
+
+
 def _is_photomaker(adapter: str, weight_name: str | None) -> bool:
     return "photomaker" in f"{adapter}/{weight_name or ''}".lower()
 
@@ -81,6 +85,7 @@ class Method:
     per_photo: bool = False  # each face photo gives its own tokens (FaceID-Portrait), not one mean
     face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
     prompt_identity: bool = False  # the identity enters the prompt (PhotoMaker): no id_scale, no negative identity
+    face_eva: bool = False  # also EVA02-CLIP features of the parsed face (PuLID), read from the photos
 
 
 #: Identity methods, in the order they are tried; the last of each family is its fallback.
@@ -100,6 +105,13 @@ METHODS: dict[str, Method] = {
                face_clip=True),
         Method("faceid-portrait-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_portrait, "faceid_portrait",
                guidance=5.0, per_photo=True),
+        # PuLID: its demo's settings for a non-Lightning base (Lightning: --steps 5 --guidance 2)
+        Method("pulid", "sdxl", "IDStableDiffusionXLPipeline", _is_pulid, "pulid", steps=25, guidance=7.0, id_scale=0.8,
+               face_pack="antelopev2", default_weight_name="pulid_v1.1.safetensors", raw_id_embeds=True, per_photo=True,
+               face_eva=True),
+        Method("pulid-v1", "sdxl", "IDStableDiffusionXLPipeline", _is_pulid, "pulid_v1", steps=25, guidance=7.0,
+               id_scale=0.8, face_pack="antelopev2", default_weight_name="pulid_v1.bin", raw_id_embeds=True,
+               per_photo=True, face_eva=True),
         Method("photomaker", "sdxl", "IDPhotoMakerPipeline", _is_photomaker, "photomaker", steps=50, guidance=5.0,
                default_weight_name="photomaker-v2.bin", raw_id_embeds=True, per_photo=True, prompt_identity=True),
         Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
@@ -117,7 +129,10 @@ class SessionOptions:
     weight_name: str | None = None
     subfolder: str | None = None
     identitynet: str | None = None  # InstantID's IdentityNet: folder or hub id ("none": without it)
-    image_encoder: str | None = None  # FaceID-Plus's CLIP image encoder folder or hub id (default h94/IP-Adapter's)
+    image_encoder: str | None = None  # FaceID-Plus's CLIP (default h94/IP-Adapter's) or PuLID's EVA02-CLIP (QuanSun/EVA-CLIP's)
+    face_parser: str | None = None  # PuLID's face parser, facexlib's parsing_bisenet.pth (default: its release)
+    num_zero: int | None = None  # PuLID: zero identity tokens (default 20; v1: 8)
+    ortho: str | None = None  # PuLID: "off", "v1" or "v2" (default v2)
     face_model: str | None = None
     detector: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -266,7 +281,10 @@ class Session:
             pipe.scheduler = make_scheduler(self.options.scheduler, pipe.scheduler.config)
         self._check_schedule(pipe.scheduler)
         if self.adapter_file is not None:
-            extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
+            if self.method.face_eva:  # PuLID loads its EVA tower and face parser from files, folders or their repos
+                extra = {"image_encoder": self.options.image_encoder, "face_parser": self.options.face_parser}
+            else:
+                extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
             if self.adapter_state is not None:
                 extra["weight_name"] = self.adapter_file
             pipe.load_identity_adapter(self.adapter_state or self.adapter_file, **extra)
@@ -294,7 +312,9 @@ class Session:
                     people: bool = False) -> dict[str, Any]:
         """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person, or with
         ``people`` one photo per person); nothing for the other methods."""
-        if self.method.prompt_identity:  # PhotoMaker's CLIP reads the photos themselves
+        if self.method.prompt_identity or self.method.face_eva:  # PhotoMaker's CLIP, PuLID's EVA read the photos
+            if people:
+                return {"face_image": [[photo] for photo in photos]}
             return {"face_image": list(photos)}
         if not self.method.face_clip:
             return {}
@@ -358,6 +378,15 @@ class Session:
         index = self.options.face_index if face_index is None else face_index
         return list(index) if isinstance(index, (list, tuple)) else [index] * len(photos)
 
+    @property
+    def pulid_settings(self) -> tuple[int, str]:
+        """PuLID's num_zero and ortho as run: the options', else its demo's defaults."""
+        from .adapters.pulid import PULID_DEFAULTS
+
+        num_zero, ortho = PULID_DEFAULTS[self.method.checkpoint_format]
+        return (num_zero if self.options.num_zero is None else self.options.num_zero,
+                self.options.ortho or ortho)
+
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
         """Pipeline call arguments shared by generate, eval and the demo."""
         call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.options.height,
@@ -369,6 +398,8 @@ class Session:
         elif self.method.uses_prompt:
             call.update(prompt=prompt, id_scale=self.id_scale, id_guidance_start=self.options.id_start,
                         id_guidance_end=self.options.id_end)
+        if self.method.face_eva:
+            call.update(zip(("num_zero", "ortho"), self.pulid_settings))
         return call
 
     def generators(self, seed: int, count: int) -> list:
@@ -416,6 +447,7 @@ class Session:
                if self.method.uses_prompt and not self.method.prompt_identity else {}),  # Arc2Face has neither
             **({"trigger_word": self.options.trigger_word, "start_merge_step": str(self.start_merge_step)}
                if self.method.prompt_identity else {}),
+            **(dict(zip(("num_zero", "ortho"), map(str, self.pulid_settings))) if self.method.face_eva else {}),
             "method": self.method.name,
             "base_model": self.options.base,
             "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
@@ -463,6 +495,10 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             raise IDGenError(f"{adapter} needs a real SD1.5 base for its tokenizer, VAE and scheduler: "
                              "add --base stable-diffusion-v1-5/stable-diffusion-v1-5")
         base, face_model = preset.base, face_model or preset.face_pack
+        if preset.image_encoder and options.adapter is None:  # the preset's own PuLID encoders, random too
+            options = dataclasses.replace(options, image_encoder=options.image_encoder or preset.image_encoder,
+                                          face_parser=options.face_parser or preset.face_parser)
+            random_parts += ["image encoder", "face parser"]
     method, adapter, weight_name = resolve_method(base, adapter, options.weight_name)
     adapter_file = adapter_state = None
     if method.family != "arc2face":
@@ -490,9 +526,12 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
                           method)
     identitynet = _identitynet(method, adapter, options.identitynet)
-    if options.image_encoder and not method.face_clip:
-        raise IDGenError(f"--image-encoder is FaceID-Plus's; the {method.name} adapter {adapter} runs without it: "
-                         "leave it out")
+    if options.image_encoder and not (method.face_clip or method.face_eva):
+        raise IDGenError(f"--image-encoder is FaceID-Plus's and PuLID's; the {method.name} adapter {adapter} runs "
+                         "without it: leave it out")
+    for flag, value in (("--face-parser", options.face_parser), ("--num-zero", options.num_zero), ("--ortho", options.ortho)):
+        if value is not None and not method.face_eva:
+            raise IDGenError(f"{flag} is PuLID's; the {method.name} adapter {adapter} runs without it: leave it out")
     analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:

@@ -650,11 +650,14 @@ class IdentityPipelineMixin(FaceInputMixin):
         joined with EVA's features of the same photos; the negative's EVA features are its photo's,
         else zeros (the reference's unconditional input)."""
         if face_image is None:
-            raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (id_embeds= "
-                                     "alone is not enough)")
+            raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (with "
+                                     "id_embeds=, one vector per photo, if you have them)")
         projection, device = self.identity_adapter.projection, self._execution_device
         self.identity_adapter.to(device=device, dtype=self.unet.dtype)
         positive_eva = self.encode_face_eva(face_image, len(id_embeds), face_index)
+        if positive_eva[0].shape[1] != id_embeds.shape[1]:
+            raise IdentityInputError(f"id_embeds holds {id_embeds.shape[1]} vector(s) per identity for "
+                                     f"{positive_eva[0].shape[1]} face photo(s): give one per photo")
         if negative_face_image is not None:
             negative_eva = self.encode_face_eva(negative_face_image, len(id_embeds))
         elif negative_id_embeds.shape[1] != id_embeds.shape[1]:
@@ -688,6 +691,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         (``face_clip_embeds``, else from ``face_image``; a blank image's for the unconditional
         branch) and PlusV2 adds its MLP tokens back at ``s_scale``.
         """
+        eva_photos = face_image if self.is_pulid else None  # PuLID's EVA reads the photos even beside id_embeds
+        if eva_photos is not None and id_embeds is not None:
+            face_image = None
         id_embeds, negative_id_embeds = self.prepare_id_embeds(
             face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
         )
@@ -701,7 +707,7 @@ class IdentityPipelineMixin(FaceInputMixin):
             negative_id_embeds = torch.zeros_like(positive)
         negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", 1 + per_photo)
         if self.is_pulid:
-            return self._pulid_tokens(positive, negative, face_image, negative_face_image, face_index)
+            return self._pulid_tokens(positive, negative, eva_photos, negative_face_image, face_index)
         if per_photo:
             check_portrait_faces(positive.shape[1])
             if negative.shape[1] != positive.shape[1]:

@@ -115,7 +115,7 @@ def test_unreadable_checkpoints_name_the_file(tmp_path, unet):
     save_file({"text_model.weight": torch.zeros(2)}, str(other))
     with pytest.raises(CheckpointError, match="not an identity adapter checkpoint"):
         load_adapter_state_dict(str(other))
-    # Families recognised by their keys that other pipelines run, or none yet: named, not "unknown layout".
+    # Families recognised by their keys that other pipelines run: named, not "unknown layout".
     photomaker = tmp_path / "photomaker-v2.bin"
     torch.save({"id_encoder": {"fuse_module.mlp1.fc1.weight": torch.zeros(2)}, "lora_weights": {}}, photomaker)
     with pytest.raises(CheckpointError, match="photomaker-v2.bin is a PhotoMaker checkpoint.*IDPhotoMakerPipeline"):
@@ -123,8 +123,8 @@ def test_unreadable_checkpoints_name_the_file(tmp_path, unet):
     pulid = tmp_path / "pulid_v1.1.safetensors"
     save_file({"id_adapter.body.0.weight": torch.zeros(2), "id_adapter_attn_layers.1.id_to_k.weight": torch.zeros(2)},
               str(pulid))
-    with pytest.raises(CheckpointError, match="is a PuLID checkpoint"):
-        load_adapter_state_dict(str(pulid))
+    with pytest.raises(CheckpointError, match="looks like a PuLID checkpoint but id_adapter lacks"):
+        detect_format(load_adapter_state_dict(str(pulid)), str(pulid))
 
 
 def test_resolve_checkpoint_file(tmp_path):

@@ -151,7 +151,7 @@ def test_eva_tower_loads_an_official_checkpoint(tmp_path):
     loaded = load_eva_tower(tmp_path / "EVA02_CLIP.pt")
     pixels = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        (a, hidden_a), (b, hidden_b) = tower(pixels), loaded(pixels)
+        (a, _), (b, _) = tower(pixels), loaded(pixels)
     assert torch.equal(a, b) and loaded.config.hidden_layers == (4,)  # the reference's choice for 5 blocks
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an EVA02-CLIP vision tower"):
@@ -278,3 +278,30 @@ def test_face_parser_parity_with_facexlib(monkeypatch, tmp_path):
     with torch.no_grad():
         for mine, expected in zip(ours(image), reference.eval()(image), strict=True):
             torch.testing.assert_close(mine, expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
+    """The offline preset from the command line (its own random EVA tower and face parser, named in
+    the metadata with the settings run), PuLID's flags refused for other methods, and the demo."""
+    from PIL import Image
+
+    from idgen.cli import main
+    from idgen.demo import DemoApp
+    from idgen.session import start_session
+
+    out = tmp_path / "pulid.png"
+    common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]
+    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "4", "--ortho", "v1", "--out", str(out)]) == 0
+    meta = Image.open(out).text
+    assert (meta["method"], meta["num_zero"], meta["ortho"], meta["id_scale"]) == ("pulid", "4", "v1", "0.8")
+    assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
+    assert main(["generate", "--base", "tiny", *common, "--num-zero", "4", "--out", str(out)]) == 2
+    assert "--num-zero is PuLID's" in capsys.readouterr().err
+    preset = get_preset("tiny-pulid", root=str(cache))
+    assert main(["generate", "--base", "tiny", "--adapter", preset.adapter, *common, "--out", str(out)]) == 2
+    assert "made for SDXL" in capsys.readouterr().err
+
+    session = start_session(base="tiny-pulid", height=64, width=64)
+    app = DemoApp(session, session.load())
+    path, caption = app.generate([str(astronaut)], None, "a portrait", "", "none", 0.9, 0.8, 2, 5.0, 0, 1)[0]
+    assert Image.open(path).text["method"] == "pulid" and "id_scale 0.90" in caption
