@@ -33,7 +33,7 @@ PULID_GROUPS = ("id_adapter", "id_adapter_attn_layers")
 #: What each version's reference demo runs by default: (num_zero, ortho).
 PULID_DEFAULTS = {"pulid": (20, "v2"), "pulid_v1": (8, "v2")}
 ORTHO_MODES = ("off", "v1", "v2")
-#: Face-parsing labels (CelebAMask-HQ's) that PuLID whitens: background, hair, hat, ears, earring, neck, cloth.
+#: Face-parsing labels (CelebAMask-HQ's) that PuLID whitens: background, ears, earring, neck, necklace, cloth, hat.
 PARSING_BACKGROUND = (0, 7, 8, 9, 14, 15, 16, 18)
 #: How many EVA hidden states the ID encoders read.
 VIT_LEVELS = 5

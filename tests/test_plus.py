@@ -97,7 +97,7 @@ def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys)
     capsys.readouterr()
     assert main([*common, "--image-encoder", str(tmp_path / "encoder"), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--image-encoder is FaceID-Plus's; the faceid adapter" in err[0]
+    assert len(err) == 1 and "--image-encoder is FaceID-Plus's and PuLID's; the faceid adapter" in err[0]
 
 
 def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
