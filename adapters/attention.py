@@ -110,12 +110,13 @@ class IdentityAttention(nn.Module):
             if self.num_zero:
                 zeros = key.new_zeros(batch, self.num_zero, key.shape[-1])
                 key, value = torch.cat([key, zeros], dim=1), torch.cat([value, zeros], dim=1)
-            out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
+            out = F.scaled_dot_product_attention(query_heads, heads(key), heads(value))
             out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(hidden_states.dtype)
-            return out if self.ortho == "off" else self._orthogonal(hidden_states, out, heads(query), heads(key))
+            return out if self.ortho == "off" else self._orthogonal(hidden_states, out, query_heads, heads(key))
 
         if self.observer is not None:
             self.observer(self, query)
+        query_heads = heads(query)
         key, value = self.key.to(query.dtype), self.value.to(query.dtype)
         if self.regions is None:
             out = attend(key, value)
@@ -125,7 +126,6 @@ class IdentityAttention(nn.Module):
                       zip(weights, key.chunk(len(weights), dim=1), value.chunk(len(weights), dim=1)))
         out = self.scale.to(out.dtype) * out
         return (hidden_states + out if self.text_enabled else out, *args[1:])
-
 
     def _orthogonal(self, text: torch.Tensor, identity: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """PuLID's orthogonal identity output, in float32: per channel, the part of ``identity``

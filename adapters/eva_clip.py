@@ -202,22 +202,15 @@ def build_eva_tower(state_dict: dict[str, torch.Tensor], path: str = "checkpoint
 def load_eva_tower(source: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> EVAVisionTower:
     """PuLID's EVA02-CLIP tower from a folder saved by ``EVAVisionTower.save_pretrained``, an
     official checkpoint file, or a hub repo (default ``QuanSun/EVA-CLIP``'s ``EVA02_CLIP_L_336_psz14_s6B.pt``)."""
-    from .loading import read_checkpoint
+    from .loading import read_checkpoint, resolve_checkpoint_file
 
     source = os.fspath(source) if source is not None else EVA_CLIP_REPO
     if os.path.isdir(source):
         return EVAVisionTower.from_pretrained(source, torch_dtype=dtype).eval()
-    path = source
-    if not os.path.isfile(source):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(source, EVA_CLIP_FILE)
-        except Exception as err:  # offline, missing repo or file
-            raise ModelNotFoundError(
-                f"PuLID reads EVA02-CLIP-L features of the face, and its weights ({source}, {EVA_CLIP_FILE}) could not "
-                f"be loaded ({type(err).__name__}): make the hub reachable, or pass image_encoder= (a file, a folder or "
-                "an EVAVisionTower)"
-            ) from None
+    try:
+        path = resolve_checkpoint_file(source, None if os.path.isfile(source) else EVA_CLIP_FILE)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"PuLID reads EVA02-CLIP-L features of the face, whose weights could not be loaded: "
+                                 f"{err}; or pass image_encoder= (a file, a folder or an EVAVisionTower)") from None
     tower = build_eva_tower(eva_state_dict(read_checkpoint(path), path), path)
     return tower.to(dtype) if dtype is not None else tower

@@ -209,25 +209,26 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
     validate_tensors(state_dict, path)
     proj = state_dict["image_proj"]
     keys = set(proj)
-    if pulid_format(proj):
-        return _pulid_spec(proj, pulid_format(proj), path)
-    if "latents" in keys or "proj_in.weight" in keys:
-        format = "instantid"
-    elif "perceiver_resampler.proj_in.weight" in keys:
-        format = "faceid_plus"
-    elif keys & _FACEID_PROJ_KEYS:
-        format = "faceid"
-    else:
+    format = pulid_format(proj) or (
+        "instantid" if "latents" in keys or "proj_in.weight" in keys
+        else "faceid_plus" if "perceiver_resampler.proj_in.weight" in keys
+        else "faceid" if keys & _FACEID_PROJ_KEYS
+        else None
+    )
+    if format is None:
         raise CheckpointError(
             f"{path}: unknown image_proj layout (keys: {', '.join(sorted(keys)[:6])}): expected an "
             "IP-Adapter-FaceID (proj.0, proj.2, norm) or InstantID (latents, proj_in, layers, proj_out) checkpoint"
         )
     missing = [key for key in _REQUIRED_PROJ_KEYS[format] if key not in keys]
     if missing:
+        what, group = ("a PuLID checkpoint", "id_adapter") if format.startswith("pulid") else (f"a {format} adapter", "image_proj")
         raise CheckpointError(
-            f"{path} looks like a {format} adapter but image_proj lacks {', '.join(missing)}: the file is incomplete; "
+            f"{path} looks like {what} but {group} lacks {', '.join(missing)}: the file is incomplete; "
             "download or export it again"
         )
+    if format.startswith("pulid"):
+        return _pulid_spec(proj, format, path)
     lora = state_dict["ip_adapter"].get("0.to_q_lora.down.weight")
     rank = None if lora is None else int(lora.shape[0]) if lora.ndim == 2 else 0
     if format == "instantid":
@@ -253,10 +254,6 @@ def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") ->
 
 def _pulid_spec(proj: StateDict, format: str, path: str) -> AdapterSpec:
     """PuLID's ID encoder: tokens and width from its shapes; its input is ArcFace's 512 + EVA's."""
-    missing = [key for key in _REQUIRED_PROJ_KEYS[format] if key not in proj]
-    if missing:
-        raise CheckpointError(f"{path} looks like a PuLID checkpoint but id_adapter lacks {', '.join(missing)}: the file "
-                              "is incomplete; download it again")
     first = proj["id_embedding_mapping.0.weight" if format == "pulid" else "body.0.weight"]
     if _dim(first, 1, "id input", path) <= ID_EMBED_DIM:
         raise CheckpointError(f"{path}: PuLID's ID encoder takes {first.shape[1]}-d vectors, not ArcFace's "

@@ -15,7 +15,7 @@ import torch
 from idgen.adapters.eva_clip import EVA_MEAN, EVA_STD, build_eva_tower, eva_state_dict, load_eva_tower
 from idgen.adapters.face_parsing import BiSeNet, load_face_parser
 from idgen.adapters.pulid import PuLIDEncoder, PuLIDEncoderV1, build_pulid_encoder, eva_face_pixels, pulid_format
-from idgen.errors import CheckpointError, IdentityInputError
+from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.presets import get_preset, random_pulid_state_dict, tiny_eva_tower
 
@@ -156,6 +156,8 @@ def test_eva_tower_loads_an_official_checkpoint(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an EVA02-CLIP vision tower"):
         load_eva_tower(tmp_path / "other.pt")
+    with pytest.raises(ModelNotFoundError, match="PuLID reads EVA02-CLIP-L features.*pass image_encoder="):
+        load_eva_tower(tmp_path / "missing.pt")
 
 
 # ---------------------------------------------------------------------------------------- parity
