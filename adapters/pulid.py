@@ -39,6 +39,18 @@ PARSING_BACKGROUND = (0, 7, 8, 9, 14, 15, 16, 18)
 VIT_LEVELS = 5
 
 
+def pulid_settings(format: str, num_zero: int | None = None, ortho: str | None = None) -> tuple[int, str]:
+    """PuLID's attention settings: ``num_zero`` zero tokens (more: more editable, less alike) and
+    ``ortho`` ("off", "v1", "v2"), each by default its reference demo's for ``format`` (v1.1: 20
+    and "v2"; v1's "fidelity" mode: 8 and "v2")."""
+    default_zero, default_ortho = PULID_DEFAULTS[format]
+    num_zero = default_zero if num_zero is None else int(num_zero)
+    ortho = default_ortho if ortho is None else ortho
+    if num_zero < 0 or ortho not in ORTHO_MODES:
+        raise ValueError(f"PuLID takes num_zero >= 0 and ortho in {ORTHO_MODES}, got {num_zero} and {ortho!r}")
+    return num_zero, ortho
+
+
 def _mapping(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden),
                          nn.LayerNorm(hidden), nn.LeakyReLU(), nn.Linear(hidden, out_dim))

@@ -381,11 +381,9 @@ class Session:
     @property
     def pulid_settings(self) -> tuple[int, str]:
         """PuLID's num_zero and ortho as run: the options', else its demo's defaults."""
-        from .adapters.pulid import PULID_DEFAULTS
+        from .adapters.pulid import pulid_settings
 
-        num_zero, ortho = PULID_DEFAULTS[self.method.checkpoint_format]
-        return (num_zero if self.options.num_zero is None else self.options.num_zero,
-                self.options.ortho or ortho)
+        return pulid_settings(self.method.checkpoint_format, self.options.num_zero, self.options.ortho)
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
         """Pipeline call arguments shared by generate, eval and the demo."""

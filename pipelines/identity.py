@@ -31,7 +31,7 @@ from idgen.adapters import (
     resolve_checkpoint_file,
 )
 from idgen.adapters.fusion import StreamFusion, attribute_tokens
-from idgen.adapters.pulid import ORTHO_MODES, PULID_DEFAULTS, eva_face_pixels
+from idgen.adapters.pulid import PULID_DEFAULTS, eva_face_pixels, pulid_settings
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
 from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load_image
@@ -854,19 +854,13 @@ class IdentityPipelineMixin(FaceInputMixin):
         return (native, snap(native * aspect)) if aspect <= 1 else (snap(native / aspect), native)
 
     def pulid_settings(self, num_zero: int | None, ortho: str | None) -> tuple[int, str]:
-        """PuLID's attention settings for a call: ``num_zero`` zero tokens (more: more editable,
-        less alike) and ``ortho`` ("off", "v1", "v2"); by default its reference demo's (v1.1: 20 and
-        "v2"; v1's "fidelity" mode: 8 and "v2"). Other adapters take neither."""
+        """PuLID's attention settings for a call (``idgen.adapters.pulid.pulid_settings``); other
+        adapters take neither."""
         if not self.is_pulid:
             if num_zero is not None or ortho is not None:
                 raise ValueError("num_zero= and ortho= are PuLID's settings; this adapter takes neither: leave them out")
             return 0, "off"
-        default_zero, default_ortho = PULID_DEFAULTS[self.adapter_spec.format]
-        num_zero = default_zero if num_zero is None else int(num_zero)
-        ortho = default_ortho if ortho is None else ortho
-        if num_zero < 0 or ortho not in ORTHO_MODES:
-            raise ValueError(f"PuLID takes num_zero >= 0 and ortho in {ORTHO_MODES}, got {num_zero} and {ortho!r}")
-        return num_zero, ortho
+        return pulid_settings(self.adapter_spec.format, num_zero, ortho)
 
     @contextlib.contextmanager
     def identity_conditioning(
