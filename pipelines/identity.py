@@ -618,6 +618,12 @@ class IdentityPipelineMixin(FaceInputMixin):
                 ) from None
         return image_encoder.to(self.unet.device, self.unet.dtype)
 
+    def _check_identity_inputs(self, face_image: Any, id_embeds: Any) -> None:
+        """Exactly one of ``face_image`` and ``id_embeds``; PuLID takes both (its EVA-CLIP reads the
+        photos, ``id_embeds`` then stand for their ArcFace vectors)."""
+        if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
+            raise ValueError("pass exactly one of face_image= and id_embeds=")
+
     def _pulid_encoders(self, image_encoder: Any, face_parser: Any) -> tuple[Any, Any]:
         """PuLID's EVA02-CLIP tower and face parser, on the UNet's device (the tower in its dtype)."""
         from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
@@ -691,6 +697,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         (``face_clip_embeds``, else from ``face_image``; a blank image's for the unconditional
         branch) and PlusV2 adds its MLP tokens back at ``s_scale``.
         """
+        self._check_identity_inputs(face_image, id_embeds)
         eva_photos = face_image if self.is_pulid else None  # PuLID's EVA reads the photos even beside id_embeds
         if eva_photos is not None and id_embeds is not None:
             face_image = None
@@ -791,11 +798,9 @@ class IdentityPipelineMixin(FaceInputMixin):
         tokens, negative_tokens = zip(*rows)
         return torch.cat(tokens, dim=1), torch.cat(negative_tokens, dim=1)
 
-    @staticmethod
-    def count_people(face_image: Sequence[FaceImages] | None, id_embeds: Any) -> int:
+    def count_people(self, face_image: Sequence[FaceImages] | None, id_embeds: Any) -> int:
         """How many people ``face_image`` (one entry per person) or ``id_embeds`` (one row each) hold."""
-        if (face_image is None) == (id_embeds is None):
-            raise ValueError("pass exactly one of face_image= and id_embeds=")
+        self._check_identity_inputs(face_image, id_embeds)
         if face_image is not None and not isinstance(face_image, (list, tuple)):
             raise IdentityInputError("with regions=, face_image= is a list with one entry per person (a photo, or a "
                                      "list of photos of that person)")

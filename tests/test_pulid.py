@@ -299,6 +299,10 @@ def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
     assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
     assert main(["generate", "--base", "tiny", *common, "--num-zero", "4", "--out", str(out)]) == 2
     assert "--num-zero is PuLID's" in capsys.readouterr().err
+    people = tmp_path / "people.png"
+    assert main(["generate", "--base", "tiny-pulid", *common[:-4], "--face", str(astronaut), "--people", "--height", "64",
+                 "--width", "128", "--out", str(people)]) == 0  # two people, each read by EVA from their own photo
+    assert Image.open(people).size == (128, 64)
     preset = get_preset("tiny-pulid", root=str(cache))
     assert main(["generate", "--base", "tiny", "--adapter", preset.adapter, *common, "--out", str(out)]) == 2
     assert "made for SDXL" in capsys.readouterr().err
