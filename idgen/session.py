@@ -530,6 +530,13 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     for flag, value in (("--face-parser", options.face_parser), ("--num-zero", options.num_zero), ("--ortho", options.ortho)):
         if value is not None and not method.face_eva:
             raise IDGenError(f"{flag} is PuLID's; the {method.name} adapter {adapter} runs without it: leave it out")
+    if method.face_eva:  # a bad --num-zero fails now, not after the base model loads
+        from .adapters.pulid import pulid_settings
+
+        try:
+            pulid_settings(method.checkpoint_format, options.num_zero, options.ortho)
+        except ValueError as err:
+            raise IDGenError(str(err)) from None
     analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:

@@ -297,6 +297,8 @@ def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
     meta = Image.open(out).text
     assert (meta["method"], meta["num_zero"], meta["ortho"], meta["id_scale"]) == ("pulid", "4", "v1", "0.8")
     assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
+    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "-1", "--out", str(out)]) == 2
+    assert "PuLID takes num_zero >= 0" in capsys.readouterr().err
     assert main(["generate", "--base", "tiny", *common, "--num-zero", "4", "--out", str(out)]) == 2
     assert "--num-zero is PuLID's" in capsys.readouterr().err
     people = tmp_path / "people.png"
