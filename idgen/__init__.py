@@ -8,7 +8,7 @@ from .version import __version__
 
 _PIPELINES = ("IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
               "IDStableDiffusionXLPipeline", "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline",
-              "IDArc2FacePipeline", "IDPhotoMakerPipeline", "load_identitynet")
+              "IDArc2FacePipeline", "IDFluxPipeline", "IDPhotoMakerPipeline", "load_identitynet")
 
 
 def __getattr__(name: str):
@@ -26,6 +26,7 @@ __all__ = [
     "Face",
     "FaceAnalyzer",
     "IDArc2FacePipeline",
+    "IDFluxPipeline",
     "IDGenError",
     "IDPhotoMakerPipeline",
     "IdentityInputError",

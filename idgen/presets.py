@@ -20,13 +20,15 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 10
-TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker", "tiny-pulid")
+PRESET_FORMAT = 11
+TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker", "tiny-pulid", "tiny-flux",
+                "tiny-infiniteyou")
 INSTANTID_FILE = "ip-adapter.bin"
 ADAPTER_FILE = "ip-adapter-faceid_sd15.safetensors"
 FACEID_SDXL_FILE = "ip-adapter-faceid_sdxl.safetensors"
 PHOTOMAKER_FILE = "photomaker-v2.bin"
 PULID_FILE, FACE_PARSER_FILE = "pulid_v1.1.safetensors", "parsing_bisenet.pth"
+PULID_FLUX_FILE = "pulid_flux_v0.9.1.safetensors"
 
 
 def cache_dir() -> str:
@@ -259,6 +261,80 @@ def random_pulid_state_dict(unet, eva, seed: int = 0, dim: int = 64) -> dict:
     return state
 
 
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over lower-case letters, digits and punctuation, built with no download."""
+    from transformers import T5TokenizerFast
+
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A tiny random ``IDFluxPipeline`` shaped like FLUX.1-dev: a rectified-flow transformer with 3
+    double- and 5 single-stream blocks (guidance-distilled, rotary axes 4+6+6), a VAE with 16
+    latent channels and 8x downsampling, CLIP and T5 text encoders, FLUX's shifted Euler schedule."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from idgen.pipelines import IDFluxPipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed + 11)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=3, num_single_layers=5,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=1,
+                        norm_num_groups=8, sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = CLIPTextModel(tiny_text_encoder(tokenizer).config)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                             eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return IDFluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def random_pulid_flux_state_dict(transformer, eva, seed: int = 0, dim: int = 64) -> dict:
+    """A random checkpoint in PuLID-FLUX's layout (``pulid_flux_v0.9.1.safetensors``) for
+    ``transformer``: ``pulid_encoder.*`` (an IDFormer of width ``dim`` reading ``eva``) and one
+    ``pulid_ca.N.*`` block per place ``ca_block_positions`` names."""
+    from idgen.adapters.flux import PuLIDFluxAdapter, ca_block_positions
+
+    config = transformer.config
+    torch.manual_seed(seed)
+    encoder = dict(dim=dim, depth=5, dim_head=64, heads=max(1, dim // 64), num_id_token=2, num_queries=8,
+                   output_dim=32, clip_dim=eva.config.embed_dim, vit_dim=eva.config.width, hidden_dim=dim)
+    adapter = PuLIDFluxAdapter(encoder_config=encoder, num_ca=len(ca_block_positions(config.num_layers, config.num_single_layers)),
+                               dim=config.num_attention_heads * config.attention_head_dim, kv_dim=32, heads=1)
+    generator = torch.Generator().manual_seed(seed + 1)
+    return {k: v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in adapter.state_dict().items()}
+
+
+def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict, "torch.nn.Module"]:
+    """InfiniteYou's two parts, random, for ``transformer``: ``image_proj_model.bin``'s contents
+    (``{"image_proj": resampler}``, tokens as wide as its text) and an InfuseNet (a
+    ``FluxControlNetModel`` with 2 double and 2 single blocks, residuals given a gain)."""
+    from diffusers import FluxControlNetModel
+
+    from idgen.adapters import InstantIDResampler
+
+    config = transformer.config
+    torch.manual_seed(seed + 12)
+    resampler = InstantIDResampler(dim=dim, depth=2, heads=dim // 64, num_queries=8, output_dim=config.joint_attention_dim)
+    net = FluxControlNetModel(patch_size=1, in_channels=config.in_channels, num_layers=2, num_single_layers=2,
+                              attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+                              joint_attention_dim=config.joint_attention_dim, pooled_projection_dim=config.pooled_projection_dim,
+                              guidance_embeds=config.guidance_embeds, axes_dims_rope=config.axes_dims_rope)
+    with torch.no_grad():  # zero-initialised outputs would make InfuseNet a no-op
+        for module in [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]:
+            module.weight.normal_(0, 0.05)
+    return {"image_proj": dict(resampler.state_dict())}, net
+
+
 def tiny_clip(seed: int = 0):
     """A tiny random CLIP (text and vision towers, 16-d joint space) for CLIP-T offline."""
     from transformers import CLIPConfig, CLIPModel
@@ -436,6 +512,7 @@ def _build_tiny(folder: str, seed: int) -> None:
     os.makedirs(os.path.join(folder, "photomaker"))
     torch.save(random_photomaker_state_dict(sdxl.unet, seed), os.path.join(folder, "photomaker", PHOTOMAKER_FILE))
     _build_pulid(os.path.join(folder, "pulid"), sdxl.unet, seed)
+    _build_flux(folder, seed)
     clip, tokenizer = tiny_clip(seed)
     clip.save_pretrained(os.path.join(folder, "clip"))
     tokenizer.save_pretrained(os.path.join(folder, "clip"))
@@ -455,6 +532,25 @@ def _build_pulid(folder: str, unet, seed: int) -> None:
     torch.manual_seed(seed + 8)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in BiSeNet().state_dict().items()},
                os.path.join(folder, FACE_PARSER_FILE))
+
+
+def _build_flux(folder: str, seed: int) -> None:
+    """The FLUX base (``flux/``), a random PuLID-FLUX file reading PuLID's tiny EVA tower
+    (``pulid-flux/``) and a random InfiniteYou model folder (``infiniteyou/``)."""
+    from safetensors.torch import save_file
+
+    from idgen.adapters.eva_clip import EVAVisionTower
+    from idgen.adapters.flux import INFINITEYOU_WEIGHT_NAME, INFUSENET_FOLDER
+
+    pipe = tiny_flux_pipeline(seed)
+    pipe.save_pretrained(os.path.join(folder, "flux"))
+    eva = EVAVisionTower.from_pretrained(os.path.join(folder, "pulid", "eva_clip"))
+    os.makedirs(os.path.join(folder, "pulid-flux"))
+    save_file({k: v.contiguous() for k, v in random_pulid_flux_state_dict(pipe.transformer, eva, seed).items()},
+              os.path.join(folder, "pulid-flux", PULID_FLUX_FILE))
+    image_proj, infusenet = random_infiniteyou(pipe.transformer, seed)
+    infusenet.save_pretrained(os.path.join(folder, "infiniteyou", INFUSENET_FOLDER))
+    torch.save(image_proj, os.path.join(folder, "infiniteyou", INFINITEYOU_WEIGHT_NAME))
 
 
 def _drop_empty_components(folder: str) -> None:
@@ -477,7 +573,9 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
     ``tiny-sdxl``: SDXL-shaped base; ``adapter`` is a folder in InstantID's layout
     (``ip-adapter.bin`` + ``ControlNetModel/``). ``tiny-faceid-sdxl``: the same base with a
     FaceID-SDXL adapter file; ``tiny-photomaker`` with a PhotoMaker V2 file; ``tiny-pulid`` with
-    a PuLID v1.1 file, its tiny EVA02-CLIP tower and a random face parser.
+    a PuLID v1.1 file, its tiny EVA02-CLIP tower and a random face parser. ``tiny-flux``: a
+    FLUX.1-shaped base with a PuLID-FLUX file (and the same EVA tower and parser);
+    ``tiny-infiniteyou``: that base with an InfiniteYou folder (projection + InfuseNet).
     """
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TINY_PRESETS)}")
@@ -500,8 +598,10 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         "tiny-faceid-sdxl": ("sdxl", os.path.join("faceid-sdxl", FACEID_SDXL_FILE)),
         "tiny-photomaker": ("sdxl", os.path.join("photomaker", PHOTOMAKER_FILE)),
         "tiny-pulid": ("sdxl", os.path.join("pulid", PULID_FILE)),
+        "tiny-flux": ("flux", os.path.join("pulid-flux", PULID_FLUX_FILE)),
+        "tiny-infiniteyou": ("flux", "infiniteyou"),
     }[name]
-    pulid = name == "tiny-pulid"
+    pulid = name in ("tiny-pulid", "tiny-flux")
     return Preset(
         name=name,
         seed=seed,

@@ -1,6 +1,7 @@
 """diffusers pipelines with identity conditioning."""
 
 from .arc2face import IDArc2FacePipeline
+from .flux import IDFluxPipeline
 from .identity import FaceInputMixin, IdentityPipelineMixin
 from .photomaker import IDPhotoMakerPipeline
 from .stable_diffusion import IDStableDiffusionImg2ImgPipeline, IDStableDiffusionInpaintPipeline, IDStableDiffusionPipeline
@@ -11,7 +12,7 @@ from .stable_diffusion_xl import (
     load_identitynet,
 )
 
-__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDPhotoMakerPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
+__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDFluxPipeline", "IDPhotoMakerPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
            "IDStableDiffusionPipeline",
            "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline", "IDStableDiffusionXLPipeline",
            "IdentityPipelineMixin", "load_identitynet"]

@@ -93,7 +93,8 @@ def _quiet_lora_loading() -> Iterator[None]:
 _BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 
 
-def layer_id_scales(names: Sequence[str], id_scale: IDScale) -> dict[str, float]:
+def layer_id_scales(names: Sequence[str], id_scale: IDScale, aliases: dict[str, str] = _BLOCK_ALIASES
+                    ) -> dict[str, float]:
     """Scale of each identity layer from a float or a dict of name prefixes.
 
     Dict keys are ``"down"``, ``"mid"``, ``"up"`` or any prefix of a layer name
@@ -102,11 +103,11 @@ def layer_id_scales(names: Sequence[str], id_scale: IDScale) -> dict[str, float]
     """
     if not isinstance(id_scale, dict):
         return {name: float(id_scale) for name in names}
-    prefixes = {_BLOCK_ALIASES.get(key, key): float(value) for key, value in id_scale.items()}
+    prefixes = {aliases.get(key, key): float(value) for key, value in id_scale.items()}
     for prefix in prefixes:
         if not any(name == prefix or name.startswith(prefix + ".") for name in names):
             raise ValueError(
-                f"id_scale key {prefix!r} matches no identity layer: use down, mid, up or a layer prefix "
+                f"id_scale key {prefix!r} matches no identity layer: use {', '.join(aliases)} or a layer prefix "
                 f"such as {names[0].rsplit('.', 2)[0]}"
             )
     scales = {}
@@ -272,6 +273,70 @@ class FaceInputMixin:
         return id_embeds
 
 
+class PuLIDInputMixin(FaceInputMixin):
+    """PuLID's face inputs, shared by its SDXL and FLUX pipelines: EVA02-CLIP features of the
+    parsed face, joined with the ArcFace vectors by its ID encoder into identity tokens."""
+
+    #: PuLID's face encoders: EVA02-CLIP's vision tower and the face parser (set by loading PuLID).
+    eva_encoder: Any = None
+    face_parser: Any = None
+
+    @staticmethod
+    def _pulid_encoders(image_encoder: Any, face_parser: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        """PuLID's EVA02-CLIP tower and face parser, on ``device`` (the tower in ``dtype``)."""
+        from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
+        from idgen.adapters.face_parsing import load_face_parser
+
+        tower = image_encoder if isinstance(image_encoder, torch.nn.Module) else load_eva_tower(image_encoder)
+        if not isinstance(tower, EVAVisionTower):
+            raise ValueError(f"PuLID's image_encoder is an EVAVisionTower (EVA02-CLIP), got {type(tower).__name__}")
+        return tower.to(device, dtype), load_face_parser(face_parser).to(device)
+
+    @torch.no_grad()
+    def encode_face_eva(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """PuLID's EVA02-CLIP features of each identity's photos: the normalised image embeddings
+        (N, n, 768) and five hidden states (N, n * L, C), the photos' tokens side by side. Each
+        photo's face is aligned to FFHQ's template at 512 px and parsed; EVA sees it grey on white."""
+        device = self._execution_device
+        parser, tower = self.face_parser.to(device), self.eva_encoder.to(device)
+        embeds, hidden = [], []
+        for photos in self._face_groups(face_image, batch_size):
+            crops = self.face_analyzer.face_crops(photos, face_index, PULID_CROP_SIZE, template="ffhq")
+            embed, states = tower(eva_face_pixels(crops, parser, tower.config.image_size))
+            embeds.append(torch.nn.functional.normalize(embed.float(), dim=-1))
+            hidden.append([state.reshape(1, -1, state.shape[-1]) for state in states])
+        return torch.stack(embeds), [torch.cat(level) for level in zip(*hidden)]
+
+    def pulid_tokens(self, projection: torch.nn.Module, id_embeds: torch.Tensor, negative_id_embeds: torch.Tensor,
+                     face_image: FaceImages | None, negative_face_image: FaceImages | None, face_index: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PuLID's identity tokens: its ID encoder on each identity's raw ArcFace vectors (N, n, 512)
+        joined with EVA's features of the same photos; the negative's EVA features are its photo's,
+        else zeros (the reference's unconditional input)."""
+        if face_image is None:
+            raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (with "
+                                     "id_embeds=, one vector per photo, if you have them)")
+        device = self._execution_device
+        positive_eva = self.encode_face_eva(face_image, len(id_embeds), face_index)
+        if positive_eva[0].shape[1] != id_embeds.shape[1]:
+            raise IdentityInputError(f"id_embeds holds {id_embeds.shape[1]} vector(s) per identity for "
+                                     f"{positive_eva[0].shape[1]} face photo(s): give one per photo")
+        if negative_face_image is not None:
+            negative_eva = self.encode_face_eva(negative_face_image, len(id_embeds))
+        elif negative_id_embeds.shape[1] != id_embeds.shape[1]:
+            raise IdentityInputError(f"the negative identity has {negative_id_embeds.shape[1]} vector(s) and the "
+                                     f"identity {id_embeds.shape[1]} photo(s): give as many")
+        else:
+            negative_eva = (torch.zeros_like(positive_eva[0]), [torch.zeros_like(level) for level in positive_eva[1]])
+
+        def tokens(arcface: torch.Tensor, eva: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+            cond = torch.cat([arcface.float().to(device), eva[0].to(device)], dim=-1)
+            return projection(cond.to(projection.dtype), [level.to(device, projection.dtype) for level in eva[1]])
+
+        return tokens(id_embeds, positive_eva), tokens(negative_id_embeds, negative_eva)
+
+
 def per_person(face_index: int | Sequence[int], people: int) -> list[int]:
     """``face_index`` for each of ``people``: one index for all, or one each."""
     indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * people
@@ -286,7 +351,7 @@ def id_window(step: int, total: int, start: float, end: float) -> bool:
     return not (step / total < start or (step + 1) / total > end)
 
 
-class IdentityPipelineMixin(FaceInputMixin):
+class IdentityPipelineMixin(PuLIDInputMixin):
     """Identity-adapter methods shared by the SD1.5 and SDXL pipelines.
 
     The adapter (projection + identity attention) lives beside the UNet and hooks into its
@@ -304,10 +369,6 @@ class IdentityPipelineMixin(FaceInputMixin):
     _fused_id_lora: FusedLoRA | None = None
     #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
     _image_encoder_before: Any = _NO_ENCODER
-    #: PuLID's face encoders: EVA02-CLIP's vision tower and the face parser (set by loading PuLID).
-    eva_encoder: Any = None
-    face_parser: Any = None
-
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
         """The loaded adapter's projection (ArcFace vector -> identity tokens), or None."""
@@ -382,7 +443,7 @@ class IdentityPipelineMixin(FaceInputMixin):
         check_adapter(self.unet, state_dict, spec, path)
         encoder = pulid = None
         if spec.format in PULID_FORMATS:
-            pulid = self._pulid_encoders(image_encoder, face_parser)
+            pulid = self._pulid_encoders(image_encoder, face_parser, self.unet.device, self.unet.dtype)
         elif image_encoder is not None and spec.format != "faceid_plus":
             raise ValueError(f"image_encoder= is FaceID-Plus's and PuLID's; {path} is a {spec.format} adapter: leave it out")
         if face_parser is not None and pulid is None:
@@ -624,60 +685,6 @@ class IdentityPipelineMixin(FaceInputMixin):
         if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
             raise ValueError("pass exactly one of face_image= and id_embeds=")
 
-    def _pulid_encoders(self, image_encoder: Any, face_parser: Any) -> tuple[Any, Any]:
-        """PuLID's EVA02-CLIP tower and face parser, on the UNet's device (the tower in its dtype)."""
-        from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
-        from idgen.adapters.face_parsing import load_face_parser
-
-        tower = image_encoder if isinstance(image_encoder, torch.nn.Module) else load_eva_tower(image_encoder)
-        if not isinstance(tower, EVAVisionTower):
-            raise ValueError(f"PuLID's image_encoder is an EVAVisionTower (EVA02-CLIP), got {type(tower).__name__}")
-        return tower.to(self.unet.device, self.unet.dtype), load_face_parser(face_parser).to(self.unet.device)
-
-    @torch.no_grad()
-    def encode_face_eva(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """PuLID's EVA02-CLIP features of each identity's photos: the normalised image embeddings
-        (N, n, 768) and five hidden states (N, n * L, C), the photos' tokens side by side. Each
-        photo's face is aligned to FFHQ's template at 512 px and parsed; EVA sees it grey on white."""
-        device = self._execution_device
-        parser, tower = self.face_parser.to(device), self.eva_encoder.to(device)
-        embeds, hidden = [], []
-        for photos in self._face_groups(face_image, batch_size):
-            crops = self.face_analyzer.face_crops(photos, face_index, PULID_CROP_SIZE, template="ffhq")
-            embed, states = tower(eva_face_pixels(crops, parser, tower.config.image_size))
-            embeds.append(torch.nn.functional.normalize(embed.float(), dim=-1))
-            hidden.append([state.reshape(1, -1, state.shape[-1]) for state in states])
-        return torch.stack(embeds), [torch.cat(level) for level in zip(*hidden)]
-
-    def _pulid_tokens(self, id_embeds: torch.Tensor, negative_id_embeds: torch.Tensor, face_image: FaceImages | None,
-                      negative_face_image: FaceImages | None, face_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """PuLID's identity tokens: its ID encoder on each identity's raw ArcFace vectors (N, n, 512)
-        joined with EVA's features of the same photos; the negative's EVA features are its photo's,
-        else zeros (the reference's unconditional input)."""
-        if face_image is None:
-            raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (with "
-                                     "id_embeds=, one vector per photo, if you have them)")
-        projection, device = self.identity_adapter.projection, self._execution_device
-        self.identity_adapter.to(device=device, dtype=self.unet.dtype)
-        positive_eva = self.encode_face_eva(face_image, len(id_embeds), face_index)
-        if positive_eva[0].shape[1] != id_embeds.shape[1]:
-            raise IdentityInputError(f"id_embeds holds {id_embeds.shape[1]} vector(s) per identity for "
-                                     f"{positive_eva[0].shape[1]} face photo(s): give one per photo")
-        if negative_face_image is not None:
-            negative_eva = self.encode_face_eva(negative_face_image, len(id_embeds))
-        elif negative_id_embeds.shape[1] != id_embeds.shape[1]:
-            raise IdentityInputError(f"the negative identity has {negative_id_embeds.shape[1]} vector(s) and the "
-                                     f"identity {id_embeds.shape[1]} photo(s): give as many")
-        else:
-            negative_eva = (torch.zeros_like(positive_eva[0]), [torch.zeros_like(level) for level in positive_eva[1]])
-
-        def tokens(arcface: torch.Tensor, eva: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
-            cond = torch.cat([arcface.float().to(device), eva[0].to(device)], dim=-1)
-            return projection(cond.to(projection.dtype), [level.to(device, projection.dtype) for level in eva[1]])
-
-        return tokens(id_embeds, positive_eva), tokens(negative_id_embeds, negative_eva)
-
     def encode_id_tokens(
         self,
         face_image: FaceImages | None,
@@ -714,7 +721,8 @@ class IdentityPipelineMixin(FaceInputMixin):
             negative_id_embeds = torch.zeros_like(positive)
         negative = self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", 1 + per_photo)
         if self.is_pulid:
-            return self._pulid_tokens(positive, negative, eva_photos, negative_face_image, face_index)
+            self.identity_adapter.to(device=self._execution_device, dtype=self.unet.dtype)
+            return self.pulid_tokens(projection, positive, negative, eva_photos, negative_face_image, face_index)
         if per_photo:
             check_portrait_faces(positive.shape[1])
             if negative.shape[1] != positive.shape[1]:

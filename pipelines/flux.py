@@ -1,0 +1,432 @@
+"""``IDFluxPipeline``: FLUX.1 with an identity, from PuLID-FLUX or InfiniteYou.
+
+diffusers' ``FluxPipeline`` runs the loop; the identity enters through hooks that exist only
+during this pipeline's own calls. One stateful diffusers hook on the transformer learns from the
+pipeline's ``cache_context`` whether a call is the conditional or the true-CFG negative one, and
+sets that branch's identity: PuLID-FLUX's tokens for the cross-attention that follows its blocks
+(forward hooks on those blocks), or InfiniteYou's InfuseNet residuals (the transformer's own
+``controlnet_block_samples`` arguments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+
+from idgen.adapters import resolve_checkpoint_file
+from idgen.adapters.flux import (
+    INFINITEYOU_WEIGHT_NAME,
+    INFUSENET_FOLDER,
+    PuLIDFluxAdapter,
+    infiniteyou_projection,
+    is_infiniteyou,
+    is_pulid_flux,
+    pulid_flux_adapter,
+)
+from idgen.adapters.loading import read_checkpoint
+from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
+from idgen.faces import ImageInput, draw_kps, load_image
+
+from .identity import FaceImages, IDScale, PuLIDInputMixin, id_window, layer_id_scales
+
+_HOOK_NAME = "idgen_identity"
+#: InfiniteYou's residual groups, the names its per-block ``id_scale`` takes ("double", "single").
+_INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
+#: Short block names accepted in an ``id_scale`` dict.
+_FLUX_ALIASES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
+class _Branch(BaseState):
+    def reset(self) -> None:
+        pass
+
+
+class _BranchHook(ModelHook):
+    """Calls ``before(negative, kwargs)`` ahead of each transformer call, ``negative`` being whether
+    the pipeline runs it in its ``"uncond"`` cache context (true CFG's negative prompt)."""
+
+    _is_stateful = True
+
+    def __init__(self, before):
+        super().__init__()
+        self.state_manager = StateManager(_Branch)
+        self.before = before
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        context = self.state_manager._context
+        return args, self.before(context is not None and context.name == "uncond", kwargs)
+
+
+class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
+    """FLUX.1 with an identity adapter: PuLID-FLUX or InfiniteYou (``load_identity_adapter``),
+    called like the other idgen pipelines (``face_image=``, ``id_embeds=``, ``id_scale=``)."""
+
+    identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = None
+    adapter_format: str | None = None
+    #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``).
+    infusenet: FluxControlNetModel | None = None
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                         image_encoder, feature_extractor)
+        if vae is not None:  # FluxPipeline assumes 1024 px; the VAE's own size serves any base
+            self.default_sample_size = self.vae.config.sample_size // self.vae_scale_factor
+
+    @property
+    def is_pulid(self) -> bool:
+        return self.adapter_format == "pulid_flux"
+
+    @property
+    def raw_id_embeds(self) -> bool:  # PuLID reads antelopev2's raw vectors; InfiniteYou unit ones
+        return self.is_pulid
+
+    @property
+    def per_photo_id_embeds(self) -> bool:  # PuLID's IDFormer reads each photo; InfiniteYou one vector
+        return self.is_pulid
+
+    def _identity_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.identity_adapter, self.infusenet, self.eva_encoder, self.face_parser) if m is not None]
+
+    def to(self, *args: Any, **kwargs: Any):
+        """diffusers' ``to``, the identity modules going with the transformer."""
+        super().to(*args, **kwargs)
+        for module in self._identity_modules():
+            module.to(self.transformer.device, None if module is self.face_parser else self.transformer.dtype)
+        return self
+
+    # ---------------------------------------------------------------- loading
+    def load_identity_adapter(
+        self,
+        pretrained_model_name_or_path_or_file: str | os.PathLike | dict,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        image_encoder: Any = None,
+        face_parser: Any = None,
+        infusenet: FluxControlNetModel | str | None = None,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load PuLID-FLUX (``guozinan/PuLID``, ``weight_name="pulid_flux_v0.9.1.safetensors"``) or
+        InfiniteYou (``ByteDance/InfiniteYou``, ``subfolder="infu_flux_v1.0/aes_stage2"``; its
+        ``image_proj_model.bin`` by default) from a hub id, a folder, a file or a state dict; the
+        format comes from the keys. The modules take the transformer's device and dtype.
+
+        PuLID-FLUX also loads EVA02-CLIP's tower (``image_encoder``) and the face parser
+        (``face_parser``), as the SDXL pipeline does. InfiniteYou also loads InfuseNet
+        (``infusenet``: a ``FluxControlNetModel``, its folder or hub id; default the
+        ``InfuseNetModel`` folder beside the projection file).
+        """
+        if isinstance(pretrained_model_name_or_path_or_file, dict):
+            path, raw = weight_name or "the given state dict", pretrained_model_name_or_path_or_file
+        else:
+            source = os.fspath(pretrained_model_name_or_path_or_file)
+            folder = os.path.join(source, subfolder or "")
+            if weight_name is None and os.path.isfile(os.path.join(folder, INFINITEYOU_WEIGHT_NAME)):
+                weight_name = INFINITEYOU_WEIGHT_NAME
+            if weight_name is None and not os.path.exists(source) and subfolder:  # InfiniteYou's hub layout
+                weight_name = INFINITEYOU_WEIGHT_NAME
+            path = resolve_checkpoint_file(source, weight_name, subfolder, **hub_kwargs)
+            raw = read_checkpoint(path)
+        device, dtype = self.transformer.device, self.transformer.dtype
+        eva = parser = network = None
+        if is_pulid_flux(raw):
+            adapter, format = pulid_flux_adapter(raw, path), "pulid_flux"
+            adapter.positions(self.transformer)
+            eva, parser = self._pulid_encoders(image_encoder, face_parser, device, dtype)
+        elif is_infiniteyou(raw):
+            adapter, format = infiniteyou_projection(raw, path), "infiniteyou"
+            width = self.transformer.config.joint_attention_dim
+            if adapter.config.output_dim != width:
+                raise CheckpointError(f"{path}: InfiniteYou's projection makes {adapter.config.output_dim}-d tokens, "
+                                      f"but this transformer reads {width}-d text: use the adapter made for this base")
+            network = self._load_infusenet(infusenet, pretrained_model_name_or_path_or_file, path, subfolder, hub_kwargs)
+        else:
+            raise CheckpointError(
+                f"{path} is not a FLUX identity adapter: IDFluxPipeline runs PuLID-FLUX (pulid_flux_v0.9.x.safetensors) "
+                "and InfiniteYou (image_proj_model.bin beside InfuseNetModel/); SD1.5 and SDXL adapters load into "
+                "IDStableDiffusionPipeline and IDStableDiffusionXLPipeline")
+        if image_encoder is not None and format != "pulid_flux" or face_parser is not None and format != "pulid_flux":
+            raise ValueError(f"image_encoder= and face_parser= are PuLID's; {path} is {format}: leave them out")
+        if infusenet is not None and format != "infiniteyou":
+            raise ValueError(f"infusenet= is InfiniteYou's; {path} is {format}: leave it out")
+        self.unload_identity_adapter()
+        self.identity_adapter, self.adapter_format = adapter.to(device, dtype).eval(), format
+        self.eva_encoder, self.face_parser, self.infusenet = eva, parser, network
+
+    def _load_infusenet(self, infusenet: Any, source: Any, path: str, subfolder: str | None,
+                        hub_kwargs: dict) -> FluxControlNetModel:
+        if isinstance(infusenet, FluxControlNetModel):
+            network = infusenet
+        else:
+            local = os.path.join(os.path.dirname(path), INFUSENET_FOLDER)
+            if infusenet is None and os.path.isdir(local):
+                where, kwargs = local, {}
+            elif infusenet is None and isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+                where, kwargs = os.fspath(source), dict(subfolder="/".join(filter(None, (subfolder, INFUSENET_FOLDER))))
+            else:
+                where, kwargs = infusenet, {}
+            if where is None:
+                raise ModelNotFoundError(f"InfiniteYou runs InfuseNet, found neither beside {path} ({INFUSENET_FOLDER}/) "
+                                         "nor given: pass infusenet= (its folder, hub id or FluxControlNetModel)")
+            try:
+                network = FluxControlNetModel.from_pretrained(where, **kwargs, **hub_kwargs)
+            except Exception as err:  # missing folder or repo, offline, not a FluxControlNetModel
+                raise ModelNotFoundError(f"could not load InfiniteYou's InfuseNet from {where} ({type(err).__name__}): "
+                                         "pass infusenet= with its InfuseNetModel folder or hub id") from None
+        config, base = network.config, self.transformer.config
+        if config.joint_attention_dim != base.joint_attention_dim or config.attention_head_dim != base.attention_head_dim \
+                or config.num_attention_heads != base.num_attention_heads:
+            raise CheckpointError("InfiniteYou's InfuseNet does not fit this transformer (its width or text width "
+                                  "differ): use the InfuseNet made for this base")
+        return network.to(self.transformer.device, self.transformer.dtype).eval()
+
+    def unload_identity_adapter(self) -> None:
+        """Remove the identity modules: the pipeline is plain FLUX again."""
+        self.identity_adapter = self.adapter_format = self.infusenet = self.eva_encoder = self.face_parser = None
+
+    # ---------------------------------------------------------------- identity tokens
+    @torch.no_grad()
+    def encode_id_tokens(
+        self,
+        face_image: FaceImages | None,
+        id_embeds: torch.Tensor | None,
+        batch_size: int = 1,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Identity tokens, one row per prompt, and the negative ones (PuLID's, for true CFG: its
+        encoder on ``negative_id_embeds``, zeros by default; InfiniteYou has none: None)."""
+        if self.identity_adapter is None:
+            raise RuntimeError("no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating")
+        if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
+            raise ValueError("pass exactly one of face_image= and id_embeds=")
+        if not self.is_pulid and (negative_face_image is not None or negative_id_embeds is not None):
+            raise ValueError("InfiniteYou defines no negative identity (its negative branch runs without InfuseNet): "
+                             "leave negative_face_image= and negative_id_embeds= out")
+        eva_photos = face_image if self.is_pulid else None
+        if eva_photos is not None and id_embeds is not None:
+            face_image = None
+        id_embeds, negative_id_embeds = self.prepare_id_embeds(face_image, id_embeds, negative_face_image,
+                                                               negative_id_embeds, batch_size, face_index, face_weights)
+        device, dtype = self._execution_device, self.transformer.dtype
+        if self.is_pulid:
+            positive = self._batch_id_embeds(id_embeds, batch_size, "id_embeds", 2)
+            negative = torch.zeros_like(positive) if negative_id_embeds is None else \
+                self._batch_id_embeds(negative_id_embeds, batch_size, "negative_id_embeds", 2)
+            with self._on(device, self.identity_adapter, self.eva_encoder, self.face_parser):
+                tokens = self.pulid_tokens(self.identity_adapter.pulid_encoder, positive, negative, eva_photos,
+                                           negative_face_image, face_index)
+            return tokens[0].to(dtype), tokens[1].to(dtype)
+        projection = self.identity_adapter
+        id_embeds = self._batch_id_embeds(id_embeds, batch_size, "id_embeds")
+        if id_embeds.shape[-1] != projection.id_embed_dim:
+            raise ValueError(f"id_embeds must be {projection.id_embed_dim}-d ArcFace vectors, got {tuple(id_embeds.shape)}")
+        with self._on(device, projection):
+            return projection(id_embeds.to(device, projection.dtype)[:, None]).to(dtype), None
+
+    @contextlib.contextmanager
+    def _on(self, device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
+        """``modules`` on ``device`` inside the block, back where they were after (CPU offload)."""
+        places = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module, place in zip(modules, places):
+                module.to(place)
+
+    def kps_control(self, control_image: ImageInput | None, width: int, height: int, face_index: int = 0):
+        """InfiniteYou's InfuseNet condition: the keypoints of ``control_image``'s face (its
+        ``face_index``-th largest) drawn on black at the output size, the photo fitted inside it on
+        white; a black image without one (the reference's)."""
+        from PIL import Image
+
+        if control_image is None:
+            return Image.new("RGB", (width, height))
+        photo = load_image(control_image, self.max_pixels)
+        scale = min(width / photo.width, height / photo.height)
+        size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(photo.resize(size, Image.LANCZOS), ((width - size[0]) // 2, (height - size[1]) // 2))
+        faces = self.face_analyzer.analyze(canvas)
+        if len(faces) <= face_index:
+            raise NoFaceError(f"control_image has {len(faces)} face(s): InfuseNet's control needs a face to pose the "
+                              "person (or leave control_image= out)")
+        return draw_kps((width, height), np.asarray(faces[face_index].kps))
+
+    def _control_latents(self, image, batch: int, generator, device: torch.device) -> torch.Tensor:
+        """The control image as InfuseNet reads it: VAE-encoded (sampled), shifted, scaled, packed."""
+        pixels = FluxControlNetPipeline.prepare_image(self, image, image.width, image.height, batch, 1, device,
+                                                      self.vae.dtype)
+        latents = retrieve_latents(self.vae.encode(pixels), generator=generator)
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return self._pack_latents(latents, batch, latents.shape[1], latents.shape[2], latents.shape[3])
+
+    # ---------------------------------------------------------------- calling
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale = 1.0,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        id_start_step: int = 0,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        control_image: ImageInput | None = None,
+        infusenet_conditioning_scale: float = 1.0,
+        infusenet_guidance_start: float = 0.0,
+        infusenet_guidance_end: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        """FluxPipeline's call with the identity of ``face_image`` (one photo, several of one person,
+        or one per prompt) or ``id_embeds``.
+
+        ``id_scale``: a float, or per block a dict (``"double"``, ``"single"`` or a block prefix such
+        as ``"transformer_blocks.4"``). The identity acts at the steps inside
+        ``id_guidance_start/end`` (fractions of the loop) from step ``id_start_step`` on (PuLID's
+        "timestep to start inserting ID"). True CFG (``true_cfg_scale`` > 1 with
+        ``negative_prompt``) gives PuLID's negative branch its unconditional identity
+        (``negative_face_image`` / ``negative_id_embeds``, zeros by default) and InfiniteYou's none.
+
+        InfiniteYou: ``control_image`` poses the face (its keypoints; black without one);
+        InfuseNet's residuals are scaled by ``infusenet_conditioning_scale`` times ``id_scale`` and
+        act where both ``infusenet_guidance_start/end`` and the identity window allow.
+        """
+        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
+            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0 or not 0.0 <= infusenet_guidance_start < infusenet_guidance_end <= 1.0:
+            raise ValueError("need 0 <= start < end <= 1 for id_guidance_start/end and infusenet_guidance_start/end")
+        if id_start_step < 0:
+            raise ValueError(f"id_start_step counts loop steps from 0, got {id_start_step}")
+        if self.adapter_format != "infiniteyou" and (control_image is not None or infusenet_conditioning_scale != 1.0
+                                                     or (infusenet_guidance_start, infusenet_guidance_end) != (0.0, 1.0)):
+            raise ValueError("control_image= and infusenet_* are InfiniteYou's: this pipeline has no InfuseNet loaded")
+        batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
+        if prompt is None and kwargs.get("prompt_embeds") is not None:
+            batch_size = len(kwargs["prompt_embeds"])
+        tokens, negative_tokens = self.encode_id_tokens(face_image, id_embeds, batch_size, face_index, face_weights,
+                                                        negative_face_image, negative_id_embeds)
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        control = None
+        if self.adapter_format == "infiniteyou":
+            with self._on(self._execution_device, self.vae):
+                control = self._control_latents(self.kps_control(control_image, width, height, face_index),
+                                                batch_size * num_images_per_prompt, generator, self._execution_device)
+        window = (max(id_guidance_start, infusenet_guidance_start), min(id_guidance_end, infusenet_guidance_end)) \
+            if control is not None else (id_guidance_start, id_guidance_end)
+        with self.identity_conditioning(tokens, negative_tokens, num_images_per_prompt, id_scale, *window,
+                                        id_start_step, control, infusenet_conditioning_scale):
+            output = super().__call__(prompt=prompt, height=height, width=width,
+                                      num_images_per_prompt=num_images_per_prompt, generator=generator,
+                                      output_type=output_type, return_dict=return_dict, **kwargs)
+        return self._watermarked(output, output_type)
+
+    @contextlib.contextmanager
+    def identity_conditioning(
+        self,
+        tokens: torch.Tensor,
+        negative_tokens: torch.Tensor | None,
+        num_images_per_prompt: int = 1,
+        id_scale: IDScale = 1.0,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        id_start_step: int = 0,
+        control: torch.Tensor | None = None,
+        infusenet_conditioning_scale: float = 1.0,
+    ) -> Iterator[None]:
+        """Condition the transformer on the identity while the block runs; plain again after."""
+        tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_tokens is not None:
+            negative_tokens = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        state = {"step": -1, "tokens": None}
+        transformer = self.transformer
+
+        def acting(step: int) -> bool:
+            return step >= id_start_step and id_window(step, max(self.num_timesteps, 1), id_guidance_start,
+                                                       id_guidance_end)
+
+        handles, modules = [], []
+        if self.adapter_format == "pulid_flux":
+            adapter = self.identity_adapter
+            names = adapter.positions(transformer)
+            scales = layer_id_scales(names, id_scale, _FLUX_ALIASES)
+            modules.append(adapter)
+
+            def after_block(ca, scale):
+                def hook(module, args, output):
+                    if state["tokens"] is None or scale == 0.0:
+                        return output
+                    text, image = output
+                    return text, image + scale * ca(state["tokens"], image)
+                return hook
+
+            for name, ca in zip(names, adapter.pulid_ca):
+                handles.append(transformer.get_submodule(name).register_forward_hook(after_block(ca, scales[name])))
+
+            def before(negative: bool, kwargs: dict) -> dict:
+                if not negative:
+                    state["step"] += 1
+                state["tokens"] = (negative_tokens if negative else tokens) if acting(state["step"]) else None
+                return kwargs
+        else:
+            network = self.infusenet
+            scales = layer_id_scales(list(_INFUSENET_GROUPS), id_scale, _FLUX_ALIASES)
+            modules.append(network)
+            text_ids = torch.zeros(tokens.shape[1], 3, device=tokens.device, dtype=tokens.dtype)
+
+            def before(negative: bool, kwargs: dict) -> dict:
+                if not negative:
+                    state["step"] += 1
+                if negative or not acting(state["step"]):
+                    return kwargs
+                guidance = None
+                if network.config.guidance_embeds:  # the reference's InfuseNet guidance: 1
+                    guidance = torch.ones(len(tokens), device=tokens.device, dtype=torch.float32)
+                double, single = network(
+                    hidden_states=kwargs["hidden_states"], controlnet_cond=control.to(kwargs["hidden_states"].dtype),
+                    conditioning_scale=infusenet_conditioning_scale, timestep=kwargs["timestep"], guidance=guidance,
+                    pooled_projections=kwargs["pooled_projections"], encoder_hidden_states=tokens,
+                    txt_ids=text_ids, img_ids=kwargs["img_ids"], joint_attention_kwargs=kwargs.get("joint_attention_kwargs"),
+                    return_dict=False)
+                scale_double, scale_single = (scales[group] for group in _INFUSENET_GROUPS)
+                return dict(kwargs, controlnet_block_samples=None if double is None else [s * scale_double for s in double],
+                            controlnet_single_block_samples=None if single is None else [s * scale_single for s in single],
+                            controlnet_blocks_repeat=network.input_hint_block is not None)
+
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(_BranchHook(before), _HOOK_NAME)
+        try:
+            with self._on(self._execution_device, *modules):
+                yield
+        finally:
+            registry.remove_hook(_HOOK_NAME, recurse=False)
+            for handle in handles:
+                handle.remove()
+
+
+__all__ = ["IDFluxPipeline"]
