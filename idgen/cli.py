@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _steps(text: str) -> int:
     value = _positive_int(text)
     if value > 1000:
@@ -94,8 +101,9 @@ def _strength(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
-                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl', 'tiny-photomaker', 'tiny-pulid' or 'tiny-arc2face' (offline presets), "
-                        "a hub id or a local diffusers folder; SD1.5 or SDXL is read from it")
+                        help="base model: 'tiny', 'tiny-sdxl', 'tiny-faceid-sdxl', 'tiny-photomaker', 'tiny-pulid', 'tiny-flux', "
+                        "'tiny-infiniteyou' or 'tiny-arc2face' (offline presets), a hub id or a local diffusers folder; "
+                        "SD1.5, SDXL or FLUX.1 is read from it")
     parser.add_argument("--adapter", default=None,
                         help=f"identity adapter: hub id, folder or file (default: {METHODS['faceid'].default_adapter} for "
                         f"SD1.5, {METHODS['instantid'].default_adapter} for SDXL; the preset's for the tiny bases); "
@@ -116,6 +124,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PuLID: zero identity tokens; more gives more editable, less alike faces (default 20; v1: 8)")
     parser.add_argument("--ortho", choices=("off", "v1", "v2"), default=None,
                         help="PuLID: keep only the identity's part orthogonal to the prompt's (v1), or weigh it (v2, default)")
+    parser.add_argument("--infusenet", default=None, metavar="PATH",
+                        help="InfiniteYou: its InfuseNet, a folder or hub id (default: InfuseNetModel/ beside the adapter)")
+    parser.add_argument("--id-start-step", type=_non_negative_int, default=0, metavar="N",
+                        help="FLUX: loop steps before the identity joins (PuLID-FLUX: 0 realistic, 4 stylised)")
+    parser.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="X",
+                        help="FLUX: true classifier-free guidance with --negative-prompt when above 1 (then set --guidance 1)")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
     parser.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
@@ -511,9 +525,12 @@ def run_generate(args: argparse.Namespace) -> None:
     id_embeds = session.people(args.face) if args.people else session.identity(args.face)
     negative_id_embeds = session.identity(args.negative_face, args.negative_face_index) if args.negative_face else None
     identitynet = session.identitynet is not None
-    if args.kps_image and not identitynet and not args.people:
-        raise IDGenError("--kps-image needs InstantID's IdentityNet (use an SDXL base with --adapter InstantX/InstantID), "
-                         "or --people to place several people around its faces")
+    infusenet = method.checkpoint_format == "infiniteyou"  # InfiniteYou's InfuseNet reads the pose like IdentityNet
+    if args.kps_image and not (identitynet or infusenet) and not args.people:
+        raise IDGenError("--kps-image needs InstantID's IdentityNet (use an SDXL base with --adapter InstantX/InstantID) "
+                         "or InfiniteYou's InfuseNet, or --people to place several people around its faces")
+    if method.family == "flux" and (args.people or args.id_fusion or args.fix_faces):
+        raise IDGenError("--people, --id-fusion and --fix-faces run on SD1.5 and SDXL bases; a FLUX base makes one person")
     pipe = session.load()
 
     identity = dict(session.clip_inputs(pipe, args.face, people=args.people), id_embeds=id_embeds)
@@ -540,6 +557,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if identitynet:
         call.update(kps_image=kps_image, face_index=session.options.face_index,
                     controlnet_conditioning_scale=args.identitynet_scale)
+    if infusenet:  # posed like --kps-image when given, else free (the reference's black control)
+        call.update(control_image=args.kps_image)
     result = pipe(**call)
     settings = dict(
         prompt=args.prompt if method.uses_prompt else None,
@@ -551,7 +570,8 @@ def run_generate(args: argparse.Namespace) -> None:
         id_fusion=args.id_fusion, recover_words=args.recover_words,
         negative_faces=", ".join(args.negative_face) if args.negative_face else None,
         negative_face_index=args.negative_face_index if args.negative_face else None,
-        kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else None,
+        kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else
+        args.kps_image if infusenet else None,
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
     fix_identity, fix_regions = identity, None

@@ -288,10 +288,10 @@ def tiny_flux_pipeline(seed: int = 0):
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=1,
                         norm_num_groups=8, sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.1159, scaling_factor=0.3611)
-    text_encoder = CLIPTextModel(tiny_text_encoder(tokenizer).config)
+    text_encoder = CLIPTextModel(tiny_text_encoder(tokenizer).config).eval()
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                             eos_token_id=1, decoder_start_token_id=0))
+                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return IDFluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

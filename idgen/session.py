@@ -30,6 +30,7 @@ DEFAULT_FACE_PACK = "buffalo_l"
 FACEID_REPO = "h94/IP-Adapter-FaceID"
 INSTANTID_REPO = "InstantX/InstantID"
 INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
+INFINITEYOU_REPO = "ByteDance/InfiniteYou"
 
 
 def _is_arc2face(adapter: str, weight_name: str | None) -> bool:
@@ -59,6 +60,12 @@ def _is_pulid(adapter: str, weight_name: str | None) -> bool:
     return "pulid" in f"{adapter}/{weight_name or ''}".lower()
 
 
+def _is_infiniteyou(adapter: str, weight_name: str | None) -> bool:
+    """InfiniteYou's layout: its hub repo, or a folder with ``InfuseNetModel/`` beside the projection."""
+    folder = os.path.dirname(adapter) if os.path.isfile(adapter) else adapter
+    return "infiniteyou" in adapter.lower() or os.path.isdir(os.path.join(folder, "InfuseNetModel"))
+
+
 def _is_photomaker(adapter: str, weight_name: str | None) -> bool:
     return "photomaker" in f"{adapter}/{weight_name or ''}".lower()
 
@@ -69,7 +76,7 @@ class Method:
     (those of its reference implementation)."""
 
     name: str  # recorded in the images' metadata
-    family: str  # "sd15", "sdxl" or "arc2face": the base models it runs on
+    family: str  # "sd15", "sdxl", "flux" or "arc2face": the base models it runs on
     pipeline: str  # class name in idgen.pipelines
     recognises: Callable[[str, str | None], bool]  # (adapter, weight_name) -> is this method's
     checkpoint_format: str | None = None  # adapters.detect_format's name for its checkpoints
@@ -86,6 +93,11 @@ class Method:
     face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
     prompt_identity: bool = False  # the identity enters the prompt (PhotoMaker): no id_scale, no negative identity
     face_eva: bool = False  # also EVA02-CLIP features of the parsed face (PuLID), read from the photos
+
+    @property
+    def pulid_attention(self) -> bool:
+        """Whether it takes PuLID's UNet attention settings (num_zero, ortho): PuLID on SDXL."""
+        return self.checkpoint_format in ("pulid", "pulid_v1")
 
 
 #: Identity methods, in the order they are tried; the last of each family is its fallback.
@@ -116,6 +128,13 @@ METHODS: dict[str, Method] = {
                default_weight_name="photomaker-v2.bin", raw_id_embeds=True, per_photo=True, prompt_identity=True),
         Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
                default_weight_name="ip-adapter-faceid_sdxl.bin"),
+        # FLUX.1: each reference demo's settings (PuLID-FLUX: 20 steps, guidance 4; InfiniteYou: 30, 3.5)
+        Method("infiniteyou", "flux", "IDFluxPipeline", _is_infiniteyou, "infiniteyou", steps=30, guidance=3.5,
+               face_pack="antelopev2", default_adapter=INFINITEYOU_REPO,
+               default_weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin"),
+        Method("pulid-flux", "flux", "IDFluxPipeline", _is_pulid, "pulid_flux", steps=20, guidance=4.0,
+               face_pack="antelopev2", default_weight_name="pulid_flux_v0.9.1.safetensors", raw_id_embeds=True,
+               per_photo=True, face_eva=True),
     )
 }
 
@@ -133,6 +152,9 @@ class SessionOptions:
     face_parser: str | None = None  # PuLID's face parser, facexlib's parsing_bisenet.pth (default: its release)
     num_zero: int | None = None  # PuLID: zero identity tokens (default 20; v1: 8)
     ortho: str | None = None  # PuLID: "off", "v1" or "v2" (default v2)
+    infusenet: str | None = None  # InfiniteYou's InfuseNet folder or hub id (default: beside its projection)
+    id_start_step: int = 0  # FLUX: loop steps before the identity joins (PuLID-FLUX's "start step")
+    true_cfg_scale: float = 1.0  # FLUX: true classifier-free guidance with the negative prompt when > 1
     face_model: str | None = None
     detector: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -167,15 +189,16 @@ def check_id_window(start: float, end: float) -> None:
         raise IDGenError(f"--id-start ({start}) must be below --id-end ({end})")
 
 
-def is_sdxl(base: str) -> bool:
-    """Whether a base model (hub id or folder) is SDXL, from its model_index.json."""
+def base_family(base: str) -> str:
+    """"flux", "sdxl" or "sd15": a base model's (hub id or folder) family, from its model_index.json."""
     from diffusers import DiffusionPipeline
 
     try:
         config = DiffusionPipeline.load_config(base)
     except Exception as err:  # offline, missing repo, bad folder
         raise _base_model_error(base, err) from None
-    return "XL" in config.get("_class_name", "")
+    name = config.get("_class_name", "")
+    return "flux" if "Flux" in name else "sdxl" if "XL" in name else "sd15"
 
 
 def _base_model_error(base: str, err: Exception) -> ModelNotFoundError:
@@ -200,7 +223,7 @@ def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> t
     arc2face = METHODS["arc2face"]
     if adapter is not None and arc2face.recognises(adapter, weight_name):
         return arc2face, adapter, weight_name
-    family = [m for m in METHODS.values() if m.family == ("sdxl" if is_sdxl(base) else "sd15")]
+    family = [m for m in METHODS.values() if m.family == base_family(base)]
     if adapter is None:
         method = next(m for m in family if m.default_adapter)
         adapter = method.default_adapter
@@ -208,6 +231,8 @@ def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> t
         method = next((m for m in family if m.recognises(adapter, weight_name)), family[-1])
     if weight_name is None and method.recognises(adapter, None):
         weight_name = method.default_weight_name
+        if weight_name and os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, weight_name)):
+            weight_name = os.path.basename(weight_name)  # a folder holding the file itself (InfiniteYou's model folder)
     return method, adapter, weight_name
 
 
@@ -283,6 +308,8 @@ class Session:
         if self.adapter_file is not None:
             if self.method.face_eva:  # PuLID loads its EVA tower and face parser from files, folders or their repos
                 extra = {"image_encoder": self.options.image_encoder, "face_parser": self.options.face_parser}
+            elif self.method.checkpoint_format == "infiniteyou":  # and InfuseNet, from beside it unless given
+                extra = {"infusenet": self.options.infusenet}
             else:
                 extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
             if self.adapter_state is not None:
@@ -396,8 +423,10 @@ class Session:
         elif self.method.uses_prompt:
             call.update(prompt=prompt, id_scale=self.id_scale, id_guidance_start=self.options.id_start,
                         id_guidance_end=self.options.id_end)
-        if self.method.face_eva:
+        if self.method.pulid_attention:
             call.update(zip(("num_zero", "ortho"), self.pulid_settings))
+        if self.method.family == "flux":
+            call.update(id_start_step=self.options.id_start_step, true_cfg_scale=self.options.true_cfg_scale)
         return call
 
     def generators(self, seed: int, count: int) -> list:
@@ -413,7 +442,8 @@ class Session:
         meta = {"seed": str(seed), **self.metadata()}
         meta.update({key: str(value) for key, value in settings.items() if value is not None})
         scheduler = type(pipe.scheduler).__name__ + (f" ({self.options.scheduler})" if self.options.scheduler else "")
-        meta.update(scheduler=scheduler, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        denoiser = pipe.transformer if self.method.family == "flux" else pipe.unet
+        meta.update(scheduler=scheduler, dtype=str(denoiser.dtype).removeprefix("torch."),
                     device=str(pipe.device))
         return meta
 
@@ -445,7 +475,9 @@ class Session:
                if self.method.uses_prompt and not self.method.prompt_identity else {}),  # Arc2Face has neither
             **({"trigger_word": self.options.trigger_word, "start_merge_step": str(self.start_merge_step)}
                if self.method.prompt_identity else {}),
-            **(dict(zip(("num_zero", "ortho"), map(str, self.pulid_settings))) if self.method.face_eva else {}),
+            **(dict(zip(("num_zero", "ortho"), map(str, self.pulid_settings))) if self.method.pulid_attention else {}),
+            **({"id_start_step": str(self.options.id_start_step), "true_cfg_scale": str(self.options.true_cfg_scale)}
+               if self.method.family == "flux" else {}),
             "method": self.method.name,
             "base_model": self.options.base,
             "adapter": self.adapter + (f" ({self.weight_name})" if self.weight_name else ""),
@@ -514,6 +546,8 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
 
         if method.checkpoint_format == "photomaker":
             found = photomaker()
+        elif method.family == "flux":
+            found = _flux_format(adapter_file)
         else:
             try:
                 adapter_state = load_adapter_state_dict(adapter_file)
@@ -527,10 +561,18 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     if options.image_encoder and not (method.face_clip or method.face_eva):
         raise IDGenError(f"--image-encoder is FaceID-Plus's and PuLID's; the {method.name} adapter {adapter} runs "
                          "without it: leave it out")
-    for flag, value in (("--face-parser", options.face_parser), ("--num-zero", options.num_zero), ("--ortho", options.ortho)):
-        if value is not None and not method.face_eva:
-            raise IDGenError(f"{flag} is PuLID's; the {method.name} adapter {adapter} runs without it: leave it out")
-    if method.face_eva:  # a bad --num-zero fails now, not after the base model loads
+    if options.face_parser is not None and not method.face_eva:
+        raise IDGenError(f"--face-parser is PuLID's; the {method.name} adapter {adapter} runs without it: leave it out")
+    for flag, value in (("--num-zero", options.num_zero), ("--ortho", options.ortho)):
+        if value is not None and not method.pulid_attention:
+            raise IDGenError(f"{flag} is PuLID's on SDXL; the {method.name} adapter {adapter} runs without it: leave it out")
+    for flag, given, owner in (("--infusenet", options.infusenet is not None, "infiniteyou"),
+                               ("--id-start-step", options.id_start_step != 0, "flux"),
+                               ("--true-cfg-scale", options.true_cfg_scale != 1.0, "flux")):
+        if given and owner not in (method.family, method.checkpoint_format):
+            raise IDGenError(f"{flag} is {'InfiniteYou' if owner == 'infiniteyou' else 'FLUX'}'s; the {method.name} "
+                             f"adapter {adapter} runs without it: leave it out")
+    if method.pulid_attention:  # a bad --num-zero fails now, not after the base model loads
         from .adapters.pulid import pulid_settings
 
         try:
@@ -547,6 +589,21 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
                    random_parts, signer, loras, adapter_state)
 
 
+def _flux_format(adapter_file: str) -> str:
+    """"pulid_flux" or "infiniteyou", from the file's keys; an SD adapter on a FLUX base fails here."""
+    from .adapters.flux import is_infiniteyou, is_pulid_flux
+    from .adapters.loading import read_checkpoint
+
+    raw = read_checkpoint(adapter_file)
+    if is_pulid_flux(raw):
+        return "pulid_flux"
+    if is_infiniteyou(raw):
+        return "infiniteyou"
+    raise IDGenError(f"{adapter_file} is not a FLUX identity adapter: a FLUX base runs PuLID-FLUX "
+                     "(pulid_flux_v0.9.1.safetensors) and InfiniteYou (ByteDance/InfiniteYou); SD1.5 and SDXL adapters "
+                     "need their own --base")
+
+
 def check_timesteps(timesteps: Sequence[int], steps: int | None) -> None:
     """``--timesteps``: integers, strictly decreasing, not below 0, agreeing with ``--steps``."""
     if min(timesteps) < 0 or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
@@ -561,7 +618,7 @@ def compile_models(pipe) -> None:
     attention included; channels-last on CUDA. The first call waits for the compiler."""
     import torch
 
-    for model in (pipe.unet, getattr(pipe, "controlnet", None)):
+    for model in (getattr(pipe, "unet", None) or pipe.transformer, getattr(pipe, "controlnet", None)):
         if model is None:
             continue
         if model.device.type == "cuda":

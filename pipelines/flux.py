@@ -250,22 +250,21 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
 
     def kps_control(self, control_image: ImageInput | None, width: int, height: int, face_index: int = 0):
         """InfiniteYou's InfuseNet condition: the keypoints of ``control_image``'s face (its
-        ``face_index``-th largest) drawn on black at the output size, the photo fitted inside it on
-        white; a black image without one (the reference's)."""
+        ``face_index``-th largest) where they fall once the photo is fitted, centred, into the
+        output size (the reference's resize and pad), drawn on black; a black image without one.
+        The face is found in the photo at its own resolution, so small outputs still see it."""
         from PIL import Image
 
         if control_image is None:
             return Image.new("RGB", (width, height))
         photo = load_image(control_image, self.max_pixels)
-        scale = min(width / photo.width, height / photo.height)
-        size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
-        canvas = Image.new("RGB", (width, height), (255, 255, 255))
-        canvas.paste(photo.resize(size, Image.LANCZOS), ((width - size[0]) // 2, (height - size[1]) // 2))
-        faces = self.face_analyzer.analyze(canvas)
+        faces = self.face_analyzer.analyze(photo)
         if len(faces) <= face_index:
             raise NoFaceError(f"control_image has {len(faces)} face(s): InfuseNet's control needs a face to pose the "
                               "person (or leave control_image= out)")
-        return draw_kps((width, height), np.asarray(faces[face_index].kps))
+        scale = min(width / photo.width, height / photo.height)
+        offset = np.array([(width - photo.width * scale) / 2, (height - photo.height * scale) / 2])
+        return draw_kps((width, height), np.asarray(faces[face_index].kps) * scale + offset)
 
     def _control_latents(self, image, batch: int, generator, device: torch.device) -> torch.Tensor:
         """The control image as InfuseNet reads it: VAE-encoded (sampled), shifted, scaled, packed."""

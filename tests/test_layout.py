@@ -76,7 +76,7 @@ def test_face_package_imports_nothing_above_it():
 def test_methods_table_resolves_each_method(monkeypatch, sdxl, adapter, weight_name, method, resolved_weight):
     from idgen import session
 
-    monkeypatch.setattr(session, "is_sdxl", lambda base: sdxl)
+    monkeypatch.setattr(session, "base_family", lambda base: "sdxl" if sdxl else "sd15")
     found, resolved_adapter, resolved = session.resolve_method("some/base", adapter, weight_name)
     assert (found.name, resolved) == (method, resolved_weight)
     assert resolved_adapter == (adapter or found.default_adapter)

@@ -159,10 +159,10 @@ def load_base(config: AdapterTrainConfig):
     """The frozen base pipeline, its identity adapter to train, and the face-pack info."""
     from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
     from idgen.presets import TINY_PRESETS, get_preset
-    from idgen.session import is_sdxl
+    from idgen.session import base_family
 
     base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
-    sdxl = is_sdxl(base)
+    sdxl = base_family(base) == "sdxl"
     if config.adapter_format == "instantid" and not sdxl:
         raise IDGenError(f"adapter_format instantid is an SDXL adapter but base {config.base} is not SDXL: use an SDXL base")
     pipe = (IDStableDiffusionXLPipeline if sdxl else IDStableDiffusionPipeline).from_pretrained(base)
