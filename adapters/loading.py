@@ -127,6 +127,12 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     if groups & PHOTOMAKER_GROUPS:
         raise PhotoMakerCheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load "
                                         "it into IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
+    from .flux import is_infiniteyou, is_pulid_flux
+
+    if is_pulid_flux(raw) or is_infiniteyou(raw):
+        method = "PuLID-FLUX" if is_pulid_flux(raw) else "InfiniteYou"
+        raise CheckpointError(f"{path} is a {method} adapter, made for FLUX.1: load it into IDFluxPipeline with a FLUX "
+                              "base (offline: tiny-flux)")
     if is_pulid(raw):
         return pulid_adapter_state_dict(raw, path)
     if "image_proj" in raw or "ip_adapter" in raw:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,22 @@ def write_lora(unet, path: Path, rank: int = 4, seed: int = 0, fmt: str = "peft"
                           f"{key}.alpha": torch.tensor(float(rank if alpha is None else alpha))})
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return str(path)
+
+
+def reference_modules(monkeypatch, folder: str, package: str, modules: list[str]) -> list[types.ModuleType]:
+    """Modules of a reference package imported from its files, without running its ``__init__``.
+    EVA-CLIP imports helpers from timm and torchvision that only its training and weight
+    initialisation use; they are stood in for while importing (neither installs here)."""
+    pytest.importorskip("einops", reason="the reference's rotary embedding imports einops (pip install einops)")
+    stubs = {"timm": {}, "timm.models": {}, "torchvision": {}, "torchvision.ops": {},
+             "timm.models.layers": dict(drop_path=lambda x, *a: x, to_2tuple=lambda x: x if isinstance(x, tuple) else (x, x),
+                                        trunc_normal_=lambda t, std=1.0: torch.nn.init.normal_(t, std=std)),
+             "torchvision.ops.misc": dict(FrozenBatchNorm2d=None)}
+    for name, attributes in stubs.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    root = types.ModuleType(package)
+    root.__path__ = [folder]
+    monkeypatch.setitem(sys.modules, package, root)
+    return [importlib.import_module(f"{package}.{name}") for name in modules]

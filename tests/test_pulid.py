@@ -3,10 +3,7 @@ attention, on the tiny-pulid preset; parity with the reference code when a local
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.presets import get_preset, random_pulid_state_dict, tiny_eva_tower
 
-from .conftest import FP32_ATOL
+from .conftest import FP32_ATOL, reference_modules
 
 #: Local copies of https://github.com/ToTheBeginning/PuLID and https://github.com/xinntao/facexlib
 #: for the parity tests (skipped without).
@@ -161,35 +158,16 @@ def test_eva_tower_loads_an_official_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- parity
-def _reference(monkeypatch, folder: str, package: str, modules: list[str]) -> list[types.ModuleType]:
-    """Modules of a reference package imported from its files, without running its ``__init__``.
-    EVA-CLIP imports helpers from timm and torchvision that only its training and weight
-    initialisation use; they are stood in for while importing (neither installs here)."""
-    pytest.importorskip("einops", reason="the reference's rotary embedding imports einops (pip install einops)")
-    stubs = {"timm": {}, "timm.models": {}, "torchvision": {}, "torchvision.ops": {},
-             "timm.models.layers": dict(drop_path=lambda x, *a: x, to_2tuple=lambda x: x if isinstance(x, tuple) else (x, x),
-                                        trunc_normal_=lambda t, std=1.0: torch.nn.init.normal_(t, std=std)),
-             "torchvision.ops.misc": dict(FrozenBatchNorm2d=None)}
-    for name, attributes in stubs.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-    root = types.ModuleType(package)
-    root.__path__ = [folder]
-    monkeypatch.setitem(sys.modules, package, root)
-    return [importlib.import_module(f"{package}.{name}") for name in modules]
-
-
 @pytest.mark.skipif(REFERENCE is None, reason="set IDGEN_PULID_REPO to a local copy of ToTheBeginning/PuLID")
-def test_parity_with_the_reference(monkeypatch, pipe):
+def test_parity_with_thereference_modules(monkeypatch, pipe):
     """On the same random weights: EVA02-CLIP's tower (21 blocks, so the reference returns its five
     hidden states), v1.1's IDFormer and v1's IDEncoder, and the UNet with PuLID's attention
     processors in each of its modes against ours, with the same identity tokens."""
     from functools import partial
 
-    eva_vit, transformer = _reference(monkeypatch, os.path.join(REFERENCE, "eva_clip"), "ref_eva_clip",
+    eva_vit, transformer = reference_modules(monkeypatch, os.path.join(REFERENCE, "eva_clip"), "ref_eva_clip",
                                       ["eva_vit_model", "transformer"])
-    encoders, encoders_v1, attention = _reference(monkeypatch, os.path.join(REFERENCE, "pulid"), "ref_pulid",
+    encoders, encoders_v1, attention = reference_modules(monkeypatch, os.path.join(REFERENCE, "pulid"), "ref_pulid",
                                                   ["encoders_transformer", "encoders", "attention_processor"])
     torch.manual_seed(0)
     tower = eva_vit.EVAVisionTransformer(
@@ -264,7 +242,7 @@ def test_parity_with_the_reference(monkeypatch, pipe):
 def test_face_parser_parity_with_facexlib(monkeypatch, tmp_path):
     """facexlib's BiSeNet and ours on the same random weights (with non-trivial batch-norm
     statistics), loaded from a file in its format."""
-    (bisenet,) = _reference(monkeypatch, os.path.join(FACEXLIB, "facexlib", "parsing"), "ref_parsing", ["bisenet"])
+    (bisenet,) = reference_modules(monkeypatch, os.path.join(FACEXLIB, "facexlib", "parsing"), "ref_parsing", ["bisenet"])
     torch.manual_seed(0)
     reference = bisenet.BiSeNet(num_class=19)
     with torch.no_grad():

@@ -1,0 +1,293 @@
+"""FLUX.1 with PuLID-FLUX and InfiniteYou: loading by keys, the identity arguments, errors, the
+CLI, on the tiny-flux and tiny-infiniteyou presets; parity with each reference implementation on
+the same tiny random weights when a local copy of its code is given."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from idgen.adapters.flux import PuLIDFluxAdapter, ca_block_positions, infiniteyou_projection
+from idgen.errors import CheckpointError, NoFaceError
+from idgen.pipelines import IDFluxPipeline, IDStableDiffusionXLPipeline
+from idgen.presets import get_preset, random_infiniteyou, random_pulid_flux_state_dict, tiny_eva_tower, tiny_flux_pipeline
+
+from .conftest import reference_modules
+
+#: Local copies of https://github.com/ToTheBeginning/PuLID and https://github.com/bytedance/InfiniteYou.
+PULID_REFERENCE = os.environ.get("IDGEN_PULID_REPO")
+INFINITEYOU_REFERENCE = os.environ.get("IDGEN_INFINITEYOU_REPO")
+PROMPT = "a photo of a person"
+
+
+@pytest.fixture(scope="module")
+def presets(cache):
+    return get_preset("tiny-flux", root=str(cache)), get_preset("tiny-infiniteyou", root=str(cache))
+
+
+def _load(preset, analyzer) -> IDFluxPipeline:
+    pipe = IDFluxPipeline.from_pretrained(preset.base)
+    extra = dict(image_encoder=preset.image_encoder, face_parser=preset.face_parser) if preset.image_encoder else {}
+    pipe.load_identity_adapter(preset.adapter, **extra)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pulid(presets, analyzer):
+    return _load(presets[0], analyzer)
+
+
+@pytest.fixture(scope="module")
+def infiniteyou(presets, analyzer):
+    return _load(presets[1], analyzer)
+
+
+def run(pipe, **kwargs):
+    kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, **kwargs}
+    return pipe(PROMPT, output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def plain(pipe, **kwargs):
+    return FluxPipeline.__call__(pipe, PROMPT, num_inference_steps=2, height=64, width=64, output_type="latent",
+                                 generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_both_methods_load_by_keys_and_change_the_image(pulid, infiniteyou, astronaut):
+    assert (pulid.adapter_format, infiniteyou.adapter_format) == ("pulid_flux", "infiniteyou")
+    assert pulid.default_sample_size * pulid.vae_scale_factor == 128  # the VAE's size, not FLUX's 1024 on a tiny base
+    for pipe in (pulid, infiniteyou):
+        first = run(pipe, face_image=astronaut)
+        assert torch.equal(first, run(pipe, face_image=astronaut))  # the same call twice
+        assert not torch.allclose(first, plain(pipe), atol=1e-3)
+    assert torch.equal(run(pulid, face_image=astronaut, id_scale=0.0), plain(pulid))
+    assert pulid.transformer._diffusers_hook.get_hook("idgen_identity") is None  # plain again after the call
+
+
+def test_pulid_scales_windows_and_true_cfg(pulid, astronaut):
+    full = run(pulid, face_image=astronaut)
+    double = run(pulid, face_image=astronaut, id_scale={"double": 1.0})
+    assert not torch.allclose(double, full, atol=1e-4) and not torch.allclose(double, plain(pulid), atol=1e-4)
+    assert torch.equal(run(pulid, face_image=astronaut, id_scale={"double": 1.0, "single": 1.0}), full)
+    assert torch.equal(run(pulid, face_image=astronaut, id_start_step=2), plain(pulid))  # 2 steps: never joins
+    late = run(pulid, face_image=astronaut, id_start_step=1)
+    assert not torch.allclose(late, full, atol=1e-4) and not torch.allclose(late, plain(pulid), atol=1e-4)
+    assert torch.equal(run(pulid, face_image=astronaut, id_guidance_start=0.5), late)  # the same step, as a fraction
+    cfg = dict(negative_prompt="blurry", true_cfg_scale=3.0)
+    zero_negative = run(pulid, face_image=astronaut, **cfg)
+    assert not torch.allclose(zero_negative, full, atol=1e-4)
+    assert not torch.allclose(run(pulid, face_image=astronaut, negative_face_image=astronaut, **cfg), zero_negative,
+                              atol=1e-4)  # the negative identity acts in the negative branch
+    with pytest.raises(ValueError, match="use double, single or a layer prefix"):
+        run(pulid, face_image=astronaut, id_scale={"down": 1.0})
+    with pytest.raises(ValueError, match="InfiniteYou's"):
+        run(pulid, face_image=astronaut, infusenet_conditioning_scale=0.5)
+
+
+def test_several_photos_and_one_identity_per_prompt(pulid, astronaut, group_photo):
+    two = pulid([PROMPT, PROMPT], face_image=[astronaut, group_photo], num_inference_steps=2, height=64, width=64,
+                output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert not torch.allclose(two[0], two[1], atol=1e-4)  # the same noise seed per row would not tell them apart...
+    one = run(pulid, face_image=[astronaut, group_photo])  # ...several photos of one person read together
+    assert one.shape == two[:1].shape and not torch.allclose(one, run(pulid, face_image=astronaut), atol=1e-4)
+
+
+def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
+    free = run(infiniteyou, face_image=astronaut)
+    posed = run(infiniteyou, face_image=astronaut, control_image=astronaut)
+    assert not torch.allclose(free, posed, atol=1e-4)
+    control = infiniteyou.kps_control(astronaut, 96, 64)  # a square photo fitted into a wide frame, centred
+    lit = np.argwhere(np.asarray(control).max(axis=2) > 0)
+    assert control.size == (96, 64) and 16 <= lit[:, 1].min() and lit[:, 1].max() < 80
+    weak = run(infiniteyou, face_image=astronaut, infusenet_conditioning_scale=0.3)
+    assert not torch.allclose(weak, free, atol=1e-4)
+    assert torch.allclose(run(infiniteyou, face_image=astronaut, id_scale=0.3), weak, atol=1e-5)
+    assert not torch.allclose(run(infiniteyou, face_image=astronaut, infusenet_guidance_end=0.5), free, atol=1e-4)
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), (90, 90, 90)).save(blank)
+    with pytest.raises(NoFaceError, match="control_image has 0 face"):
+        run(infiniteyou, face_image=astronaut, control_image=blank)
+    with pytest.raises(ValueError, match="InfiniteYou defines no negative identity"):
+        run(infiniteyou, face_image=astronaut, negative_face_image=astronaut)
+
+
+def test_wrong_checkpoints_fail_with_one_line(pulid, presets, cache, tmp_path):
+    with pytest.raises(CheckpointError, match="is not a FLUX identity adapter"):
+        pulid.load_identity_adapter(get_preset("tiny-sdxl", root=str(cache)).adapter + "/ip-adapter.bin")
+    sdxl = IDStableDiffusionXLPipeline.from_pretrained(get_preset("tiny-sdxl", root=str(cache)).base, controlnet=None)
+    for adapter in (presets[0].adapter, os.path.join(presets[1].adapter, "image_proj_model.bin")):
+        with pytest.raises(CheckpointError, match="IDFluxPipeline"):
+            sdxl.load_identity_adapter(adapter)
+    deeper = tiny_flux_pipeline(0)
+    deeper.transformer = type(deeper.transformer)(**{**deeper.transformer.config, "num_layers": 5})
+    state = random_pulid_flux_state_dict(deeper.transformer, tiny_eva_tower(0))
+    with pytest.raises(CheckpointError, match="has 5 cross-attention blocks, but a transformer with 3 double"):
+        pulid.load_identity_adapter(state)
+    assert pulid.adapter_format == "pulid_flux"  # the loaded adapter is kept
+    with pytest.raises(ValueError, match="infusenet= is InfiniteYou's"):
+        pulid.load_identity_adapter(presets[0].adapter, infusenet="somewhere", image_encoder=presets[0].image_encoder,
+                                    face_parser=presets[0].face_parser)
+
+
+def test_save_pretrained_writes_the_plain_base(pulid, tmp_path):
+    pulid.save_pretrained(tmp_path / "saved")
+    again = FluxPipeline.from_pretrained(tmp_path / "saved")
+    for name, tensor in pulid.transformer.state_dict().items():
+        assert torch.equal(again.transformer.state_dict()[name], tensor), name
+    assert not any("pulid" in name for name in os.listdir(tmp_path / "saved"))
+
+
+def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
+    from PIL import Image
+
+    from idgen.cli import main
+
+    common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]
+    out = tmp_path / "flux.png"
+    assert main(["generate", "--base", "tiny-flux", *common, "--id-start-step", "1", "--out", str(out)]) == 0
+    meta = Image.open(out).text
+    assert (meta["method"], meta["id_start_step"], meta["steps"], meta["guidance"]) == ("pulid-flux", "1", "2", "4.0")
+    assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
+    assert main(["generate", "--base", "tiny-infiniteyou", *common, "--kps-image", str(astronaut), "--out", str(out)]) == 0
+    assert (Image.open(out).text["method"], Image.open(out).text["kps_image"]) == ("infiniteyou", str(astronaut))
+    assert main(["generate", "--base", "tiny-flux", *common, "--num-zero", "4", "--out", str(out)]) == 2
+    assert "--num-zero is PuLID's on SDXL" in capsys.readouterr().err
+    assert main(["generate", "--base", "tiny-sdxl", *common, "--id-start-step", "2", "--out", str(out)]) == 2
+    assert "--id-start-step is FLUX's" in capsys.readouterr().err
+    sdxl_adapter = get_preset("tiny-faceid-sdxl", root=str(cache)).adapter
+    assert main(["generate", "--base", "tiny-flux", "--adapter", sdxl_adapter, *common, "--out", str(out)]) == 2
+    assert "is not a FLUX identity adapter" in capsys.readouterr().err
+
+    refs = tmp_path / "refs" / "eileen"
+    refs.mkdir(parents=True)
+    (refs / "a.jpg").write_bytes(astronaut.read_bytes())
+    assert main(["eval", "--base", "tiny-infiniteyou", "--refs", str(tmp_path / "refs"), "--prompt", "a portrait",
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "report")]) == 0
+    assert "1 images" in capsys.readouterr().out
+
+    from idgen.demo import DemoApp
+    from idgen.session import start_session
+
+    session = start_session(base="tiny-flux", height=64, width=64)
+    app = DemoApp(session, session.load())
+    path, caption = app.generate([str(astronaut)], None, "a portrait", "", "none", 0.9, 0.8, 2, 4.0, 0, 1)[0]
+    assert Image.open(path).text["method"] == "pulid-flux" and "id_scale 0.90" in caption
+
+
+# ---------------------------------------------------------------------------------------- parity
+def _flux_to_diffusers(state: dict, width: int) -> dict:
+    """diffusers' own converter of BFL's FLUX checkpoints, at the tiny width (it assumes 3072)."""
+    from diffusers.loaders import single_file_utils
+
+    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    namespace = dict(vars(single_file_utils))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {width}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"](dict(state))
+
+
+@pytest.mark.skipif(PULID_REFERENCE is None, reason="set IDGEN_PULID_REPO to a local copy of ToTheBeginning/PuLID")
+def test_pulid_flux_parity_with_the_reference(monkeypatch):
+    """The reference's FLUX (its flux/ package, with PuLID's cross-attention after every 2nd double and
+    4th single block) and its sampling loop, against diffusers' transformer (weights converted by
+    diffusers) with our hooks in FluxPipeline's loop: same latents, prompt embeddings and identity
+    tokens, with and without true CFG and a late start."""
+    monkeypatch.syspath_prepend(PULID_REFERENCE)
+    for name in [m for m in sys.modules if m == "flux" or m.startswith("flux.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from flux.model import Flux, FluxParams
+    from flux.sampling import denoise, get_schedule
+
+    (encoders,) = reference_modules(monkeypatch, os.path.join(PULID_REFERENCE, "pulid"), "ref_pulid",
+                                    ["encoders_transformer"])
+    pipe = tiny_flux_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    torch.manual_seed(1)
+    reference = Flux(FluxParams(in_channels=config.in_channels, vec_in_dim=config.pooled_projection_dim,
+                                context_in_dim=config.joint_attention_dim, hidden_size=width, mlp_ratio=4.0,
+                                num_heads=config.num_attention_heads, depth=config.num_layers,
+                                depth_single_blocks=config.num_single_layers, axes_dim=list(config.axes_dims_rope),
+                                theta=10000, qkv_bias=True, guidance_embed=True)).eval()
+    num_ca = len(ca_block_positions(config.num_layers, config.num_single_layers))
+    reference.pulid_ca = torch.nn.ModuleList(encoders.PerceiverAttentionCA(dim=width, kv_dim=16, heads=1, dim_head=128)
+                                             for _ in range(num_ca))
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_(0, 0.2)
+    pipe.transformer.load_state_dict(_flux_to_diffusers(
+        {k: v for k, v in reference.state_dict().items() if not k.startswith("pulid_ca")}, width), strict=True)
+    adapter = PuLIDFluxAdapter(encoder_config=dict(dim=64, depth=5, heads=1, num_id_token=2, num_queries=8, output_dim=16,
+                                                   clip_dim=16, vit_dim=32, hidden_dim=64),
+                               num_ca=num_ca, dim=width, kv_dim=16, heads=1)
+    adapter.pulid_ca.load_state_dict(reference.pulid_ca.state_dict())
+    pipe.identity_adapter, pipe.adapter_format = adapter, "pulid_flux"
+
+    generator = torch.Generator().manual_seed(3)
+    latents, text, pooled, negative_text, negative_pooled = (
+        torch.randn(shape, generator=generator) for shape in ((1, 16, 64), (1, 7, 32), (1, 32), (1, 7, 32), (1, 32)))
+    tokens, negative_tokens = torch.randn(1, 8, 16, generator=generator), torch.randn(1, 8, 16, generator=generator)
+    image_ids = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)[None]
+    text_ids = torch.zeros(1, 7, 3)
+    for start_step, true_cfg, id_scale in ((0, 1.0, 1.0), (1, 3.0, 0.7)):
+        with torch.no_grad():
+            expected = denoise(reference, latents, image_ids, text, text_ids, pooled, get_schedule(4, 16), guidance=3.5,
+                               id_weight=id_scale, id=tokens, start_step=start_step, uncond_id=negative_tokens,
+                               true_cfg=true_cfg, timestep_to_start_cfg=0, neg_txt=negative_text, neg_txt_ids=text_ids,
+                               neg_vec=negative_pooled)
+            with pipe.identity_conditioning(tokens, negative_tokens, 1, id_scale, id_start_step=start_step):
+                ours = FluxPipeline.__call__(pipe, prompt_embeds=text, pooled_prompt_embeds=pooled, latents=latents,
+                                             negative_prompt_embeds=negative_text, true_cfg_scale=true_cfg,
+                                             negative_pooled_prompt_embeds=negative_pooled, height=64, width=64,
+                                             num_inference_steps=4, guidance_scale=3.5, output_type="latent").images
+        error = (ours - expected).abs().max().item()
+        print(f"PuLID-FLUX start_step={start_step} true_cfg={true_cfg}: max |diff| {error:.2e} "
+              f"(values up to {expected.abs().max().item():.1f})")
+        assert error <= 1e-4
+
+
+@pytest.mark.skipif(INFINITEYOU_REFERENCE is None,
+                    reason="set IDGEN_INFINITEYOU_REPO to a local copy of bytedance/InfiniteYou")
+def test_infiniteyou_parity_with_the_reference(monkeypatch):
+    """The reference's Resampler and its FluxInfuseNetPipeline (on diffusers' FluxControlNetPipeline),
+    seeded as its app seeds (the global generator), against our projection and IDFluxPipeline, with
+    the same tiny random weights, at two conditioning scales and step windows."""
+    import diffusers.models.controlnets.controlnet_flux as controlnet_flux
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "diffusers.models.controlnet_flux", controlnet_flux)  # its older import path
+    reference_pipeline, resampler = reference_modules(monkeypatch, os.path.join(INFINITEYOU_REFERENCE, "pipelines"),
+                                                      "ref_infiniteyou", ["pipeline_flux_infusenet", "resampler"])
+    pipe = tiny_flux_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    image_proj, infusenet = random_infiniteyou(pipe.transformer, 0)
+    reference = resampler.Resampler(dim=64, depth=2, dim_head=64, heads=1, num_queries=8, embedding_dim=512,
+                                    output_dim=32, ff_mult=4)
+    reference.load_state_dict(image_proj["image_proj"])
+    pipe.identity_adapter, pipe.adapter_format, pipe.infusenet = infiniteyou_projection(image_proj), "infiniteyou", infusenet
+    id_embeds = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(4)), dim=-1)
+    with torch.no_grad():
+        tokens = reference(id_embeds[:, None])
+        assert (pipe.identity_adapter(id_embeds[:, None]) - tokens).abs().max().item() <= 1e-6
+        ref = reference_pipeline.FluxInfuseNetPipeline(controlnet=infusenet, **pipe.components)
+        ref.set_progress_bar_config(disable=True)
+        for scale, start, end in ((1.0, 0.0, 1.0), (0.6, 0.25, 0.75)):
+            torch.manual_seed(0)
+            expected = ref(PROMPT, controlnet_prompt_embeds=tokens, control_image=Image.new("RGB", (64, 64)), height=64,
+                           width=64, num_inference_steps=4, guidance_scale=3.5, controlnet_conditioning_scale=scale,
+                           control_guidance_start=start, control_guidance_end=end, output_type="latent").images
+            ours = pipe(PROMPT, id_embeds=id_embeds, height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
+                        infusenet_conditioning_scale=scale, infusenet_guidance_start=start, infusenet_guidance_end=end,
+                        generator=torch.Generator().manual_seed(0), output_type="latent").images
+            error = (ours - expected).abs().max().item()
+            print(f"InfiniteYou scale={scale} window={start}-{end}: max |diff| {error:.2e}")
+            assert error <= 1e-4
