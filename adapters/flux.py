@@ -109,10 +109,11 @@ class PuLIDFluxAdapter(ModelMixin, ConfigMixin):
 
 
 def pulid_flux_adapter(raw: dict, path: str = "checkpoint") -> PuLIDFluxAdapter:
-    """PuLID-FLUX's adapter from its checkpoint (flat ``pulid_encoder.*`` / ``pulid_ca.N.*`` keys),
-    sized from the shapes."""
+    """PuLID-FLUX's adapter from its checkpoint (flat ``pulid_encoder.*`` / ``pulid_ca.N.*`` keys, or
+    those two groups nested as a ``.bin`` holds them), sized from the shapes."""
     groups: dict[str, StateDict] = {name: {} for name in PULID_FLUX_GROUPS}
-    for key, value in raw.items():
+    flat = {f"{group}.{key}": value for group, part in raw.items() if isinstance(part, dict) for key, value in part.items()}
+    for key, value in {**{k: v for k, v in raw.items() if not isinstance(v, dict)}, **flat}.items():
         group, _, rest = str(key).partition(".")
         if group not in groups or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: unexpected key {key!r}: a PuLID-FLUX checkpoint holds pulid_encoder.* and "

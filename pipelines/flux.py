@@ -365,9 +365,9 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         state = {"step": -1, "tokens": None}
         transformer = self.transformer
 
-        def acting(step: int) -> bool:
-            return step >= id_start_step and id_window(step, max(self.num_timesteps, 1), id_guidance_start,
-                                                       id_guidance_end)
+        def acting(step: int) -> bool:  # outside a call (training) the loop is one step
+            total = max(getattr(self, "_num_timesteps", 1), 1)
+            return step >= id_start_step and id_window(step, total, id_guidance_start, id_guidance_end)
 
         handles, modules = [], []
         if self.adapter_format == "pulid_flux":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,6 +210,40 @@ def test_instantid_style_adapter_on_sdxl(tmp_path, data):
     pipe = IDStableDiffusionXLPipeline.from_pretrained(get_preset("tiny-sdxl").base)
     pipe.load_identity_adapter(path)
     assert isinstance(pipe.id_projection, InstantIDResampler) and pipe.adapter_spec.num_tokens == 16
+
+
+def test_pulid_style_adapter_on_flux(tmp_path, data, astronaut, analyzer):
+    """adapter_format pulid_flux trains PuLID-FLUX's ID encoder and cross-attention on the tiny FLUX
+    base (rectified-flow loss; the identity read from EVA features of each photo's aligned face);
+    it resumes to the weights of an uninterrupted run, and the export loads in IDFluxPipeline."""
+    from idgen import IDFluxPipeline
+    from idgen.presets import get_preset
+
+    flux = dict(base="tiny-flux", adapter_format="pulid_flux", lora_rank=None, max_train_steps=4,
+                checkpointing_steps=2, export_name="pulid_flux.safetensors")
+    path = train(config(data, tmp_path / "flux", **flux))
+    trained = load_file(path)
+    assert any(key.startswith("pulid_ca.") for key in trained) and any(key.startswith("pulid_encoder.") for key in trained)
+    assert trained["pulid_ca.0.to_out.weight"].abs().max() > 0  # learned from its zero start
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "flux" / "metrics.jsonl")]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+    shutil.copytree(tmp_path / "flux", tmp_path / "half")
+    shutil.rmtree(tmp_path / "half" / "checkpoints" / "checkpoint-4")
+    os.remove(tmp_path / "half" / "pulid_flux.safetensors")
+    resumed = load_file(train(config(data, tmp_path / "half", **flux), resume="latest"))
+    assert all(torch.equal(resumed[key], trained[key]) for key in trained)
+
+    preset = get_preset("tiny-flux")
+    pipe = IDFluxPipeline.from_pretrained(preset.base)
+    pipe.load_identity_adapter(path, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a photo", face_image=astronaut, num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+    with pytest.raises(IDGenError, match="a FLUX base trains pulid_flux"):
+        train(config(data, tmp_path / "mixed", base="tiny-flux"))
+    with pytest.raises(IDGenError, match="gradient_checkpointing train UNet adapters"):
+        config(data, tmp_path / "gc", **flux, gradient_checkpointing=True).check()
 
 
 def test_accumulation_and_gradient_checkpointing(tmp_path, data):

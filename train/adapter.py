@@ -41,10 +41,12 @@ from .face_attention import FaceAttentionLoss
 class AdapterTrainConfig:
     """Every field can be set in the YAML/JSON config and overridden as ``--field value``."""
 
-    base: str = "tiny"  # "tiny", "tiny-sdxl", or a diffusers SD1.5/SDXL model (hub id or folder)
+    base: str = "tiny"  # "tiny", "tiny-sdxl", "tiny-flux", or a diffusers SD1.5/SDXL/FLUX.1 model (hub id or folder)
     data: str = "data"  # output of `idgen prepare-data`
     output_dir: str = "runs/adapter"
-    adapter_format: str = "faceid"  # "faceid" (MLP projection) or "instantid" (Resampler)
+    adapter_format: str = "faceid"  # "faceid" (MLP projection), "instantid" (Resampler) or "pulid_flux" (FLUX.1)
+    image_encoder: str | None = None  # pulid_flux: EVA02-CLIP (default: the preset's, else QuanSun/EVA-CLIP's)
+    face_parser: str | None = None  # pulid_flux: facexlib's parsing_bisenet.pth (default: the preset's, else its release)
     init_adapter: str | None = None  # start from this checkpoint instead of a fresh adapter
     num_tokens: int | None = None  # identity tokens (default: 4 FaceID, 16 InstantID)
     lora_rank: int | None = None  # FaceID LoRA on every UNet attention layer; None: no LoRA
@@ -77,13 +79,20 @@ class AdapterTrainConfig:
     dataloader_num_workers: int = 0
 
     def check(self) -> None:
-        if self.adapter_format not in ("faceid", "instantid"):
-            raise IDGenError(f"adapter_format must be 'faceid' or 'instantid', got {self.adapter_format!r}")
+        if self.adapter_format not in ("faceid", "instantid", "pulid_flux"):
+            raise IDGenError(f"adapter_format must be 'faceid', 'instantid' or 'pulid_flux', got {self.adapter_format!r}")
+        if self.adapter_format == "pulid_flux":
+            unsupported = [name for name in ("identity_enhanced", "face_loss_weight", "face_attention_loss_weight",
+                                             "editing_direction_weight", "gradient_checkpointing", "validation_steps")
+                           if getattr(self, name)]
+            if unsupported:
+                raise IDGenError(f"{', '.join(unsupported)} train UNet adapters; pulid_flux (FLUX.1) trains with the "
+                                 "rectified-flow loss alone: leave them out")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise IDGenError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.lora_rank is not None and self.adapter_format != "faceid":
-            # FaceID's LoRA; a FaceID config reused with --adapter-format instantid still runs.
-            print(f"idgen: note: lora_rank ({self.lora_rank}) is FaceID's LoRA; InstantID trains none: ignoring it",
+            # FaceID's LoRA; a FaceID config reused with another --adapter-format still runs.
+            print(f"idgen: note: lora_rank ({self.lora_rank}) is FaceID's LoRA; {self.adapter_format} trains none: ignoring it",
                   file=sys.stderr)
             self.lora_rank = None
         for name in ("text_dropout", "id_dropout", "both_dropout"):
@@ -162,7 +171,14 @@ def load_base(config: AdapterTrainConfig):
     from idgen.session import base_family
 
     base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
-    sdxl = base_family(base) == "sdxl"
+    family = base_family(base)
+    if (family == "flux") != (config.adapter_format == "pulid_flux"):
+        raise IDGenError(f"base {config.base} is {family} and adapter_format {config.adapter_format} is "
+                         f"{'FLUX.1' if config.adapter_format == 'pulid_flux' else 'for SD1.5/SDXL'}: a FLUX base trains "
+                         "pulid_flux, SD bases faceid or instantid")
+    if family == "flux":
+        return load_flux_base(config, base), False
+    sdxl = family == "sdxl"
     if config.adapter_format == "instantid" and not sdxl:
         raise IDGenError(f"adapter_format instantid is an SDXL adapter but base {config.base} is not SDXL: use an SDXL base")
     pipe = (IDStableDiffusionXLPipeline if sdxl else IDStableDiffusionPipeline).from_pretrained(base)
@@ -174,6 +190,32 @@ def load_base(config: AdapterTrainConfig):
     if pipe.adapter_spec.format != config.adapter_format:
         raise IDGenError(f"init_adapter {config.init_adapter} is {pipe.adapter_spec.format}, the config says {config.adapter_format}")
     return pipe, sdxl
+
+
+def load_flux_base(config: AdapterTrainConfig, base: str):
+    """The frozen FLUX pipeline with a PuLID-FLUX adapter to train (``init_adapter``, or fresh)
+    and its EVA02-CLIP tower and face parser (the preset's for a tiny base)."""
+    from safetensors.torch import load_file
+
+    from idgen.adapters.eva_clip import load_eva_tower
+    from idgen.pipelines import IDFluxPipeline
+    from idgen.presets import TINY_PRESETS, get_preset
+
+    from .flux import init_pulid_flux_adapter
+
+    preset = get_preset(config.base) if config.base in TINY_PRESETS else None
+    image_encoder = config.image_encoder or (preset.image_encoder if preset else None)
+    face_parser = config.face_parser or (preset.face_parser if preset else None)
+    pipe = IDFluxPipeline.from_pretrained(base)
+    if config.init_adapter:
+        state = load_file(config.init_adapter) if config.init_adapter.endswith(".safetensors") else config.init_adapter
+    else:
+        tiny = preset is not None  # a tiny base: an IDFormer of its EVA tower's size
+        state = init_pulid_flux_adapter(pipe.transformer, load_eva_tower(image_encoder), config.seed,
+                                        **(dict(dim=64, depth=5, num_queries=8) if tiny else {})).state_dict()
+    pipe.load_identity_adapter(state, weight_name=config.init_adapter, image_encoder=image_encoder, face_parser=face_parser)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _sdxl_conditioning(pipe, captions, device, resolution):
@@ -275,6 +317,8 @@ def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool
     accelerator = start_run(config, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)  # fails early on an empty dataset
     pipe, sdxl = load_base(config)
+    if config.adapter_format == "pulid_flux":
+        return _train_flux(config, accelerator, pipe, dataset, resume)
     model, weight_dtype = prepare_models(config, accelerator, pipe)
     if config.identity_enhanced:
         for layer in model.adapter.layers:
@@ -296,6 +340,36 @@ def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool
     return path
 
 
+def _train_flux(config: AdapterTrainConfig, accelerator, pipe, dataset: FaceDataset, resume: str | None) -> str:
+    """``train`` on a FLUX base: the PuLID-FLUX adapter learns, the rest stays frozen; the export is a
+    ``pulid_flux`` safetensors file that ``IDFluxPipeline.load_identity_adapter`` reads."""
+    from .flux import flux_training_loss
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.eva_encoder, pipe.face_parser):
+        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype if module is not pipe.face_parser else None)
+    adapter = pipe.identity_adapter.to(accelerator.device, torch.float32).requires_grad_(True).train()
+
+    def step_loss(model, batch, micro):
+        generators = sample_generators(config.seed, batch["position"])
+        captions, drop_id = dropouts(config, batch["caption"], generators)
+        raw = batch["id_embeds"].float() * batch["embedding_norm"][:, None]  # PuLID reads the raw ArcFace vector
+        return flux_training_loss(pipe, getattr(model, "module", model), batch, captions, raw, drop_id, generators,
+                                  accelerator.device, weight_dtype), {}
+
+    adapter = fit(config, accelerator, adapter, dataset, step_loss, resume)
+    path = os.path.join(config.output_dir, config.export_name)
+    if accelerator.is_main_process:
+        groups: dict[str, dict] = {}  # pulid_encoder.*, pulid_ca.*: the official layout
+        for key, value in adapter.state_dict().items():
+            group, _, rest = key.partition(".")
+            groups.setdefault(group, {})[rest] = value.detach().cpu()
+        save_adapter_checkpoint(groups, path)
+        accelerator.print(f"exported {path}")
+    accelerator.end_training()
+    return path
+
+
 def sample_generators(seed: int, positions: torch.Tensor) -> list[torch.Generator]:
     """One generator per sample, seeded by the run's seed and the sample's run-wide position: a
     sample's random draws are the same however the global batch is split over processes."""
@@ -307,6 +381,16 @@ def _per_sample(draw, generators: list[torch.Generator]) -> torch.Tensor:
     return torch.stack([draw(generator) for generator in generators])
 
 
+def dropouts(config: AdapterTrainConfig, captions: Sequence[str], generators: list[torch.Generator]
+             ) -> tuple[list[str], torch.Tensor]:
+    """IP-Adapter's dropouts of one batch, one draw per sample: the captions with the dropped ones
+    empty, and which samples drop their identity (``text_dropout``, ``id_dropout``, ``both_dropout``)."""
+    draw = _per_sample(lambda g: torch.rand((), generator=g), generators)
+    drop_text = (draw < config.text_dropout) | (draw >= 1 - config.both_dropout)
+    drop_id = ((draw >= config.text_dropout) & (draw < config.text_dropout + config.id_dropout)) | (draw >= 1 - config.both_dropout)
+    return ["" if drop else caption for caption, drop in zip(captions, drop_text)], drop_id
+
+
 def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, weight_dtype) -> torch.Tensor:
     """Noise-prediction loss of one batch; every random draw of a sample is seeded by (seed, the
     sample's position in the run: ``batch["position"]``)."""
@@ -314,10 +398,7 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
 
     generators = sample_generators(config.seed, batch["position"])
     pixels = batch["pixels"].to(device, weight_dtype)
-    draw = _per_sample(lambda g: torch.rand((), generator=g), generators)
-    drop_text = (draw < config.text_dropout) | (draw >= 1 - config.both_dropout)
-    drop_id = ((draw >= config.text_dropout) & (draw < config.text_dropout + config.id_dropout)) | (draw >= 1 - config.both_dropout)
-    captions = ["" if drop else caption for caption, drop in zip(batch["caption"], drop_text)]
+    captions, drop_id = dropouts(config, batch["caption"], generators)
     id_embeds = batch["id_embeds"].float()
     if config.adapter_format == "instantid":  # InstantID is trained on the raw, un-normalised vector
         id_embeds = id_embeds * batch["embedding_norm"][:, None]
