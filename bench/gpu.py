@@ -3,6 +3,7 @@
     python bench/gpu.py                                  # GPU: full-size SD1.5 512 px and SDXL 1024 px, fp16
     python bench/gpu.py --instantid-repo ~/src/InstantID # adds the original InstantID pipeline
     python bench/gpu.py --size small                     # a smaller stand-in (the default with no GPU)
+    python bench/gpu.py --only flux                      # FLUX.1: plain, PuLID-FLUX, InfiniteYou, bf16 1024 px
 
 Every model is built from its published config with random weights, directly on the device
 (nothing is downloaded); every pipeline of a table after the first gets its own copy of the same
@@ -17,6 +18,10 @@ LoRA, guidance 1). SDXL (InstantID with its IdentityNet): diffusers' ControlNet 
 the original InstantID pipeline as its README runs it (``--instantid-repo``: a local copy of
 github.com/InstantID/InstantID), idgen eager, compiled, and 4 steps (DMD2's recipe: LCM scheduler,
 timesteps 999,749,499,249, guidance 0, a random rank-64 LoRA).
+FLUX.1-dev (bf16 on a GPU, 1024 px, 28 steps, guidance 3.5): plain diffusers ``FluxPipeline``, idgen
+PuLID-FLUX (its IDFormer, 20 cross-attention blocks, EVA02-CLIP-L and the face parser), idgen
+InfiniteYou (its resampler and an InfuseNet of 4 double and 10 single blocks), then each method
+again alone with ``enable_model_cpu_offload()`` (GPU only), whose peak is what the GPU holds at most.
 """
 
 from __future__ import annotations
@@ -311,6 +316,94 @@ def sdxl_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dty
     return cases
 
 
+# ------------------------------------------------------------------------------ FLUX.1
+def flux_parts(div: int) -> dict:
+    """FLUX.1-dev's transformer, VAE, CLIP-L and T5-XXL text encoders (``div``: heads and widths
+    divided, for the stand-in; the block counts are the published ones)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from idgen.presets import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    return dict(
+        transformer=FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                           num_attention_heads=24 // div, joint_attention_dim=4096 // div,
+                                           pooled_projection_dim=768 // div, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        vae=AutoencoderKL(block_out_channels=tuple(c // div for c in (128, 256, 512, 512)), latent_channels=16,
+                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                          layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                          shift_factor=0.1159, scaling_factor=0.3611, norm_num_groups=32 // div),
+        text_encoder=text_encoder(768 // div, 12, 12 // div), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=32128, d_model=4096 // div, d_kv=64, d_ff=10240 // div,
+                                               num_layers=24, num_heads=64 // div, feed_forward_proj="gated-gelu",
+                                               dropout_rate=0.0)),
+        tokenizer_2=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                  base_image_seq_len=256, max_image_seq_len=4096),
+    )
+
+
+def flux_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dtype, div: int, offload: bool) -> list[Case]:
+    """Plain FLUX, PuLID-FLUX and InfiniteYou at the official adapter shapes (random weights), the
+    identity read from a real photo; with ``offload``, each method again in its own pipeline under
+    ``enable_model_cpu_offload()``."""
+    from diffusers import FluxControlNetModel, FluxPipeline
+
+    from idgen import FaceAnalyzer, IDFluxPipeline
+    from idgen.adapters import InstantIDResampler
+    from idgen.adapters.eva_clip import EVAVisionTower
+    from idgen.adapters.face_parsing import BiSeNet
+    from idgen.presets import get_preset
+    from idgen.train.flux import init_pulid_flux_adapter
+
+    photo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "idgen", "assets", "astronaut.jpg")
+    analyzer = FaceAnalyzer(get_preset("tiny").face_pack)  # detection and keypoints are real; the vector is random
+    transformer = parts["transformer"]
+    with torch.device(device):
+        torch.manual_seed(1)
+        eva = EVAVisionTower(width=1024 // div, head_width=64, embed_dim=768 // div)
+        parser = BiSeNet()
+        pulid = init_pulid_flux_adapter(transformer, eva, dim=1024 // div, depth=10, num_queries=32)
+        for block in pulid.pulid_ca:  # a trained adapter's outputs are not zero
+            torch.nn.init.normal_(block.to_out.weight, std=block.to_out.in_features**-0.5)
+        config = transformer.config
+        projection = InstantIDResampler(dim=1280 // div, depth=4, heads=20 // div, num_queries=8,
+                                        output_dim=config.joint_attention_dim)
+        infusenet = FluxControlNetModel(in_channels=64, num_layers=4, num_single_layers=10, attention_head_dim=128,
+                                        num_attention_heads=config.num_attention_heads,
+                                        joint_attention_dim=config.joint_attention_dim,
+                                        pooled_projection_dim=config.pooled_projection_dim, guidance_embeds=True,
+                                        axes_dims_rope=(16, 56, 56))
+    common = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=128,
+                  output_type="np")
+
+    def method(pipe_parts: dict, kind: str, cpu_offload: bool = False) -> IDFluxPipeline:
+        pipe = IDFluxPipeline(**pipe_parts)
+        if kind == "pulid":
+            pipe.load_identity_adapter(pulid.state_dict(), image_encoder=eva, face_parser=parser)
+        else:
+            pipe.load_identity_adapter({"image_proj": dict(projection.state_dict())}, weight_name="image_proj_model.bin",
+                                       infusenet=infusenet)
+        pipe.set_face_analyzer(analyzer)
+        if cpu_offload:
+            pipe.enable_model_cpu_offload()
+        return pipe
+
+    def call(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), **common, **kwargs).images
+
+    cases = [Case("diffusers FluxPipeline (no identity)", call(FluxPipeline(**parts))),
+             Case("idgen PuLID-FLUX", call(method(parts, "pulid"), face_image=photo)),
+             Case("idgen InfiniteYou", call(method(parts, "infiniteyou"), face_image=photo))]
+    if offload:  # each on its own CPU copy: offload moves the models it manages
+        for kind, name in (("pulid", "PuLID-FLUX"), ("infiniteyou", "InfiniteYou")):
+            on_cpu = {k: copy.deepcopy(v).to("cpu") if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+            cases.append(Case(f"idgen {name}, model CPU offload", call(method(on_cpu, kind, cpu_offload=True),
+                                                                        face_image=photo)))
+    return cases
+
+
 # ------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -319,7 +412,7 @@ def main() -> None:
                         help="full: the published configs at 512/1024 px; small: SD1.5 widths / 2, SDXL widths / 4, "
                         "256 px, 8 steps")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=("sd15", "sdxl"), nargs="*", default=["sd15", "sdxl"])
+    parser.add_argument("--only", choices=("sd15", "sdxl", "flux"), nargs="*", default=["sd15", "sdxl", "flux"])
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled cases")
     parser.add_argument("--instantid-repo", default=None, metavar="PATH",
                         help="a local copy of github.com/InstantID/InstantID, for the original pipeline")
@@ -329,6 +422,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     sd15_div, sdxl_div, sd15_px, sdxl_px, steps, counts = SCALES[args.size]
+    flux_div, flux_px, flux_steps = (1, 1024, 28) if args.size == "full" else (8, 128, 4)
 
     def stand_in(div: int, px: int) -> str:
         return "" if args.size == "full" else (
@@ -356,7 +450,21 @@ def main() -> None:
             print(table(f"SDXL {sdxl_px} px, InstantID + IdentityNet, {steps} steps, 1 image"
                         f"{stand_in(sdxl_div, sdxl_px)}", cases, results,
                         cases[0].name, 1, f"median of {args.repeats} interleaved calls; 4-step row: DMD2 timesteps, "
-                        "guidance 0"))
+                        "guidance 0") + "\n")
+            del parts, cases, results
+        if "flux" in args.only:
+            flux_dtype = torch.bfloat16 if cuda else torch.float32
+            parts = build(flux_parts, flux_div, device, flux_dtype)
+            weights = torch.cuda.memory_allocated() / 2**30 if cuda else None
+            cases = flux_cases(parts, flux_px, flux_steps, device, flux_dtype, flux_div, offload=cuda)
+            results = measure(cases, args.repeats, device)
+            stand = "" if args.size == "full" else (f" -- SMALLER STAND-IN: heads and widths / {flux_div}, {flux_px} px, "
+                                                    f"{flux_steps} steps, not the published sizes")
+            resident = f"; all weights resident: {weights:.1f} GiB" if weights is not None else ""
+            print(table(f"FLUX.1-dev {flux_px} px, {flux_steps} steps, guidance 3.5, 1 image, "
+                        f"{str(flux_dtype).removeprefix('torch.')}{stand}", cases, results, cases[0].name, 1,
+                        f"median of {args.repeats} interleaved calls{resident}; offload rows: their own models live on "
+                        "the CPU, so their peak is all the GPU they need"))
 
 
 if __name__ == "__main__":
