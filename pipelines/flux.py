@@ -155,7 +155,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                 f"{path} is not a FLUX identity adapter: IDFluxPipeline runs PuLID-FLUX (pulid_flux_v0.9.x.safetensors) "
                 "and InfiniteYou (image_proj_model.bin beside InfuseNetModel/); SD1.5 and SDXL adapters load into "
                 "IDStableDiffusionPipeline and IDStableDiffusionXLPipeline")
-        if image_encoder is not None and format != "pulid_flux" or face_parser is not None and format != "pulid_flux":
+        if format != "pulid_flux" and (image_encoder is not None or face_parser is not None):
             raise ValueError(f"image_encoder= and face_parser= are PuLID's; {path} is {format}: leave them out")
         if infusenet is not None and format != "infiniteyou":
             raise ValueError(f"infusenet= is InfiniteYou's; {path} is {format}: leave it out")

@@ -97,8 +97,8 @@ def layer_id_scales(names: Sequence[str], id_scale: IDScale, aliases: dict[str, 
                     ) -> dict[str, float]:
     """Scale of each identity layer from a float or a dict of name prefixes.
 
-    Dict keys are ``"down"``, ``"mid"``, ``"up"`` or any prefix of a layer name
-    (``"up_blocks.1"``, ``"up_blocks.1.attentions.0"``, ...); the longest matching prefix wins,
+    Dict keys are ``aliases`` (the UNet's ``"down"``, ``"mid"``, ``"up"``) or any prefix of a layer
+    name (``"up_blocks.1"``, ``"up_blocks.1.attentions.0"``, ...); the longest matching prefix wins,
     and layers no key matches get 0 (as diffusers' ``set_ip_adapter_scale`` does).
     """
     if not isinstance(id_scale, dict):
@@ -369,6 +369,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
     _fused_id_lora: FusedLoRA | None = None
     #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
     _image_encoder_before: Any = _NO_ENCODER
+
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
         """The loaded adapter's projection (ArcFace vector -> identity tokens), or None."""
