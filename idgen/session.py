@@ -314,7 +314,10 @@ class Session:
                 extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
             if self.adapter_state is not None:
                 extra["weight_name"] = self.adapter_file
-            pipe.load_identity_adapter(self.adapter_state or self.adapter_file, **extra)
+            source = self.adapter_state or self.adapter_file
+            if self.method.checkpoint_format == "infiniteyou":  # its InfuseNet sits beside it, in the folder or repo
+                source, extra = self.adapter, dict(extra, weight_name=self.weight_name, subfolder=self.options.subfolder)
+            pipe.load_identity_adapter(source, **extra)
             self.adapter_state = None
         pipe.set_face_analyzer(self.analyzer)
         pipe.to(device)

@@ -149,7 +149,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             if adapter.config.output_dim != width:
                 raise CheckpointError(f"{path}: InfiniteYou's projection makes {adapter.config.output_dim}-d tokens, "
                                       f"but this transformer reads {width}-d text: use the adapter made for this base")
-            network = self._load_infusenet(infusenet, pretrained_model_name_or_path_or_file, path, subfolder, hub_kwargs)
+            network = self._load_infusenet(infusenet, pretrained_model_name_or_path_or_file, path, weight_name, subfolder,
+                                           hub_kwargs)
         else:
             raise CheckpointError(
                 f"{path} is not a FLUX identity adapter: IDFluxPipeline runs PuLID-FLUX (pulid_flux_v0.9.x.safetensors) "
@@ -163,8 +164,9 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         self.identity_adapter, self.adapter_format = adapter.to(device, dtype).eval(), format
         self.eva_encoder, self.face_parser, self.infusenet = eva, parser, network
 
-    def _load_infusenet(self, infusenet: Any, source: Any, path: str, subfolder: str | None,
+    def _load_infusenet(self, infusenet: Any, source: Any, path: str, weight_name: str | None, subfolder: str | None,
                         hub_kwargs: dict) -> FluxControlNetModel:
+        """InfuseNet: given, or ``InfuseNetModel/`` beside the projection file, locally or in its hub repo."""
         if isinstance(infusenet, FluxControlNetModel):
             network = infusenet
         else:
@@ -172,7 +174,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             if infusenet is None and os.path.isdir(local):
                 where, kwargs = local, {}
             elif infusenet is None and isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-                where, kwargs = os.fspath(source), dict(subfolder="/".join(filter(None, (subfolder, INFUSENET_FOLDER))))
+                folder = (subfolder, os.path.dirname(weight_name or ""), INFUSENET_FOLDER)
+                where, kwargs = os.fspath(source), dict(subfolder="/".join(filter(None, folder)))
             else:
                 where, kwargs = infusenet, {}
             if where is None:

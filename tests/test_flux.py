@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,27 @@ def test_wrong_checkpoints_fail_with_one_line(pulid, presets, cache, tmp_path):
     with pytest.raises(ValueError, match="infusenet= is InfiniteYou's"):
         pulid.load_identity_adapter(presets[0].adapter, infusenet="somewhere", image_encoder=presets[0].image_encoder,
                                     face_parser=presets[0].face_parser)
+
+
+def test_infiniteyou_from_its_hub_layout(infiniteyou, presets, monkeypatch, tmp_path):
+    """``ByteDance/InfiniteYou`` with a model subfolder: the projection and InfuseNet come from the
+    same folder of the repo (the hub stood in for by the preset's files)."""
+    import huggingface_hub
+    from diffusers import FluxControlNetModel
+
+    asked, cached = [], tmp_path / "image_proj_model.bin"  # a download holds the file alone
+    cached.write_bytes((Path(presets[1].adapter) / "image_proj_model.bin").read_bytes())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, subfolder=None, **kw: asked.append(
+        (repo, subfolder, name)) or str(cached))
+    loader = FluxControlNetModel.from_pretrained.__func__
+    monkeypatch.setattr(FluxControlNetModel, "from_pretrained", classmethod(
+        lambda cls, repo, subfolder=None, **kw: asked.append((repo, subfolder)) or loader(
+            cls, os.path.join(presets[1].adapter, "InfuseNetModel"))))
+    for kwargs in (dict(subfolder="infu_flux_v1.0/aes_stage2"), dict(weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin")):
+        asked.clear()
+        infiniteyou.load_identity_adapter("ByteDance/InfiniteYou", **kwargs)
+        assert asked[-1] == ("ByteDance/InfiniteYou", "infu_flux_v1.0/aes_stage2/InfuseNetModel")
+        assert asked[0][0] == "ByteDance/InfiniteYou" and infiniteyou.adapter_format == "infiniteyou"
 
 
 def test_save_pretrained_writes_the_plain_base(pulid, tmp_path):
