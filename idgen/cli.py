@@ -126,6 +126,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PuLID: keep only the identity's part orthogonal to the prompt's (v1), or weigh it (v2, default)")
     parser.add_argument("--infusenet", default=None, metavar="PATH",
                         help="InfiniteYou: its InfuseNet, a folder or hub id (default: InfuseNetModel/ beside the adapter)")
+    parser.add_argument("--face-recognizer", default=None, metavar="PATH",
+                        help="InfiniteYou: the ArcFace it was trained on, facexlib's recognition_arcface_ir_se50.pth "
+                        "(default: downloaded from facexlib's release)")
     parser.add_argument("--id-start-step", type=_non_negative_int, default=0, metavar="N",
                         help="FLUX: loop steps before the identity joins (PuLID-FLUX: 0 realistic, 4 stylised)")
     parser.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="X",

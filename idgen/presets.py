@@ -20,7 +20,7 @@ import torch
 from .faces import RANDOM_WEIGHTS_KEY
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
-PRESET_FORMAT = 11
+PRESET_FORMAT = 12
 TINY_PRESETS = ("tiny", "tiny-arc2face", "tiny-sdxl", "tiny-faceid-sdxl", "tiny-photomaker", "tiny-pulid", "tiny-flux",
                 "tiny-infiniteyou")
 INSTANTID_FILE = "ip-adapter.bin"
@@ -29,6 +29,7 @@ FACEID_SDXL_FILE = "ip-adapter-faceid_sdxl.safetensors"
 PHOTOMAKER_FILE = "photomaker-v2.bin"
 PULID_FILE, FACE_PARSER_FILE = "pulid_v1.1.safetensors", "parsing_bisenet.pth"
 PULID_FLUX_FILE = "pulid_flux_v0.9.1.safetensors"
+IRSE_FILE = "recognition_arcface_ir_se50.pth"
 
 
 def cache_dir() -> str:
@@ -48,6 +49,7 @@ class Preset:
     clip: str  # tiny CLIP (model + tokenizer folder) for CLIP-T
     image_encoder: str | None = None  # the adapter's own image encoder (PuLID's EVA02-CLIP tower folder)
     face_parser: str | None = None  # PuLID's face parser (facexlib's BiSeNet file)
+    face_recognizer: str | None = None  # InfiniteYou's ArcFace (facexlib's IR-SE file)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -335,6 +337,14 @@ def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict,
     return {"image_proj": dict(resampler.state_dict())}, net
 
 
+def tiny_irse(seed: int = 0):
+    """A tiny random IR-SE ArcFace in facexlib's layout: 4 units of widths 16 to 128."""
+    from idgen.adapters.face_recognition import IRSEArcFace
+
+    torch.manual_seed(seed + 13)
+    return IRSEArcFace([(16, 16), (16, 32), (32, 64), (64, 128)], stem=16).eval()
+
+
 def tiny_clip(seed: int = 0):
     """A tiny random CLIP (text and vision towers, 16-d joint space) for CLIP-T offline."""
     from transformers import CLIPConfig, CLIPModel
@@ -536,7 +546,8 @@ def _build_pulid(folder: str, unet, seed: int) -> None:
 
 def _build_flux(folder: str, seed: int) -> None:
     """The FLUX base (``flux/``), a random PuLID-FLUX file reading PuLID's tiny EVA tower
-    (``pulid-flux/``) and a random InfiniteYou model folder (``infiniteyou/``)."""
+    (``pulid-flux/``) and a random InfiniteYou model folder (``infiniteyou/``, with a tiny IR-SE
+    recognizer beside it)."""
     from safetensors.torch import save_file
 
     from idgen.adapters.eva_clip import EVAVisionTower
@@ -551,6 +562,7 @@ def _build_flux(folder: str, seed: int) -> None:
     image_proj, infusenet = random_infiniteyou(pipe.transformer, seed)
     infusenet.save_pretrained(os.path.join(folder, "infiniteyou", INFUSENET_FOLDER))
     torch.save(image_proj, os.path.join(folder, "infiniteyou", INFINITEYOU_WEIGHT_NAME))
+    torch.save(tiny_irse(seed).state_dict(), os.path.join(folder, "infiniteyou", IRSE_FILE))
 
 
 def _drop_empty_components(folder: str) -> None:
@@ -611,4 +623,5 @@ def get_preset(name: str = "tiny", seed: int = 0, root: str | None = None) -> Pr
         clip=os.path.join(folder, "clip"),
         image_encoder=os.path.join(folder, "pulid", "eva_clip") if pulid else None,
         face_parser=os.path.join(folder, "pulid", FACE_PARSER_FILE) if pulid else None,
+        face_recognizer=os.path.join(folder, "infiniteyou", IRSE_FILE) if name == "tiny-infiniteyou" else None,
     )

@@ -93,6 +93,7 @@ class Method:
     face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
     prompt_identity: bool = False  # the identity enters the prompt (PhotoMaker): no id_scale, no negative identity
     face_eva: bool = False  # also EVA02-CLIP features of the parsed face (PuLID), read from the photos
+    own_recognizer: bool = False  # its ArcFace is the pipeline's own (InfiniteYou's IR-SE50), read from the photos
 
     @property
     def pulid_attention(self) -> bool:
@@ -131,7 +132,7 @@ METHODS: dict[str, Method] = {
         # FLUX.1: each reference demo's settings (PuLID-FLUX: 20 steps, guidance 4; InfiniteYou: 30, 3.5)
         Method("infiniteyou", "flux", "IDFluxPipeline", _is_infiniteyou, "infiniteyou", steps=30, guidance=3.5,
                face_pack="antelopev2", default_adapter=INFINITEYOU_REPO,
-               default_weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin"),
+               default_weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin", own_recognizer=True),
         Method("pulid-flux", "flux", "IDFluxPipeline", _is_pulid, "pulid_flux", steps=20, guidance=4.0,
                face_pack="antelopev2", default_weight_name="pulid_flux_v0.9.1.safetensors", raw_id_embeds=True,
                per_photo=True, face_eva=True),
@@ -153,6 +154,7 @@ class SessionOptions:
     num_zero: int | None = None  # PuLID: zero identity tokens (default 20; v1: 8)
     ortho: str | None = None  # PuLID: "off", "v1" or "v2" (default v2)
     infusenet: str | None = None  # InfiniteYou's InfuseNet folder or hub id (default: beside its projection)
+    face_recognizer: str | None = None  # InfiniteYou's ArcFace, recognition_arcface_ir_se50.pth (default: facexlib's)
     id_start_step: int = 0  # FLUX: loop steps before the identity joins (PuLID-FLUX's "start step")
     true_cfg_scale: float = 1.0  # FLUX: true classifier-free guidance with the negative prompt when > 1
     face_model: str | None = None
@@ -309,7 +311,7 @@ class Session:
             if self.method.face_eva:  # PuLID loads its EVA tower and face parser from files, folders or their repos
                 extra = {"image_encoder": self.options.image_encoder, "face_parser": self.options.face_parser}
             elif self.method.checkpoint_format == "infiniteyou":  # and InfuseNet, from beside it unless given
-                extra = {"infusenet": self.options.infusenet}
+                extra = {"infusenet": self.options.infusenet, "face_recognizer": self.options.face_recognizer}
             else:
                 extra = {"image_encoder": self._image_encoder(dtype)} if self.options.image_encoder else {}
             if self.adapter_state is not None:
@@ -340,15 +342,16 @@ class Session:
 
     def clip_inputs(self, pipe, photos: Sequence[ImageInput], face_index: int | None = None,
                     people: bool = False) -> dict[str, Any]:
-        """FaceID-Plus's call argument ``face_clip_embeds`` for ``photos`` (one person, or with
-        ``people`` one photo per person); nothing for the other methods."""
-        if self.method.prompt_identity or self.method.face_eva:  # PhotoMaker's CLIP, PuLID's EVA read the photos
+        """The call arguments a method reads from the photos themselves (one person, or with
+        ``people`` one photo per person): FaceID-Plus's ``face_clip_embeds``; ``face_image`` (and
+        the face to take) for PhotoMaker, PuLID and InfiniteYou; nothing for the other methods."""
+        index = self.options.face_index if face_index is None else face_index
+        if self.method.prompt_identity or self.method.face_eva or self.method.own_recognizer:  # they read the photos
             if people:
                 return {"face_image": [[photo] for photo in photos]}
-            return {"face_image": list(photos)}
+            return {"face_image": list(photos), "face_index": index}
         if not self.method.face_clip:
             return {}
-        index = self.options.face_index if face_index is None else face_index
         if people:
             import torch
 
@@ -384,10 +387,14 @@ class Session:
 
     def identity(self, photos: Sequence[ImageInput], face_index: int | None = None):
         """The identity tensor of ``photos`` (one person), as this method takes it: (512,), or
-        (n, 512) one row per photo for FaceID-Portrait."""
+        (n, 512) one row per photo for FaceID-Portrait; None for InfiniteYou, whose pipeline reads
+        the photos with its own recognizer (they are checked for a face here)."""
         import torch
 
         index = self.options.face_index if face_index is None else face_index
+        if self.method.own_recognizer:  # the photos are checked now; the pipeline's recognizer reads them
+            self.analyzer.faces(photos, index)
+            return None
         if self.method.per_photo:
             if not self.method.raw_id_embeds:  # FaceID-Portrait (PhotoMaker takes any number, raw)
                 from .adapters import check_portrait_faces
@@ -532,6 +539,9 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             options = dataclasses.replace(options, image_encoder=options.image_encoder or preset.image_encoder,
                                           face_parser=options.face_parser or preset.face_parser)
             random_parts += ["image encoder", "face parser"]
+        if preset.face_recognizer and options.adapter is None:  # InfiniteYou's IR-SE ArcFace, random too
+            options = dataclasses.replace(options, face_recognizer=options.face_recognizer or preset.face_recognizer)
+            random_parts.append("InfiniteYou's face recognizer")
     method, adapter, weight_name = resolve_method(base, adapter, options.weight_name)
     adapter_file = adapter_state = None
     if method.family != "arc2face":
@@ -570,6 +580,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
         if value is not None and not method.pulid_attention:
             raise IDGenError(f"{flag} is PuLID's on SDXL; the {method.name} adapter {adapter} runs without it: leave it out")
     for flag, given, owner in (("--infusenet", options.infusenet is not None, "infiniteyou"),
+                               ("--face-recognizer", options.face_recognizer is not None, "infiniteyou"),
                                ("--id-start-step", options.id_start_step != 0, "flux"),
                                ("--true-cfg-scale", options.true_cfg_scale != 1.0, "flux")):
         if given and owner not in (method.family, method.checkpoint_format):

@@ -21,6 +21,7 @@ from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManag
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
 
 from idgen.adapters import resolve_checkpoint_file
+from idgen.adapters.face_recognition import load_irse_recognizer
 from idgen.adapters.flux import (
     INFINITEYOU_WEIGHT_NAME,
     INFUSENET_FOLDER,
@@ -73,8 +74,9 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
 
     identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = None
     adapter_format: str | None = None
-    #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``).
+    #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``) and ArcFace (facexlib's IR-SE50).
     infusenet: FluxControlNetModel | None = None
+    face_recognizer: torch.nn.Module | None = None
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                  image_encoder=None, feature_extractor=None):
@@ -96,13 +98,15 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         return self.is_pulid
 
     def _identity_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.identity_adapter, self.infusenet, self.eva_encoder, self.face_parser) if m is not None]
+        return [m for m in (self.identity_adapter, self.infusenet, self.eva_encoder, self.face_parser,
+                            self.face_recognizer) if m is not None]
 
     def to(self, *args: Any, **kwargs: Any):
         """diffusers' ``to``, the identity modules going with the transformer."""
         super().to(*args, **kwargs)
         for module in self._identity_modules():
-            module.to(self.transformer.device, None if module is self.face_parser else self.transformer.dtype)
+            full = module is self.face_parser or module is self.face_recognizer  # small; kept in float32
+            module.to(self.transformer.device, None if full else self.transformer.dtype)
         return self
 
     # ---------------------------------------------------------------- loading
@@ -114,6 +118,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         image_encoder: Any = None,
         face_parser: Any = None,
         infusenet: FluxControlNetModel | str | None = None,
+        face_recognizer: Any = None,
         **hub_kwargs: Any,
     ) -> None:
         """Load PuLID-FLUX (``guozinan/PuLID``, ``weight_name="pulid_flux_v0.9.1.safetensors"``) or
@@ -124,7 +129,9 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         PuLID-FLUX also loads EVA02-CLIP's tower (``image_encoder``) and the face parser
         (``face_parser``), as the SDXL pipeline does. InfiniteYou also loads InfuseNet
         (``infusenet``: a ``FluxControlNetModel``, its folder or hub id; default the
-        ``InfuseNetModel`` folder beside the projection file).
+        ``InfuseNetModel`` folder beside the projection file) and the ArcFace it was trained on,
+        facexlib's IR-SE50 (``face_recognizer``: a module or ``recognition_arcface_ir_se50.pth``;
+        default facexlib's release), which reads its ``face_image=`` photos.
         """
         if isinstance(pretrained_model_name_or_path_or_file, dict):
             path, raw = weight_name or "the given state dict", pretrained_model_name_or_path_or_file
@@ -138,7 +145,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             path = resolve_checkpoint_file(source, weight_name, subfolder, **hub_kwargs)
             raw = read_checkpoint(path)
         device, dtype = self.transformer.device, self.transformer.dtype
-        eva = parser = network = None
+        eva = parser = network = recognizer = None
         if is_pulid_flux(raw):
             adapter, format = pulid_flux_adapter(raw, path), "pulid_flux"
             adapter.positions(self.transformer)
@@ -151,6 +158,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                                       f"but this transformer reads {width}-d text: use the adapter made for this base")
             network = self._load_infusenet(infusenet, pretrained_model_name_or_path_or_file, path, weight_name, subfolder,
                                            hub_kwargs)
+            recognizer = load_irse_recognizer(face_recognizer).to(device)
         else:
             raise CheckpointError(
                 f"{path} is not a FLUX identity adapter: IDFluxPipeline runs PuLID-FLUX (pulid_flux_v0.9.x.safetensors) "
@@ -158,11 +166,11 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                 "IDStableDiffusionPipeline and IDStableDiffusionXLPipeline")
         if format != "pulid_flux" and (image_encoder is not None or face_parser is not None):
             raise ValueError(f"image_encoder= and face_parser= are PuLID's; {path} is {format}: leave them out")
-        if infusenet is not None and format != "infiniteyou":
-            raise ValueError(f"infusenet= is InfiniteYou's; {path} is {format}: leave it out")
+        if format != "infiniteyou" and (infusenet is not None or face_recognizer is not None):
+            raise ValueError(f"infusenet= and face_recognizer= are InfiniteYou's; {path} is {format}: leave them out")
         self.unload_identity_adapter()
         self.identity_adapter, self.adapter_format = adapter.to(device, dtype).eval(), format
-        self.eva_encoder, self.face_parser, self.infusenet = eva, parser, network
+        self.eva_encoder, self.face_parser, self.infusenet, self.face_recognizer = eva, parser, network, recognizer
 
     def _load_infusenet(self, infusenet: Any, source: Any, path: str, weight_name: str | None, subfolder: str | None,
                         hub_kwargs: dict) -> FluxControlNetModel:
@@ -196,8 +204,29 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     def unload_identity_adapter(self) -> None:
         """Remove the identity modules: the pipeline is plain FLUX again."""
         self.identity_adapter = self.adapter_format = self.infusenet = self.eva_encoder = self.face_parser = None
+        self.face_recognizer = None
 
     # ---------------------------------------------------------------- identity tokens
+    def encode_identity(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0,
+                        face_weights: Sequence[float] | None = None) -> torch.Tensor:
+        """ArcFace ``id_embeds`` (N, 512) of face photos; InfiniteYou's from its own recognizer
+        (facexlib's IR-SE50 on the face aligned at 112 px), several photos of one person averaged
+        (weighted by ``face_weights``) and normalised again."""
+        if self.adapter_format != "infiniteyou":
+            return super().encode_identity(face_image, batch_size, face_index, face_weights)
+        groups = self._face_groups(face_image, batch_size)
+        rows = []
+        with self._on(self._execution_device, self.face_recognizer):
+            for photos in groups:
+                embeds = self.face_recognizer.embed(self.face_analyzer.face_crops(photos, face_index, 112)).cpu()
+                weights = torch.ones(len(embeds)) if face_weights is None or len(groups) > 1 else \
+                    torch.as_tensor(face_weights, dtype=torch.float32)
+                if len(weights) != len(embeds) or weights.min() < 0 or weights.sum() <= 0:
+                    raise ValueError(f"need {len(embeds)} non-negative weights with a positive sum, one per photo, "
+                                     f"got {list(face_weights)}")
+                rows.append(torch.nn.functional.normalize((weights[:, None] * embeds).sum(0), dim=0))
+        return torch.stack(rows)
+
     @torch.no_grad()
     def encode_id_tokens(
         self,

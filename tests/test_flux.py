@@ -21,9 +21,11 @@ from idgen.presets import get_preset, random_infiniteyou, random_pulid_flux_stat
 
 from .conftest import reference_modules
 
-#: Local copies of https://github.com/ToTheBeginning/PuLID and https://github.com/bytedance/InfiniteYou.
+#: Local copies of https://github.com/ToTheBeginning/PuLID, https://github.com/bytedance/InfiniteYou and
+#: https://github.com/xinntao/facexlib.
 PULID_REFERENCE = os.environ.get("IDGEN_PULID_REPO")
 INFINITEYOU_REFERENCE = os.environ.get("IDGEN_INFINITEYOU_REPO")
+FACEXLIB_REFERENCE = os.environ.get("IDGEN_FACEXLIB_REPO")
 PROMPT = "a photo of a person"
 
 
@@ -34,7 +36,8 @@ def presets(cache):
 
 def _load(preset, analyzer) -> IDFluxPipeline:
     pipe = IDFluxPipeline.from_pretrained(preset.base)
-    extra = dict(image_encoder=preset.image_encoder, face_parser=preset.face_parser) if preset.image_encoder else {}
+    extra = dict(image_encoder=preset.image_encoder, face_parser=preset.face_parser) if preset.image_encoder else \
+        dict(face_recognizer=preset.face_recognizer)
     pipe.load_identity_adapter(preset.adapter, **extra)
     pipe.set_face_analyzer(analyzer)
     pipe.set_progress_bar_config(disable=True)
@@ -121,6 +124,27 @@ def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
         run(infiniteyou, face_image=astronaut, negative_face_image=astronaut)
 
 
+def test_infiniteyou_reads_photos_with_its_own_arcface(infiniteyou, analyzer, astronaut, group_photo, tmp_path):
+    """InfiniteYou's identity comes from the recognizer it was trained on (facexlib's IR-SE, on the
+    face aligned at 112 px, in BGR), not from the face pack's; several photos are averaged."""
+    from idgen.adapters.face_recognition import build_irse, load_irse_recognizer
+
+    crops = analyzer.face_crops([astronaut, group_photo], 0, 112)
+    expected = infiniteyou.face_recognizer(torch.from_numpy(crops[..., ::-1].copy()).permute(0, 3, 1, 2) / 127.5 - 1)
+    assert torch.allclose(infiniteyou.encode_identity(astronaut)[0], expected[0], atol=1e-6)
+    both = infiniteyou.encode_identity([astronaut, group_photo])[0]
+    assert torch.allclose(both, torch.nn.functional.normalize(expected.sum(0), dim=0), atol=1e-6)
+    pack = torch.from_numpy(analyzer.identity([astronaut]))
+    assert not torch.allclose(infiniteyou.encode_identity(astronaut)[0], pack, atol=1e-2)
+    assert torch.equal(run(infiniteyou, face_image=astronaut),
+                       run(infiniteyou, id_embeds=infiniteyou.encode_identity(astronaut)))
+    broken = tmp_path / "not-arcface.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, broken)
+    with pytest.raises(CheckpointError, match="is not facexlib's IR-SE ArcFace recognizer"):
+        load_irse_recognizer(broken)
+    assert len(build_irse(infiniteyou.face_recognizer.state_dict()).body) == 4
+
+
 def test_wrong_checkpoints_fail_with_one_line(pulid, presets, cache, tmp_path):
     with pytest.raises(CheckpointError, match="is not a FLUX identity adapter"):
         pulid.load_identity_adapter(get_preset("tiny-sdxl", root=str(cache)).adapter + "/ip-adapter.bin")
@@ -134,7 +158,7 @@ def test_wrong_checkpoints_fail_with_one_line(pulid, presets, cache, tmp_path):
     with pytest.raises(CheckpointError, match="has 5 cross-attention blocks, but a transformer with 3 double"):
         pulid.load_identity_adapter(state)
     assert pulid.adapter_format == "pulid_flux"  # the loaded adapter is kept
-    with pytest.raises(ValueError, match="infusenet= is InfiniteYou's"):
+    with pytest.raises(ValueError, match="infusenet= and face_recognizer= are InfiniteYou's"):
         pulid.load_identity_adapter(presets[0].adapter, infusenet="somewhere", image_encoder=presets[0].image_encoder,
                                     face_parser=presets[0].face_parser)
 
@@ -155,7 +179,7 @@ def test_infiniteyou_from_its_hub_layout(infiniteyou, presets, monkeypatch, tmp_
             cls, os.path.join(presets[1].adapter, "InfuseNetModel"))))
     for kwargs in (dict(subfolder="infu_flux_v1.0/aes_stage2"), dict(weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin")):
         asked.clear()
-        infiniteyou.load_identity_adapter("ByteDance/InfiniteYou", **kwargs)
+        infiniteyou.load_identity_adapter("ByteDance/InfiniteYou", face_recognizer=infiniteyou.face_recognizer, **kwargs)
         assert asked[-1] == ("ByteDance/InfiniteYou", "infu_flux_v1.0/aes_stage2/InfuseNetModel")
         assert asked[0][0] == "ByteDance/InfiniteYou" and infiniteyou.adapter_format == "infiniteyou"
 
@@ -275,6 +299,29 @@ def test_pulid_flux_parity_with_the_reference(monkeypatch):
         print(f"PuLID-FLUX start_step={start_step} true_cfg={true_cfg}: max |diff| {error:.2e} "
               f"(values up to {expected.abs().max().item():.1f})")
         assert error <= 1e-4
+
+
+@pytest.mark.skipif(FACEXLIB_REFERENCE is None, reason="set IDGEN_FACEXLIB_REPO to a local copy of xinntao/facexlib")
+def test_irse_arcface_parity_with_facexlib(monkeypatch):
+    """facexlib's IR-SE50 (InfiniteYou's recognizer) with random weights and batch-norm statistics,
+    loaded into ours from its state dict: the same embeddings."""
+    from idgen.adapters.face_recognition import build_irse
+
+    (arch,) = reference_modules(monkeypatch, os.path.join(FACEXLIB_REFERENCE, "facexlib", "recognition"),
+                                "ref_recognition", ["arcface_arch"])
+    torch.manual_seed(0)
+    reference = arch.Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").eval()
+    with torch.no_grad():
+        for name, tensor in reference.state_dict().items():  # batch norms and PReLUs off their defaults
+            if tensor.ndim == 1 and tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5 if name.endswith("running_var") else torch.randn_like(tensor) * 0.1)
+    ours = build_irse(reference.state_dict())
+    assert len(ours.body) == 24
+    faces = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        error = (ours(faces) - reference(faces)).abs().max().item()
+    print(f"IR-SE50: max |diff| {error:.2e}")
+    assert error <= 1e-5
 
 
 @pytest.mark.skipif(INFINITEYOU_REFERENCE is None,

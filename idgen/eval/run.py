@@ -46,8 +46,8 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     report = Report(config={**session.metadata(), "refs": refs, "prompts": prompts, "seeds": seeds,
                             "clip_model": clip_name if clip else None, "second_recognizer": DlibRecognizer.name})
     # The generation's identities: the same unit vectors, or as the method takes them (raw vectors,
-    # one row per photo), with FaceID-Plus's CLIP features.
-    as_given = session.method.raw_id_embeds or session.method.per_photo
+    # one row per photo, or read by the pipeline itself), with what the method reads from the photos.
+    as_given = session.method.raw_id_embeds or session.method.per_photo or session.method.own_recognizer
     inputs = {name: {"id_embeds": session.identity(photos) if as_given else torch.from_numpy(references[name]),
                      **session.clip_inputs(pipe, photos)} for name, photos in identities.items()}
     jobs = [(name, i, prompt, seed) for name in identities for i, prompt in enumerate(prompts) for seed in seeds]
