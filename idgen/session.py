@@ -494,7 +494,9 @@ class Session:
             **({"identitynet": self.identitynet} if self.identitynet else {}),
             **({"loras": ", ".join(map(str, self.loras))} if self.loras else {}),
             **({"timesteps": ",".join(map(str, self.options.timesteps))} if self.options.timesteps else {}),
-            "face_model": f"{self.analyzer.info['recognizer']} via {self.analyzer.info['detector']}",
+            "face_model": (f"facexlib IR-SE50 ({self.options.face_recognizer or 'its release'})"
+                           if self.method.own_recognizer else self.analyzer.info["recognizer"])
+            + f" via {self.analyzer.info['detector']}",
             "idgen_version": __version__,
         }
         if self.random_parts:

@@ -204,7 +204,9 @@ def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
     assert (meta["method"], meta["id_start_step"], meta["steps"], meta["guidance"]) == ("pulid-flux", "1", "2", "4.0")
     assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
     assert main(["generate", "--base", "tiny-infiniteyou", *common, "--kps-image", str(astronaut), "--out", str(out)]) == 0
-    assert (Image.open(out).text["method"], Image.open(out).text["kps_image"]) == ("infiniteyou", str(astronaut))
+    meta = Image.open(out).text
+    assert (meta["method"], meta["kps_image"]) == ("infiniteyou", str(astronaut))
+    assert meta["face_model"].startswith("facexlib IR-SE50 (") and "InfiniteYou's face recognizer" in meta["random_weights"]
     assert main(["generate", "--base", "tiny-flux", *common, "--num-zero", "4", "--out", str(out)]) == 2
     assert "--num-zero is PuLID's on SDXL" in capsys.readouterr().err
     assert main(["generate", "--base", "tiny-sdxl", *common, "--id-start-step", "2", "--out", str(out)]) == 2
