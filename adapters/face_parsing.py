@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idgen.errors import CheckpointError, ModelNotFoundError
+from idgen.errors import CheckpointError
 
 #: facexlib's release of the parsing weights.
 BISENET_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
@@ -140,22 +140,10 @@ def load_face_parser(source: str | os.PathLike | nn.Module | None = None) -> BiS
     by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
         return source.eval()
-    from .loading import read_checkpoint
+    from .loading import release_weights
 
-    if source is None:
-        try:
-            state = torch.hub.load_state_dict_from_url(BISENET_URL, map_location="cpu", weights_only=True, progress=False)
-        except Exception as err:  # offline
-            raise ModelNotFoundError(
-                f"PuLID keeps only the face for EVA-CLIP using facexlib's face parser ({BISENET_URL}), which could not "
-                f"be downloaded ({type(err).__name__}): download it and pass face_parser= (or --face-parser) with its path"
-            ) from None
-        path = BISENET_URL
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ModelNotFoundError(f"face parser {path} does not exist: pass facexlib's parsing_bisenet.pth")
-        state = read_checkpoint(path)
+    state, path = release_weights(source, BISENET_URL, "PuLID keeps only the face for EVA-CLIP using facexlib's face parser",
+                                  "face_parser= (or --face-parser)", "facexlib's parsing_bisenet.pth")
     model = BiSeNet(num_class=int(state["conv_out.conv_out.weight"].shape[0]) if "conv_out.conv_out.weight" in state else 19)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idgen.errors import CheckpointError, ModelNotFoundError
+from idgen.errors import CheckpointError
 
 #: facexlib's release of the recognizer InfiniteYou reads.
 IRSE50_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
@@ -94,17 +94,8 @@ def load_irse_recognizer(source: str | os.PathLike | nn.Module | None = None) ->
     ``weights_only=True``), by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
         return source.eval()
-    from .loading import read_checkpoint
+    from .loading import release_weights
 
-    if source is None:
-        try:
-            state = torch.hub.load_state_dict_from_url(IRSE50_URL, map_location="cpu", weights_only=True, progress=False)
-        except Exception as err:  # offline
-            raise ModelNotFoundError(
-                f"InfiniteYou reads the identity with facexlib's ArcFace ({IRSE50_URL}), which could not be downloaded "
-                f"({type(err).__name__}): download it and pass face_recognizer= (CLI: --face-recognizer)") from None
-        return build_irse(state, IRSE50_URL)
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise ModelNotFoundError(f"{path} does not exist: pass facexlib's recognition_arcface_ir_se50.pth")
-    return build_irse(read_checkpoint(path), path)
+    state, path = release_weights(source, IRSE50_URL, "InfiniteYou reads the identity with facexlib's ArcFace",
+                                  "face_recognizer= (or --face-recognizer)", "facexlib's recognition_arcface_ir_se50.pth")
+    return build_irse(state, path)

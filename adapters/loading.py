@@ -120,6 +120,22 @@ def read_checkpoint(path: str) -> dict:
     return raw
 
 
+def release_weights(source: str | os.PathLike | None, url: str, purpose: str, flag: str, name: str) -> tuple[dict, str]:
+    """A helper network's weights and where they came from: the file ``source`` (``read_checkpoint``),
+    or by default ``url``, downloaded once into torch's hub cache (``weights_only=True``). The
+    errors say ``purpose`` and the argument (``flag``) that takes the file ``name``."""
+    if source is None:
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, progress=False), url
+        except Exception as err:  # offline
+            raise ModelNotFoundError(f"{purpose} ({url}), which could not be downloaded ({type(err).__name__}): download "
+                                     f"it and pass {flag} with its path") from None
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{path} does not exist: pass {name}")
+    return read_checkpoint(path), path
+
+
 def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     """Read an adapter checkpoint (``read_checkpoint``) into ``{"image_proj": ..., "ip_adapter": ...}``."""
     raw = read_checkpoint(path)

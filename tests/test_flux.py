@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxPipeline
 
 from idgen.adapters.flux import PuLIDFluxAdapter, ca_block_positions, infiniteyou_projection
-from idgen.errors import CheckpointError, NoFaceError
+from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionXLPipeline
 from idgen.presets import get_preset, random_infiniteyou, random_pulid_flux_state_dict, tiny_eva_tower, tiny_flux_pipeline
 
@@ -142,6 +142,8 @@ def test_infiniteyou_reads_photos_with_its_own_arcface(infiniteyou, analyzer, as
     torch.save({"conv.weight": torch.zeros(1)}, broken)
     with pytest.raises(CheckpointError, match="is not facexlib's IR-SE ArcFace recognizer"):
         load_irse_recognizer(broken)
+    with pytest.raises(ModelNotFoundError, match="does not exist: pass facexlib's recognition_arcface_ir_se50.pth"):
+        load_irse_recognizer(tmp_path / "missing.pth")
     assert len(build_irse(infiniteyou.face_recognizer.state_dict()).body) == 4
 
 
