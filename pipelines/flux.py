@@ -370,6 +370,9 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                                                 batch_size * num_images_per_prompt, generator, self._execution_device)
         window = (max(id_guidance_start, infusenet_guidance_start), min(id_guidance_end, infusenet_guidance_end)) \
             if control is not None else (id_guidance_start, id_guidance_end)
+        if window[0] >= window[1]:
+            raise ValueError(f"InfuseNet's window {infusenet_guidance_start}-{infusenet_guidance_end} and the identity's "
+                             f"{id_guidance_start}-{id_guidance_end} do not overlap: the identity would never act")
         with self.identity_conditioning(tokens, negative_tokens, num_images_per_prompt, id_scale, *window,
                                         id_start_step, control, infusenet_conditioning_scale):
             output = super().__call__(prompt=prompt, height=height, width=width,

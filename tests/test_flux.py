@@ -120,6 +120,8 @@ def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
     Image.new("RGB", (256, 256), (90, 90, 90)).save(blank)
     with pytest.raises(NoFaceError, match="control_image has 0 face"):
         run(infiniteyou, face_image=astronaut, control_image=blank)
+    with pytest.raises(ValueError, match="do not overlap"):
+        run(infiniteyou, face_image=astronaut, id_guidance_end=0.4, infusenet_guidance_start=0.5)
     with pytest.raises(ValueError, match="InfiniteYou defines no negative identity"):
         run(infiniteyou, face_image=astronaut, negative_face_image=astronaut)
 
