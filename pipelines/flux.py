@@ -16,9 +16,24 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from idgen.adapters import resolve_checkpoint_file
 from idgen.adapters.face_recognition import load_irse_recognizer
@@ -78,8 +93,11 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     infusenet: FluxControlNetModel | None = None
     face_recognizer: torch.nn.Module | None = None
 
-    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
-                 image_encoder=None, feature_extractor=None):
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
+                 transformer: FluxTransformer2DModel, image_encoder: CLIPVisionModelWithProjection = None,
+                 feature_extractor: CLIPImageProcessor = None):
+        # The signature is FluxPipeline's, types included: diffusers' from_pretrained and from_pipe read it.
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
         if vae is not None:  # FluxPipeline assumes 1024 px; the VAE's own size serves any base
@@ -96,6 +114,17 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     @property
     def per_photo_id_embeds(self) -> bool:  # PuLID's IDFormer reads each photo; InfiniteYou one vector
         return self.is_pulid
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe``; the new pipeline keeps the identity modules and face analyzer of
+        ``pipeline`` when it shares its transformer."""
+        new = super().from_pipe(pipeline, **kwargs)
+        if getattr(pipeline, "identity_adapter", None) is not None and new.transformer is pipeline.transformer:
+            for name in ("identity_adapter", "adapter_format", "infusenet", "eva_encoder", "face_parser",
+                         "face_recognizer", "_face_analyzer"):
+                setattr(new, name, getattr(pipeline, name))
+        return new
 
     def _identity_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.identity_adapter, self.infusenet, self.eva_encoder, self.face_parser,

@@ -188,6 +188,15 @@ def test_infiniteyou_from_its_hub_layout(infiniteyou, presets, monkeypatch, tmp_
         assert asked[0][0] == "ByteDance/InfiniteYou" and infiniteyou.adapter_format == "infiniteyou"
 
 
+def test_from_pipe_keeps_the_identity(pulid, astronaut):
+    again = IDFluxPipeline.from_pipe(pulid)
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(run(again, face_image=astronaut), run(pulid, face_image=astronaut))
+    plain_pipe = FluxPipeline.from_pipe(pulid)  # diffusers' own pipeline on the same transformer runs it plain
+    plain_pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(plain(plain_pipe), plain(pulid))
+
+
 def test_save_pretrained_writes_the_plain_base(pulid, tmp_path):
     pulid.save_pretrained(tmp_path / "saved")
     again = FluxPipeline.from_pretrained(tmp_path / "saved")
