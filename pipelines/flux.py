@@ -49,6 +49,7 @@ from idgen.adapters.flux import (
 from idgen.adapters.loading import read_checkpoint
 from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.faces import ImageInput, draw_kps, load_image
+from idgen.faces.analyzer import check_face_weights, mean_identity
 
 from .identity import FaceImages, IDScale, PuLIDInputMixin, id_window, layer_id_scales
 
@@ -244,17 +245,14 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         if self.adapter_format != "infiniteyou":
             return super().encode_identity(face_image, batch_size, face_index, face_weights)
         groups = self._face_groups(face_image, batch_size)
+        weights = face_weights if len(groups) == 1 else None
         rows = []
         with self._on(self._execution_device, self.face_recognizer):
             for photos in groups:
-                embeds = self.face_recognizer.embed(self.face_analyzer.face_crops(photos, face_index, 112)).cpu()
-                weights = torch.ones(len(embeds)) if face_weights is None or len(groups) > 1 else \
-                    torch.as_tensor(face_weights, dtype=torch.float32)
-                if len(weights) != len(embeds) or weights.min() < 0 or weights.sum() <= 0:
-                    raise ValueError(f"need {len(embeds)} non-negative weights with a positive sum, one per photo, "
-                                     f"got {list(face_weights)}")
-                rows.append(torch.nn.functional.normalize((weights[:, None] * embeds).sum(0), dim=0))
-        return torch.stack(rows)
+                check_face_weights(weights, len(photos))
+                embeds = self.face_recognizer.embed(self.face_analyzer.face_crops(photos, face_index, 112))
+                rows.append(mean_identity(embeds.cpu().numpy(), weights))
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
 
     @torch.no_grad()
     def encode_id_tokens(
@@ -271,14 +269,10 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         encoder on ``negative_id_embeds``, zeros by default; InfiniteYou has none: None)."""
         if self.identity_adapter is None:
             raise RuntimeError("no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating")
-        if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
-            raise ValueError("pass exactly one of face_image= and id_embeds=")
+        face_image, eva_photos = self._identity_photos(face_image, id_embeds)
         if not self.is_pulid and (negative_face_image is not None or negative_id_embeds is not None):
             raise ValueError("InfiniteYou defines no negative identity (its negative branch runs without InfuseNet): "
                              "leave negative_face_image= and negative_id_embeds= out")
-        eva_photos = face_image if self.is_pulid else None
-        if eva_photos is not None and id_embeds is not None:
-            face_image = None
         id_embeds, negative_id_embeds = self.prepare_id_embeds(face_image, id_embeds, negative_face_image,
                                                                negative_id_embeds, batch_size, face_index, face_weights)
         device, dtype = self._execution_device, self.transformer.dtype

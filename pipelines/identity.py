@@ -281,6 +281,20 @@ class PuLIDInputMixin(FaceInputMixin):
     eva_encoder: Any = None
     face_parser: Any = None
 
+    def _check_identity_inputs(self, face_image: Any, id_embeds: Any) -> None:
+        """Exactly one of ``face_image`` and ``id_embeds``; PuLID takes both (its EVA-CLIP reads the
+        photos, ``id_embeds`` then stand for their ArcFace vectors)."""
+        if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
+            raise ValueError("pass exactly one of face_image= and id_embeds=")
+
+    def _identity_photos(self, face_image: FaceImages | None, id_embeds: Any
+                         ) -> tuple[FaceImages | None, FaceImages | None]:
+        """The checked identity inputs split by reader: (the photos ArcFace reads, None when
+        ``id_embeds`` stand for them; the photos PuLID's EVA reads, None for other adapters)."""
+        self._check_identity_inputs(face_image, id_embeds)
+        eva_photos = face_image if self.is_pulid else None  # PuLID's EVA reads the photos even beside id_embeds
+        return (None if eva_photos is not None and id_embeds is not None else face_image), eva_photos
+
     @staticmethod
     def _pulid_encoders(image_encoder: Any, face_parser: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
         """PuLID's EVA02-CLIP tower and face parser, on ``device`` (the tower in ``dtype``)."""
@@ -680,12 +694,6 @@ class IdentityPipelineMixin(PuLIDInputMixin):
                 ) from None
         return image_encoder.to(self.unet.device, self.unet.dtype)
 
-    def _check_identity_inputs(self, face_image: Any, id_embeds: Any) -> None:
-        """Exactly one of ``face_image`` and ``id_embeds``; PuLID takes both (its EVA-CLIP reads the
-        photos, ``id_embeds`` then stand for their ArcFace vectors)."""
-        if (face_image is None) == (id_embeds is None) and not (self.is_pulid and face_image is not None):
-            raise ValueError("pass exactly one of face_image= and id_embeds=")
-
     def encode_id_tokens(
         self,
         face_image: FaceImages | None,
@@ -705,10 +713,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         (``face_clip_embeds``, else from ``face_image``; a blank image's for the unconditional
         branch) and PlusV2 adds its MLP tokens back at ``s_scale``.
         """
-        self._check_identity_inputs(face_image, id_embeds)
-        eva_photos = face_image if self.is_pulid else None  # PuLID's EVA reads the photos even beside id_embeds
-        if eva_photos is not None and id_embeds is not None:
-            face_image = None
+        face_image, eva_photos = self._identity_photos(face_image, id_embeds)
         id_embeds, negative_id_embeds = self.prepare_id_embeds(
             face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size, face_index, face_weights
         )

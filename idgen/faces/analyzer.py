@@ -103,6 +103,19 @@ def onnx_metadata(path: str) -> dict[str, str]:
     return {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
 
 
+def check_face_weights(weights: Sequence[float] | None, count: int) -> None:
+    """``weights`` of ``count`` photos of one person: None, or one non-negative weight each with a positive sum."""
+    if weights is not None and (len(weights) != count or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"need {count} non-negative weights with a positive sum, one per photo, got {list(weights)}")
+
+
+def mean_identity(embeddings: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+    """One identity from unit embeddings (n, d) of one person's photos: their (weighted) mean,
+    normalised again."""
+    mean = np.average(embeddings, axis=0, weights=weights)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 class FaceAnalyzer:
     """Find faces, their 5 keypoints, aligned crops and ArcFace embeddings.
 
@@ -244,11 +257,9 @@ class FaceAnalyzer:
         """One identity from one or several photos of the same person (``faces``): the
         (optionally weighted) mean of their normalised embeddings, normalised again; with ``raw``,
         scaled to the mean raw norm (InstantID was trained on un-normalised vectors)."""
-        if weights is not None and (len(weights) != len(images) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"need {len(images)} non-negative weights with a positive sum, one per photo, got {list(weights)}")
+        check_face_weights(weights, len(images))
         faces = self.faces(images, face_index)
-        mean = np.average([face.embedding for face in faces], axis=0, weights=weights)
-        mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        mean = mean_identity(np.stack([face.embedding for face in faces]), weights)
         if raw:
             mean = mean * np.average([face.embedding_norm for face in faces], weights=weights)
         return mean.astype(np.float32)
