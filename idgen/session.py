@@ -548,7 +548,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     adapter_file = adapter_state = None
     if method.family != "arc2face":
         from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
-        from .adapters.loading import PhotoMakerCheckpointError
+        from .adapters.loading import PhotoMakerCheckpointError, read_checkpoint
         from .adapters.photomaker import photomaker_state_dicts
 
         adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
@@ -562,7 +562,9 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
         if method.checkpoint_format == "photomaker":
             found = photomaker()
         elif method.family == "flux":
-            found = _flux_format(adapter_file)
+            raw = read_checkpoint(adapter_file)
+            found = _flux_format(raw, adapter_file)
+            adapter_state = raw if found == "pulid_flux" else None  # InfiniteYou loads from its folder: InfuseNet is there
         else:
             try:
                 adapter_state = load_adapter_state_dict(adapter_file)
@@ -605,12 +607,10 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
                    random_parts, signer, loras, adapter_state)
 
 
-def _flux_format(adapter_file: str) -> str:
-    """"pulid_flux" or "infiniteyou", from the file's keys; an SD adapter on a FLUX base fails here."""
+def _flux_format(raw: dict, adapter_file: str) -> str:
+    """"pulid_flux" or "infiniteyou", from the checkpoint's keys; an SD adapter on a FLUX base fails here."""
     from .adapters.flux import is_infiniteyou, is_pulid_flux
-    from .adapters.loading import read_checkpoint
 
-    raw = read_checkpoint(adapter_file)
     if is_pulid_flux(raw):
         return "pulid_flux"
     if is_infiniteyou(raw):
