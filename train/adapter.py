@@ -224,13 +224,19 @@ def _sdxl_conditioning(pipe, captions, device, resolution):
     return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
 
 
+def freeze(config: AdapterTrainConfig, accelerator, *modules: nn.Module | None) -> torch.dtype:
+    """The frozen base ``modules`` (None ones skipped) on the device, in the training dtype
+    (``mixed_precision``), which is returned."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    return weight_dtype
+
+
 def prepare_models(config: AdapterTrainConfig, accelerator, pipe, lora_name: str = ID_LORA_NAME) -> tuple:
     """Freeze the base model in the training dtype; return (trainable module, weight dtype)."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            module.requires_grad_(False)
-            module.to(accelerator.device, dtype=weight_dtype)
+    weight_dtype = freeze(config, accelerator, pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     model = TrainableIdentity(pipe.unet, pipe.identity_adapter, lora_name)
     model.to(dtype=torch.float32).requires_grad_(True)
     if config.gradient_checkpointing:
@@ -345,9 +351,9 @@ def _train_flux(config: AdapterTrainConfig, accelerator, pipe, dataset: FaceData
     ``pulid_flux`` safetensors file that ``IDFluxPipeline.load_identity_adapter`` reads."""
     from .flux import flux_training_loss
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.eva_encoder, pipe.face_parser):
-        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype if module is not pipe.face_parser else None)
+    weight_dtype = freeze(config, accelerator, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
+                          pipe.eva_encoder)
+    pipe.face_parser.requires_grad_(False).to(accelerator.device)  # its label maps stay float32
     adapter = pipe.identity_adapter.to(accelerator.device, torch.float32).requires_grad_(True).train()
 
     def step_loss(model, batch, micro):
