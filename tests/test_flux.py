@@ -19,7 +19,7 @@ from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionXLPipeline
 from idgen.presets import get_preset, random_infiniteyou, random_pulid_flux_state_dict, tiny_eva_tower, tiny_flux_pipeline
 
-from .conftest import reference_modules
+from .conftest import FP32_ATOL, reference_modules
 
 #: Local copies of https://github.com/ToTheBeginning/PuLID, https://github.com/bytedance/InfiniteYou and
 #: https://github.com/xinntao/facexlib.
@@ -112,7 +112,7 @@ def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
     assert control.size == (96, 64) and 16 <= lit[:, 1].min() and lit[:, 1].max() < 80
     weak = run(infiniteyou, face_image=astronaut, infusenet_conditioning_scale=0.3)
     assert not torch.allclose(weak, free, atol=1e-4)
-    assert torch.allclose(run(infiniteyou, face_image=astronaut, id_scale=0.3), weak, atol=1e-5)
+    assert torch.allclose(run(infiniteyou, face_image=astronaut, id_scale=0.3), weak, atol=FP32_ATOL)
     assert not torch.allclose(run(infiniteyou, face_image=astronaut, infusenet_guidance_end=0.5), free, atol=1e-4)
     blank = tmp_path / "blank.png"
     from PIL import Image
@@ -132,10 +132,11 @@ def test_infiniteyou_reads_photos_with_its_own_arcface(infiniteyou, analyzer, as
     from idgen.adapters.face_recognition import build_irse, load_irse_recognizer
 
     crops = analyzer.face_crops([astronaut, group_photo], 0, 112)
+    # a batch of one photo against a batch of two, averaged in numpy: two code paths
     expected = infiniteyou.face_recognizer(torch.from_numpy(crops[..., ::-1].copy()).permute(0, 3, 1, 2) / 127.5 - 1)
-    assert torch.allclose(infiniteyou.encode_identity(astronaut)[0], expected[0], atol=1e-6)
+    assert torch.allclose(infiniteyou.encode_identity(astronaut)[0], expected[0], atol=FP32_ATOL)
     both = infiniteyou.encode_identity([astronaut, group_photo])[0]
-    assert torch.allclose(both, torch.nn.functional.normalize(expected.sum(0), dim=0), atol=1e-6)
+    assert torch.allclose(both, torch.nn.functional.normalize(expected.sum(0), dim=0), atol=FP32_ATOL)
     pack = torch.from_numpy(analyzer.identity([astronaut]))
     assert not torch.allclose(infiniteyou.encode_identity(astronaut)[0], pack, atol=1e-2)
     assert torch.equal(run(infiniteyou, face_image=astronaut),
