@@ -59,10 +59,11 @@ def attribute_tokens(tokenizer: Any, prompt: str, words: Sequence[str] | None) -
 
 
 class StreamFusion:
-    """Runs the base stream beside the identity stream for one call and merges them (see the module
-    docstring). The pipeline's UNet batch (CFG included) is the identity stream. For FreeCure,
-    ``token_positions`` holds the attribute tokens of each prompt row (prompts times images per
-    prompt); with CFG the unconditional rows come first and use their prompt row's mask."""
+    """The base stream of one call, run beside the identity stream and merged with it (see the
+    module docstring); an ``IdentityCall`` hands it the UNet's forwards. The pipeline's UNet batch
+    (CFG included) is the identity stream. For FreeCure, ``token_positions`` holds the attribute
+    tokens of each prompt row (prompts times images per prompt); with CFG the unconditional rows
+    come first and use their prompt row's mask."""
 
     def __init__(self, unet: nn.Module, mode: str, token_positions: list[list[int]] | None = None):
         if mode not in FUSIONS:
@@ -73,35 +74,14 @@ class StreamFusion:
                              "them together: call pipe.unfuse_qkv_projections() first")
         self.mode = mode
         self.positions = token_positions or []
-        self.self_attention = [m for name, m in unet.named_modules() if name.endswith(".attn1")]
-        self.cross_attention = [m for name, m in unet.named_modules() if name.endswith(".attn2")]
+        self.heads = {name: module.heads for name, module in unet.named_modules() if name.endswith(".attn2")}
         self.rows = 0  # identity-stream rows of the current UNet call
         self.latent_size = (0, 0)
         self.masks: torch.Tensor | None = None  # FreeCure: (prompt rows, h, w) from the previous step
         self._maps: list[torch.Tensor] = []
-        self._queries: dict[nn.Module, torch.Tensor] = {}
-        self._handles: list = []
 
-    # ---------------------------------------------------------------- hooks
-    def attach(self, unet: nn.Module) -> None:
-        self._handles.append(unet.register_forward_pre_hook(self._double_batch, with_kwargs=True))
-        self._handles.append(unet.register_forward_hook(self._identity_stream))
-        for attn in self.self_attention:
-            if self.mode == "adain":
-                self._handles += [attn.to_k.register_forward_hook(self._mix), attn.to_v.register_forward_hook(self._mix)]
-            else:
-                self._handles.append(attn.to_out[0].register_forward_pre_hook(self._recover))
-        if self.mode == "freecure":
-            for attn in self.cross_attention:
-                self._handles += [attn.to_q.register_forward_hook(self._keep_query(attn)),
-                                  attn.to_k.register_forward_hook(self._attribute_map(attn))]
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _double_batch(self, module, args, kwargs):
+    # ---------------------------------------------------------------- the forwards it changes
+    def double_batch(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Identity rows, then the same rows again as the base stream: IdentityNet's residuals are
         zero there (the identity attention is zeroed by its tokens)."""
         sample = args[0] if args else kwargs["sample"]
@@ -120,7 +100,8 @@ class StreamFusion:
         return tuple(twice(arg) for arg in args), {
             key: twice(value, torch.zeros_like if key in residual else None) for key, value in kwargs.items()}
 
-    def _identity_stream(self, module, args, output):
+    def identity_stream(self, output: Any) -> Any:
+        """The UNet's output for the identity rows alone."""
         if self._maps:
             self.masks = self._combine(self._maps)
         if isinstance(output, tuple):
@@ -128,16 +109,18 @@ class StreamFusion:
         output.sample = output.sample[: self.rows]
         return output
 
-    def _mix(self, module, args, output: torch.Tensor) -> torch.Tensor:
-        """Keys or values (2R, N, C) -> (2R, 2N, C): the identity rows get [AdaIN-mean(own), base];
-        the base rows [base, base] (the same attention as over [base] alone)."""
+    def mix(self, output: torch.Tensor) -> torch.Tensor:
+        """Self-attention keys or values (2R, N, C) -> (2R, 2N, C): the identity rows get
+        [AdaIN-mean(own), base]; the base rows [base, base] (the same attention as over [base] alone)."""
+        if self.mode != "adain":
+            return output
         own, base = output[: self.rows], output[self.rows:]
         return torch.cat([torch.cat([adain_mean(own, base), base], dim=1), torch.cat([base, base], dim=1)])
 
-    def _recover(self, module, args):
-        """Identity rows' attention output -> the base rows' inside the attribute mask."""
-        if self.masks is None:
-            return None
+    def recover(self, args: tuple) -> tuple:
+        """Identity rows' self-attention output -> the base rows' inside the attribute mask."""
+        if self.mode != "freecure" or self.masks is None:
+            return args
         hidden = args[0]
         h, w = self._resolution(hidden.shape[1])
         mask = F.adaptive_max_pool2d(self.masks[:, None], (h, w))[:, 0]
@@ -146,25 +129,19 @@ class StreamFusion:
         own, base = hidden[: self.rows], hidden[self.rows:]
         return (torch.cat([torch.lerp(own, base, mask), base]), *args[1:])
 
-    def _keep_query(self, attn: nn.Module):
-        def hook(module, args, output):
-            self._queries[attn] = output
-        return hook
-
-    def _attribute_map(self, attn: nn.Module):
-        """The base stream's cross-attention to each prompt row's attribute tokens: (prompt rows, Q)."""
-        def hook(module, args, output):
-            query = self._queries.pop(attn, None)
-            prompts = len(self.positions)
-            if query is None or not any(self.positions):
-                return
-            rows = slice(2 * self.rows - prompts, None)  # the base stream's prompt (conditional) rows
-            heads, dim = attn.heads, query.shape[-1] // attn.heads
-            split = lambda t: t.reshape(t.shape[0], -1, heads, dim).transpose(1, 2).float()
-            probs = torch.softmax(split(query[rows]) @ split(output[rows]).transpose(-1, -2) / dim ** 0.5, dim=-1)
-            probs = probs.mean(1)  # (prompt rows, Q, T)
-            self._maps.append(torch.stack([probs[p][:, self.positions[p]].sum(-1) for p in range(prompts)]))
-        return hook
+    def attribute_map(self, name: str, query: torch.Tensor | None, key: torch.Tensor) -> None:
+        """Keep the base stream's cross-attention (layer ``name``) to each prompt row's attribute
+        tokens: (prompt rows, Q)."""
+        prompts = len(self.positions)
+        if self.mode != "freecure" or query is None or not any(self.positions):
+            return
+        rows = slice(2 * self.rows - prompts, None)  # the base stream's prompt (conditional) rows
+        heads = self.heads[name]
+        dim = query.shape[-1] // heads
+        split = lambda t: t.reshape(t.shape[0], -1, heads, dim).transpose(1, 2).float()
+        probs = torch.softmax(split(query[rows]) @ split(key[rows]).transpose(-1, -2) / dim ** 0.5, dim=-1)
+        probs = probs.mean(1)  # (prompt rows, Q, T)
+        self._maps.append(torch.stack([probs[p][:, self.positions[p]].sum(-1) for p in range(prompts)]))
 
     # ---------------------------------------------------------------- masks
     def _resolution(self, length: int) -> tuple[int, int]:

@@ -110,7 +110,11 @@ def memory_probe(kind: str, latent: int) -> dict:
     """One training step in this (fresh) process; peak memory above the loaded model."""
     from peft import LoraConfig
 
+    import contextlib
+
     from idgen.adapters import build_identity_adapter, detect_format
+    from idgen.adapters.attention import IdentityCall
+    from idgen.adapters.context import open_identity
     from idgen.presets import random_faceid_state_dict
 
     torch.manual_seed(0)
@@ -134,9 +138,13 @@ def memory_probe(kind: str, latent: int) -> dict:
     before = _rss_bytes()
     cuda = torch.cuda.is_available()
     sample = torch.randn(1, 4, latent, latent)
+    identity = contextlib.nullcontext()
     if kind == "adapter":
-        adapter.set_tokens(adapter.projection(torch.randn(1, 512)))
-    loss = unet(sample, 500, encoder_hidden_states=text).sample.pow(2).mean()
+        call = IdentityCall(adapter)
+        call.set_tokens(adapter.projection(torch.randn(1, 512)))
+        identity = open_identity(call)
+    with identity:
+        loss = unet(sample, 500, encoder_hidden_states=text).sample.pow(2).mean()
     loss.backward()
     optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from idgen.adapters.context import call_hook
+
 from .identity import FaceImages, FaceInputMixin
 
 ID_PROMPT = "photo of a id person"
@@ -61,16 +63,13 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
     def _replace_id_token(self, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
         """Within the block, the text encoder's token embedding at ``mask`` is ``vectors``."""
 
-        def hook(module, inputs, output):
+        def replace(output: torch.Tensor) -> torch.Tensor:
             output = output.clone()
             output[mask] = vectors.to(output.dtype)
             return output
 
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(hook)
-        try:
+        with call_hook(self.text_encoder.get_input_embeddings(), post=replace):
             yield
-        finally:
-            handle.remove()
 
     def encode_id_prompt(self, id_embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Text-encoder states (N, 77, D) of "photo of a id person" with identity i in row i."""

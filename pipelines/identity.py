@@ -30,6 +30,8 @@ from idgen.adapters import (
     peft_lora_state_dict,
     resolve_checkpoint_file,
 )
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import open_identity
 from idgen.adapters.fusion import StreamFusion, attribute_tokens
 from idgen.adapters.pulid import PULID_DEFAULTS, eva_face_pixels, pulid_settings
 from idgen.adapters.regions import Regions
@@ -915,40 +917,33 @@ class IdentityPipelineMixin(PuLIDInputMixin):
             )
         adapter = self.identity_adapter
         schedule = loop or self  # the pipeline whose loop runs (its num_timesteps)
-        adapter.attach(self.unet)
         scales = layer_id_scales(adapter.names, id_scale)
         gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
         batches = IdentityTokens(tokens, negative_tokens, num_images_per_prompt)
-        state = {"step": 0, "shape": None, "on": True}
-        fusion = StreamFusion(self.unet, id_fusion, fusion_tokens) if id_fusion is not None else None
+        progress = {"step": 0, "shape": None, "on": True}
 
-        def before_unet(module, args, kwargs):
+        def on_unet(args: tuple, kwargs: dict) -> None:
             sample = args[0] if args else kwargs["sample"]
-            if state["shape"] != sample.shape:
+            if progress["shape"] != sample.shape:
                 weights = None if regions is None else regions.weights(
                     *sample.shape[-2:], self.vae_scale_factor, sample.device)
-                tokens = batches.for_batch(sample.shape[0])
-                if fusion is not None:  # the base stream, after the identity rows: no identity
-                    tokens = torch.cat([tokens, torch.zeros_like(tokens)])
-                adapter.set_tokens(tokens, gates, weights, num_zero, ortho)
-                state["shape"] = sample.shape
-            on = id_window(state["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
-            if on != state["on"]:
+                rows = batches.for_batch(sample.shape[0])
+                if call.fusion is not None:  # the base stream, after the identity rows: no identity
+                    rows = torch.cat([rows, torch.zeros_like(rows)])
+                call.set_tokens(rows, gates, weights, num_zero, ortho)
+                progress["shape"] = sample.shape
+            on = id_window(progress["step"], max(schedule.num_timesteps, 1), id_guidance_start, id_guidance_end)
+            if on != progress["on"]:
                 for name, gate in gates.items():
                     gate.fill_(scales[name] if on else 0.0)
-                state["on"] = on
-            state["step"] += 1
+                progress["on"] = on
+            progress["step"] += 1
 
-        handle = self.unet.register_forward_pre_hook(before_unet, with_kwargs=True)
-        if fusion is not None:
-            fusion.attach(self.unet)
-        try:
+        fusion = StreamFusion(self.unet, id_fusion, fusion_tokens) if id_fusion is not None else None
+        call = IdentityCall(adapter, on_unet, fusion)
+        adapter.attach(self.unet, fusion=fusion is not None)
+        with open_identity(call):
             yield batches
-        finally:
-            handle.remove()
-            if fusion is not None:
-                fusion.detach()
-            adapter.clear()
 
 
 @dataclass(frozen=True)

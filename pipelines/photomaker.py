@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from idgen.adapters.context import call_hook
 from idgen.adapters.loading import resolve_checkpoint_file
 from idgen.adapters.photomaker import PhotoMakerEncoder, build_photomaker_clip, build_photomaker_encoder, photomaker_state_dicts
 from idgen.errors import CheckpointError, IdentityInputError
@@ -151,10 +152,10 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         read the fused prompt and its pooled embedding."""
         state = {"step": 0}
 
-        def hook(module, args, kwargs):
+        def merge(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             step, state["step"] = state["step"], state["step"] + 1
             if step <= start_merge_step:
-                return None
+                return args, kwargs
             states = kwargs["encoder_hidden_states"].clone()
             states[-len(embeds):] = embeds.to(states.dtype)
             added = dict(kwargs["added_cond_kwargs"])
@@ -162,11 +163,8 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
             added["text_embeds"][-len(pooled):] = pooled.to(added["text_embeds"].dtype)
             return args, {**kwargs, "encoder_hidden_states": states, "added_cond_kwargs": added}
 
-        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
+        with call_hook(self.unet, pre=merge):
             yield
-        finally:
-            handle.remove()
 
     # ---------------------------------------------------------------- call
     @torch.no_grad()

@@ -34,6 +34,7 @@ from transformers import (
 
 from idgen.faces import ImageInput, draw_kps, load_image
 
+from idgen.adapters.context import call_hook
 from idgen.adapters.regions import RegionalAttnProcessor, Regions, place_kps
 from idgen.errors import IdentityInputError
 
@@ -121,7 +122,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         net = self.controlnets[0]
         weights = {}
 
-        def hook(module, args, kwargs):
+        def tokens(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             batch = kwargs["encoder_hidden_states"].shape[0]
             kwargs["encoder_hidden_states"] = batches.for_batch(batch).to(kwargs["encoder_hidden_states"].dtype)
             if regions is not None:
@@ -129,16 +130,15 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
                 weights["now"] = regions.weights(*sample.shape[-2:], self.vae_scale_factor, sample.device, normalise=True)
             return args, kwargs
 
-        handle = net.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         base = getattr(net, "_orig_mod", net)
         processors = base.attn_processors if regions is not None else None
         if processors is not None:
             base.set_attn_processor({name: RegionalAttnProcessor(p, lambda: weights["now"]) if ".attn2." in name else p
                                      for name, p in processors.items()})
         try:
-            yield
+            with call_hook(net, pre=tokens):
+                yield
         finally:
-            handle.remove()
             if processors is not None:
                 base.set_attn_processor(processors)
 

@@ -5,6 +5,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from idgen import CheckpointError, ModelNotFoundError
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import open_identity
 from idgen.adapters import (
     FaceIDProjection,
     IdentityAdapter,
@@ -33,29 +35,31 @@ def test_identity_branch_adds_to_plain_attention():
     attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
     layer = IdentityAttention(hidden_size=32, cross_attention_dim=24, heads=4)
     adapter = IdentityAdapter(torch.nn.Identity(), {"attn": layer})
-    layer.attach(attn)
+    adapter.attach(torch.nn.ModuleDict({"attn": attn}))
     hidden, text, identity = torch.randn(2, 10, 32), torch.randn(2, 7, 24), torch.randn(2, 4, 24)
     plain = attn(hidden, text)
     scale = torch.tensor(0.0)
-    adapter.set_tokens(identity, {"attn": scale})
-    assert torch.allclose(attn(hidden, text), plain, atol=1e-6)
-    # With a scale, the difference is exactly scale x (identity attention through to_out's linear part).
-    scale.fill_(0.5)
-    half = attn(hidden, text)
-    scale.fill_(1.0)
-    full = attn(hidden, text)
-    assert torch.allclose(full - plain, 2 * (half - plain), atol=1e-5)
-    assert (full - plain).abs().max() > 1e-2
-    # Whatever processor computes the text attention, the identity branch stays.
-    attn.set_processor(AttnProcessor2_0())
-    assert torch.allclose(attn(hidden, text), full, atol=1e-6)
-    adapter.clear()
-    assert torch.equal(attn(hidden, text), plain)
-    adapter.set_tokens(identity[:1])
-    with pytest.raises(ValueError, match="batch of 1"):
+    call = IdentityCall(adapter)
+    call.set_tokens(identity, {"attn": scale})
+    with open_identity(call):
+        assert torch.allclose(attn(hidden, text), plain, atol=1e-6)
+        # With a scale, the difference is exactly scale x (identity attention through to_out's linear part).
+        scale.fill_(0.5)
+        half = attn(hidden, text)
+        scale.fill_(1.0)
+        full = attn(hidden, text)
+        assert torch.allclose(full - plain, 2 * (half - plain), atol=1e-5)
+        assert (full - plain).abs().max() > 1e-2
+        # Whatever processor computes the text attention, the identity branch stays.
+        attn.set_processor(AttnProcessor2_0())
+        assert torch.allclose(attn(hidden, text), full, atol=1e-6)
+    assert torch.equal(attn(hidden, text), plain)  # outside the call: plain
+    call.set_tokens(identity[:1])
+    with open_identity(call), pytest.raises(ValueError, match="batch of 1"):
         attn(hidden, text)
-    layer.detach()
-    assert torch.equal(attn(hidden, text), plain)
+    adapter.detach()
+    with open_identity(call):
+        assert torch.equal(attn(hidden, text), plain)
 
 
 def test_projection_matches_the_reference_computation():

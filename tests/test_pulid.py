@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import open_identity
 from idgen.adapters.eva_clip import EVA_MEAN, EVA_STD, build_eva_tower, eva_state_dict, load_eva_tower
 from idgen.adapters.face_parsing import BiSeNet, load_face_parser
 from idgen.adapters.pulid import PuLIDEncoder, PuLIDEncoderV1, build_pulid_encoder, eva_face_pixels, pulid_format
@@ -225,17 +227,15 @@ def test_parity_with_thereference_modules(monkeypatch, pipe):
                             cross_attention_kwargs={"id_embedding": tokens[1:], "id_scale": 0.7}).sample
             unet.set_attn_processor(dict(original))
             adapter.attach(unet)
-            adapter.set_tokens(tokens[1:], {name: torch.tensor(0.7) for name in adapter.names}, None, num_zero, ortho)
-            try:
+            call = IdentityCall(adapter)
+            call.set_tokens(tokens[1:], {name: torch.tensor(0.7) for name in adapter.names}, None, num_zero, ortho)
+            with open_identity(call):
                 mine = unet(sample[1:], 500, text[1:], added_cond_kwargs={k: v[1:] for k, v in added.items()}).sample
-            finally:
-                adapter.clear()
             torch.testing.assert_close(mine, expected, atol=FP32_ATOL, rtol=0)
-        adapter.set_tokens(tokens, {name: torch.tensor(0.7) for name in adapter.names}, None, 20, "v2")
-        try:
+        call = IdentityCall(adapter)
+        call.set_tokens(tokens, {name: torch.tensor(0.7) for name in adapter.names}, None, 20, "v2")
+        with open_identity(call):
             assert torch.isfinite(unet(sample, 500, text, added_cond_kwargs=added).sample).all()
-        finally:
-            adapter.clear()
 
 
 @pytest.mark.skipif(FACEXLIB is None, reason="set IDGEN_FACEXLIB_REPO to a local copy of xinntao/facexlib")

@@ -55,23 +55,27 @@ def test_attention_is_masked_exactly():
     tokens: positions outside A's region do not change when A's tokens do."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from idgen.adapters import IdentityAttention
+    from idgen.adapters import IdentityAdapter, IdentityAttention
+    from idgen.adapters.attention import IdentityCall
+    from idgen.adapters.context import open_identity
     from idgen.adapters.regions import RegionalAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(32, cross_attention_dim=16, heads=2, dim_head=16).eval()
-    layer = IdentityAttention(32, 16, heads=2)
-    layer.attach(attn)
+    adapter = IdentityAdapter(torch.nn.Identity(), {"attn": IdentityAttention(32, 16, heads=2)})
+    adapter.attach(torch.nn.ModuleDict({"attn": attn}))
     hidden, text = torch.randn(2, 8 * 16, 32), torch.randn(2, 7, 16)
     spec = Regions.from_spec([(0, 0, 64, 64), (64, 0, 128, 64)])  # left and right halves of an 8x16 latent
     weights = spec.weights(8, 16, 8, torch.device("cpu"))
     a, b, other_a = (torch.randn(2, 4, 16) for _ in range(3))
     outputs = []
     for tokens in (torch.cat([a, b], 1), torch.cat([other_a, b], 1)):
-        layer.set_tokens(tokens, torch.ones(()), weights)
-        outputs.append(attn(hidden, encoder_hidden_states=text).reshape(2, 8, 16, 32))
+        call = IdentityCall(adapter)
+        call.set_tokens(tokens, None, weights)
+        with open_identity(call):
+            outputs.append(attn(hidden, encoder_hidden_states=text).reshape(2, 8, 16, 32))
     assert torch.equal(outputs[0][:, :, 8:], outputs[1][:, :, 8:]) and not torch.equal(outputs[0], outputs[1])
-    layer.clear()
+    adapter.detach()
     regional = RegionalAttnProcessor(AttnProcessor2_0(), lambda: spec.weights(8, 16, 8, torch.device("cpu"), True))
     mixed = [regional(attn, hidden, torch.cat([x, b], 1)).reshape(2, 8, 16, 32) for x in (a, other_a)]
     assert torch.equal(mixed[0][:, :, 8:], mixed[1][:, :, 8:]) and not torch.equal(mixed[0], mixed[1])

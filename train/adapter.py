@@ -28,6 +28,9 @@ from idgen.adapters import (
     init_identity_adapter_state_dict,
     save_adapter_checkpoint,
 )
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import checkpoint as identity_checkpoint
+from idgen.adapters.context import open_identity
 from idgen.errors import IDGenError
 from idgen.pipelines.identity import ID_LORA_NAME
 
@@ -115,7 +118,10 @@ class TrainableIdentity(nn.Module):
     """The trained parts (the identity adapter: projection and identity K/V; the LoRA) around a
     frozen UNet.
 
-    Only the trained parts are registered, so checkpoints hold them and not the base model.
+    Only the trained parts are registered, so checkpoints hold them and not the base model. Each
+    forward opens its own identity (``IdentityCall``): ``text_enabled = False`` drops the text
+    branch (identity-enhanced training), ``observer`` sees every identity layer's query (the
+    face-attention loss).
     """
 
     def __init__(self, unet, adapter: IdentityAdapter, lora_name: str = ID_LORA_NAME):
@@ -127,14 +133,18 @@ class TrainableIdentity(nn.Module):
             for module in (getattr(layer, "lora_A", None), getattr(layer, "lora_B", None))
             if isinstance(module, nn.ModuleDict) and lora_name in module
         )
+        self.text_enabled = True
+        self.observer = None
         object.__setattr__(self, "unet", unet)  # used, not owned
 
     def forward(self, noisy, timesteps, text_embeds, id_embeds, added_cond_kwargs=None):
-        # The identity stays set after the forward: gradient checkpointing re-runs the UNet
-        # blocks during backward.
+        # Gradient checkpointing re-runs the UNet blocks during backward, after this block has
+        # closed: the UNet's checkpoint function (idgen.adapters.context.checkpoint) reopens it.
+        call = IdentityCall(self.adapter, observer=self.observer, text_enabled=self.text_enabled)
+        call.set_tokens(self.adapter.projection(id_embeds))
         self.adapter.attach(self.unet)
-        self.adapter.set_tokens(self.adapter.projection(id_embeds))
-        return self.unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs).sample
+        with open_identity(call):
+            return self.unet(noisy, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs).sample
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -240,7 +250,7 @@ def prepare_models(config: AdapterTrainConfig, accelerator, pipe, lora_name: str
     model = TrainableIdentity(pipe.unet, pipe.identity_adapter, lora_name)
     model.to(dtype=torch.float32).requires_grad_(True)
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=identity_checkpoint)
     pipe.unet.train()
     return model, weight_dtype
 
@@ -326,9 +336,7 @@ def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool
     if config.adapter_format == "pulid_flux":
         return _train_flux(config, accelerator, pipe, dataset, resume)
     model, weight_dtype = prepare_models(config, accelerator, pipe)
-    if config.identity_enhanced:
-        for layer in model.adapter.layers:
-            layer.text_enabled = False
+    model.text_enabled = not config.identity_enhanced
 
     def step_loss(model, batch, micro):
         return training_loss(config, pipe, model, batch, micro, sdxl, accelerator.device, weight_dtype), {}
@@ -434,15 +442,17 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     faces = None  # the face boxes as latent masks, for the losses that read them
     if config.face_loss_weight or config.face_attention_loss_weight:
         faces = face_mask(batch["face_box"], latents.shape, pixels.shape[-1]).to(device)
-    watcher = None
+    watcher, trained = None, getattr(model, "module", model)  # under DistributedDataParallel: the model it wraps
     if config.face_attention_loss_weight:  # the identity layers report their maps during this forward
-        watcher = FaceAttentionLoss(pipe.unet, getattr(model, "module", model).adapter)
+        watcher = FaceAttentionLoss(pipe.unet, trained.adapter)
         watcher.start(faces, ~drop_id)
+        trained.observer = watcher.observe
     try:
         prediction = model(noisy, timesteps, text_embeds, id_embeds, added)
     finally:
         if watcher is not None:
             watcher.close()
+            trained.observer = None
     kind = pipe.scheduler.config.prediction_type
     target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(latents, noise, timesteps)
     loss = denoising_loss(prediction.float(), target.float(), faces if config.face_loss_weight else None,
@@ -457,10 +467,9 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
 
 @torch.no_grad()
 def base_prediction(model: TrainableIdentity, noisy, timesteps, text_embeds, added_cond_kwargs=None) -> torch.Tensor:
-    """The frozen base model's prediction: the identity adapter detached and its LoRA off."""
+    """The frozen base model's prediction: no identity open and its LoRA off."""
     model = getattr(model, "module", model)  # under DistributedDataParallel: the model it wraps
     unet = model.unet
-    model.adapter.detach()
     lora = bool(model.lora)
     if lora:
         unet.disable_adapters()
@@ -529,10 +538,6 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
     """A row of images, one per fixed validation identity (the first photos of the dataset)."""
     from PIL import Image
 
-    layers = list(pipe.identity_adapter.layers)
-    text_enabled = [layer.text_enabled for layer in layers]
-    for layer in layers:
-        layer.text_enabled = True
     count = min(config.num_validation_identities, len(dataset))
     ids = dataset.id_embeds[:count]
     if config.adapter_format == "instantid":
@@ -541,8 +546,6 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
     for i in range(count):
         images += pipe(config.validation_prompt, id_embeds=ids[i], num_inference_steps=20, height=config.resolution,
                        width=config.resolution, generator=torch.Generator().manual_seed(config.seed)).images
-    for layer, enabled in zip(layers, text_enabled):
-        layer.text_enabled = enabled
     pipe.unet.train()
     grid = Image.new("RGB", (config.resolution * count, config.resolution))
     for i, image in enumerate(images):

@@ -28,7 +28,8 @@ class FaceAttentionLoss:
 
     >>> watcher = FaceAttentionLoss(unet, adapter)
     >>> watcher.start(face_masks, keep)      # (B, 1, h, w) face mask at latent size; (B,) bool
-    >>> prediction = unet(...)               # the layers report their maps
+    >>> model.observer = watcher.observe     # TrainableIdentity: the identity layers report their maps
+    >>> prediction = model(...)
     >>> loss = watcher.loss()
     """
 
@@ -40,16 +41,12 @@ class FaceAttentionLoss:
         self.losses: list[torch.Tensor] = []
         self.masks: dict[int, torch.Tensor] = {}
         self.keep: torch.Tensor | None = None
-        self._handles = []
-        for name, layer in adapter.items():
-            self._handles.append(self.attention[name].to_k.register_forward_hook(self._keep_text_key(name)))
-            layer.observer = self._observe(name)
+        self._handles = [self.attention[name].to_k.register_forward_hook(self._keep_text_key(name))
+                         for name, _ in adapter.items()]
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for _, layer in self.adapter.items():
-            layer.observer = None
 
     def start(self, face_masks: torch.Tensor, keep: torch.Tensor) -> None:
         """Face masks (B, 1, h, w) at latent size, pooled to every attention resolution; ``keep``
@@ -67,24 +64,23 @@ class FaceAttentionLoss:
             self.text_keys[name] = output
         return hook
 
-    def _observe(self, name: str):
-        def observe(layer, query: torch.Tensor) -> None:
-            if self.keep is None:
-                return
-            batch, length = query.shape[:2]
-            heads, dim = layer.heads, query.shape[-1] // layer.heads
-            split = lambda t: t.reshape(batch, -1, heads, dim).transpose(1, 2).float()
-            text = split(self.text_keys[name])
-            keys = torch.cat([text, split(layer.key.to(query.dtype))], dim=2)
-            joint = torch.softmax(split(query) @ keys.transpose(-1, -2) / dim ** 0.5, dim=-1).mean(1)  # (B, Q, T)
-            identity_map = joint[..., text.shape[2]:].sum(-1)
-            text_map = joint[..., 1:text.shape[2]].sum(-1)
-            face = self.masks[length].to(query.device)
-            share = lambda m: (m * face).sum(-1) / m.sum(-1).clamp_min(1e-12)
-            per_sample = 1 - share(identity_map) + share(text_map)
-            keep = self.keep.to(query.device)
-            self.losses.append((per_sample * keep).sum() / keep.sum().clamp_min(1.0))
-        return observe
+    def observe(self, layer, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Called by identity layer ``name`` with its query and identity keys (``IdentityCall.observer``)."""
+        if self.keep is None:
+            return
+        batch, length = query.shape[:2]
+        heads, dim = layer.heads, query.shape[-1] // layer.heads
+        split = lambda t: t.reshape(batch, -1, heads, dim).transpose(1, 2).float()
+        text = split(self.text_keys[name])
+        keys = torch.cat([text, split(key.to(query.dtype))], dim=2)
+        joint = torch.softmax(split(query) @ keys.transpose(-1, -2) / dim ** 0.5, dim=-1).mean(1)  # (B, Q, T)
+        identity_map = joint[..., text.shape[2]:].sum(-1)
+        text_map = joint[..., 1:text.shape[2]].sum(-1)
+        face = self.masks[length].to(query.device)
+        share = lambda m: (m * face).sum(-1) / m.sum(-1).clamp_min(1e-12)
+        per_sample = 1 - share(identity_map) + share(text_map)
+        keep = self.keep.to(query.device)
+        self.losses.append((per_sample * keep).sum() / keep.sum().clamp_min(1.0))
 
     def loss(self) -> torch.Tensor:
         """Mean over the layers seen since ``start`` (0 if none)."""
