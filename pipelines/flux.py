@@ -1,11 +1,12 @@
 """``IDFluxPipeline``: FLUX.1 with an identity, from PuLID-FLUX or InfiniteYou.
 
-diffusers' ``FluxPipeline`` runs the loop; the identity enters through hooks that exist only
-during this pipeline's own calls. One stateful diffusers hook on the transformer learns from the
-pipeline's ``cache_context`` whether a call is the conditional or the true-CFG negative one, and
-sets that branch's identity: PuLID-FLUX's tokens for the cross-attention that follows its blocks
-(forward hooks on those blocks), or InfiniteYou's InfuseNet residuals (the transformer's own
-``controlnet_block_samples`` arguments).
+diffusers' ``FluxPipeline`` runs the loop; the identity enters through hooks registered once when
+the adapter loads, which act only inside this pipeline's own calls and only in the calling thread
+(``idgen.adapters.context``). A hook on the transformer tells the conditional call from true CFG's
+negative one by its text embeddings and sets that branch's identity: PuLID-FLUX's tokens for the
+cross-attention that follows its blocks (diffusers hooks on those blocks, inside any block cache,
+so a skipped block skips its identity too), or InfiniteYou's InfuseNet residuals (the
+transformer's own ``controlnet_block_samples`` arguments).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
 from transformers import (
     CLIPImageProcessor,
@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from idgen.adapters import resolve_checkpoint_file
+from idgen.adapters.context import HOOK_NAME, hook, hook_model, hook_owner, open_identity, registration_lock, unhook
 from idgen.adapters.face_recognition import load_irse_recognizer
 from idgen.adapters.flux import (
     INFINITEYOU_WEIGHT_NAME,
@@ -53,35 +54,42 @@ from idgen.faces.analyzer import check_face_weights, mean_identity
 
 from .identity import FaceImages, IDScale, PuLIDInputMixin, id_window, layer_id_scales
 
-_HOOK_NAME = "idgen_identity"
 #: InfiniteYou's residual groups, the names its per-block ``id_scale`` takes ("double", "single").
 _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
 #: Short block names accepted in an ``id_scale`` dict.
 _FLUX_ALIASES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
 
-class _Branch(BaseState):
-    def reset(self) -> None:
-        pass
+class _FluxCall:
+    """The identity of one ``IDFluxPipeline`` call, as its hooks read it while the call runs:
+    ``before(negative, kwargs) -> kwargs`` ahead of each transformer forward (``negative``: true
+    CFG's negative branch, told apart by its text embeddings); PuLID's cross-attention after each of
+    its blocks, on ``tokens`` (None: off) at ``scales``."""
 
+    def __init__(self, owner: torch.nn.Module, before, scales: dict[str, float] | None = None,
+                 cross_attention: dict[str, torch.nn.Module] | None = None):
+        self.owner, self.before = owner, before
+        self.scales, self.cross_attention = scales or {}, cross_attention or {}
+        self.tokens: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None  # the conditional branch's text embeddings
+        self.cross_attention_runs = 0
 
-class _BranchHook(ModelHook):
-    """Calls ``before(negative, kwargs)`` ahead of each transformer call, ``negative`` being whether
-    the pipeline runs it in its ``"uncond"`` cache context (true CFG's negative prompt)."""
+    def pre_forward(self, role: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if role != "transformer":
+            return args, kwargs
+        text = kwargs.get("encoder_hidden_states")
+        if self.text is None:
+            self.text = text
+        return args, self.before(text is not self.text, kwargs)
 
-    _is_stateful = True
-
-    def __init__(self, before):
-        super().__init__()
-        self.state_manager = StateManager(_Branch)
-        self.before = before
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        context = self.state_manager._context
-        return args, self.before(context is not None and context.name == "uncond", kwargs)
+    def post_forward(self, role: str, module: torch.nn.Module, output: Any) -> Any:
+        kind, _, name = role.partition(":")
+        scale = self.scales.get(name, 0.0)
+        if kind != "ca" or self.tokens is None or scale == 0.0:
+            return output
+        self.cross_attention_runs += 1
+        text, image = output
+        return text, image + scale * self.cross_attention[name](self.tokens, image)
 
 
 class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
@@ -201,6 +209,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         self.unload_identity_adapter()
         self.identity_adapter, self.adapter_format = adapter.to(device, dtype).eval(), format
         self.eva_encoder, self.face_parser, self.infusenet, self.face_recognizer = eva, parser, network, recognizer
+        self._attach_identity()
 
     def _load_infusenet(self, infusenet: Any, source: Any, path: str, weight_name: str | None, subfolder: str | None,
                         hub_kwargs: dict) -> FluxControlNetModel:
@@ -232,7 +241,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         return network.to(self.transformer.device, self.transformer.dtype).eval()
 
     def unload_identity_adapter(self) -> None:
-        """Remove the identity modules: the pipeline is plain FLUX again."""
+        """Remove the identity modules and their hooks: the pipeline is plain FLUX again."""
+        self._detach_identity()
         self.identity_adapter = self.adapter_format = self.infusenet = self.eva_encoder = self.face_parser = None
         self.face_recognizer = None
 
@@ -416,50 +426,41 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         control: torch.Tensor | None = None,
         infusenet_conditioning_scale: float = 1.0,
     ) -> Iterator[None]:
-        """Condition the transformer on the identity while the block runs; plain again after."""
+        """Condition the transformer on the identity while the block runs, in this thread; plain
+        again after, and for every other caller meanwhile."""
         tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
         if negative_tokens is not None:
             negative_tokens = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)
-        state = {"step": -1, "tokens": None}
-        transformer = self.transformer
+        progress = {"step": -1}
 
         def acting(step: int) -> bool:  # outside a call (training) the loop is one step
             total = max(getattr(self, "_num_timesteps", 1), 1)
             return step >= id_start_step and id_window(step, total, id_guidance_start, id_guidance_end)
 
-        handles, modules = [], []
+        self._attach_identity()
         if self.adapter_format == "pulid_flux":
             adapter = self.identity_adapter
-            names = adapter.positions(transformer)
+            names = adapter.positions(self.transformer)
             scales = layer_id_scales(names, id_scale, _FLUX_ALIASES)
-            modules.append(adapter)
-
-            def after_block(ca, scale):
-                def hook(module, args, output):
-                    if state["tokens"] is None or scale == 0.0:
-                        return output
-                    text, image = output
-                    return text, image + scale * ca(state["tokens"], image)
-                return hook
-
-            for name, ca in zip(names, adapter.pulid_ca):
-                handles.append(transformer.get_submodule(name).register_forward_hook(after_block(ca, scales[name])))
+            modules = [adapter]
 
             def before(negative: bool, kwargs: dict) -> dict:
                 if not negative:
-                    state["step"] += 1
-                state["tokens"] = (negative_tokens if negative else tokens) if acting(state["step"]) else None
+                    progress["step"] += 1
+                call.tokens = (negative_tokens if negative else tokens) if acting(progress["step"]) else None
                 return kwargs
+
+            call = _FluxCall(adapter, before, scales, dict(zip(names, adapter.pulid_ca)))
         else:
             network = self.infusenet
             scales = layer_id_scales(list(_INFUSENET_GROUPS), id_scale, _FLUX_ALIASES)
-            modules.append(network)
+            modules = [network]
             text_ids = torch.zeros(tokens.shape[1], 3, device=tokens.device, dtype=tokens.dtype)
 
             def before(negative: bool, kwargs: dict) -> dict:
                 if not negative:
-                    state["step"] += 1
-                if negative or not acting(state["step"]):
+                    progress["step"] += 1
+                if negative or not acting(progress["step"]):
                     return kwargs
                 guidance = None
                 if network.config.guidance_embeds:  # the reference's InfuseNet guidance: 1
@@ -475,15 +476,67 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                             controlnet_single_block_samples=None if single is None else [s * scale_single for s in single],
                             controlnet_blocks_repeat=network.input_hint_block is not None)
 
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.register_hook(_BranchHook(before), _HOOK_NAME)
-        try:
-            with self._on(self._execution_device, *modules):
-                yield
-        finally:
-            registry.remove_hook(_HOOK_NAME, recurse=False)
-            for handle in handles:
+            call = _FluxCall(network, before)
+        with self._on(self._execution_device, *modules), open_identity(call):
+            yield call
+
+    def _attach_identity(self) -> None:
+        """Hook the transformer for the loaded identity (once; again if it was compiled or its
+        hooks were taken off): the whole model, and PuLID's blocks, whose hooks must sit inside any
+        block cache so that a skipped block skips its identity too."""
+        transformer = self.transformer
+        base = getattr(transformer, "_orig_mod", transformer)
+        owner = self.identity_adapter if self.adapter_format == "pulid_flux" else self.infusenet
+        blocks = owner.positions(base) if self.adapter_format == "pulid_flux" else []
+        if self.adapter_format == "infiniteyou" and any(_is_block_cache(name) for _, block in _blocks(base)
+                                                       for name in _hook_names(block)):
+            raise ValueError("InfiniteYou adds InfuseNet's residuals between the transformer's blocks, which a block "
+                             "cache (first-block, MagCache) would count twice: call pipe.transformer.disable_cache() "
+                             "for InfiniteYou, or use PuLID-FLUX")
+        with registration_lock():
+            for name in blocks:
+                block = base.get_submodule(name)
+                if hook_owner(block) is not owner:
+                    hook(block, owner, f"ca:{name}")
+                order = _hook_names(block)
+                if any(_is_block_cache(other) for other in order[:order.index(HOOK_NAME)]):
+                    raise ValueError("a cache was enabled on the transformer before the identity adapter was loaded, "
+                                     "so it cannot skip the identity with its blocks: call pipe.transformer.disable_cache(), "
+                                     "load the identity adapter, then enable the cache")
+            handles = getattr(owner, "_idgen_model_hooks", (None, []))
+            if handles[0] is not transformer:
+                for handle in handles[1]:
+                    handle.remove()
+                object.__setattr__(owner, "_idgen_model_hooks", (transformer, hook_model(transformer, owner, "transformer")))
+
+    def _detach_identity(self) -> None:
+        owner = self.identity_adapter if self.adapter_format == "pulid_flux" else self.infusenet
+        if owner is None:
+            return
+        base = getattr(self.transformer, "_orig_mod", self.transformer)
+        with registration_lock():
+            for _, block in _blocks(base):
+                if hook_owner(block) is owner:
+                    unhook(block)
+            for handle in getattr(owner, "_idgen_model_hooks", (None, []))[1]:
                 handle.remove()
+            object.__setattr__(owner, "_idgen_model_hooks", (None, []))
+
+
+def _blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(f"{group}.{i}", block) for group in _INFUSENET_GROUPS for i, block in enumerate(getattr(transformer, group))]
+
+
+def _hook_names(module: torch.nn.Module) -> list[str]:
+    """The diffusers hooks on ``module``, innermost first."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return [] if registry is None else list(registry.hooks)
+
+
+def _is_block_cache(hook_name: str) -> bool:
+    """Whether a diffusers hook may skip its block and hand back a cached output (first-block
+    cache, MagCache, SeaCache, TaylorSeer and the like all name themselves so)."""
+    return "cache" in hook_name or "skip" in hook_name
 
 
 __all__ = ["IDFluxPipeline"]

@@ -93,13 +93,13 @@ def test_scale_dicts(pipe):
 
 def test_step_window(pipe, monkeypatch):
     seen = []
-    original = IdentityAttention._add_identity
+    original = IdentityAttention.attend
 
-    def recording(self, *args, **kwargs):
-        seen.append(float(self.scale))
-        return original(self, *args, **kwargs)
+    def recording(self, call, name, *args, **kwargs):
+        seen.append(float(call.layers[name][2]))
+        return original(self, call, name, *args, **kwargs)
 
-    monkeypatch.setattr(IdentityAttention, "_add_identity", recording)
+    monkeypatch.setattr(IdentityAttention, "attend", recording)
     user_steps = []
 
     def user_callback(p, step, timestep, tensors):
