@@ -58,6 +58,8 @@ from .identity import FaceImages, IDScale, PuLIDInputMixin, id_window, layer_id_
 _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
 #: Short block names accepted in an ``id_scale`` dict.
 _FLUX_ALIASES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+#: Parts of the names of diffusers' hooks that may skip a block (``_is_block_cache``).
+_BLOCK_CACHE_NAMES = ("fbc_", "cache", "skip", "broadcast")
 
 
 class _FluxCall:
@@ -534,9 +536,9 @@ def _hook_names(module: torch.nn.Module) -> list[str]:
 
 
 def _is_block_cache(hook_name: str) -> bool:
-    """Whether a diffusers hook may skip its block and hand back a cached output (first-block
-    cache, MagCache, SeaCache, TaylorSeer and the like all name themselves so)."""
-    return "cache" in hook_name or "skip" in hook_name
+    """Whether a diffusers hook may skip its block and hand back a cached output: first-block
+    cache (``fbc_*``), MagCache, SeaCache, FasterCache, pyramid attention broadcast, layer skip."""
+    return any(part in hook_name for part in _BLOCK_CACHE_NAMES)
 
 
 __all__ = ["IDFluxPipeline"]

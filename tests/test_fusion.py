@@ -39,7 +39,7 @@ def test_adain_mean_and_mixed_keys(pipe):
     fusion = StreamFusion(pipe.unet, "adain")
     fusion.rows = 2
     own, base = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    mixed = fusion._mix(None, (), torch.cat([own, base]))
+    mixed = fusion.mix(torch.cat([own, base]))
     assert mixed.shape == (4, 10, 8)
     assert torch.allclose(mixed[:2, :5], adain_mean(own, base)) and torch.equal(mixed[:2, 5:], base)
     assert torch.equal(mixed[2:], torch.cat([base, base], 1))  # the base stream's attention is unchanged
@@ -58,7 +58,7 @@ def test_freecure_recovers_inside_the_attribute_mask_only(pipe):
     fusion.masks = torch.zeros(1, 4, 4)
     fusion.masks[0, :2] = 1.0  # the top half
     own, base = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
-    out = fusion._recover(None, (torch.cat([own, base]),))[0]
+    out = fusion.recover((torch.cat([own, base]),))[0]
     top = torch.arange(16) < 8
     assert torch.equal(out[:2, top], base[:, top]) and torch.equal(out[:2, ~top], own[:, ~top])
     assert torch.equal(out[2:], base)

@@ -85,17 +85,17 @@ def test_resampler_matches_diffusers_ip_adapter_plus_projection(xl, instantid):
 
 
 def test_identitynet_sees_identity_tokens_and_keypoints(instantid, analyzer, astronaut):
-    seen = []
+    seen, conds = [], []
     net = instantid.controlnet
-    handle = net.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((kwargs["encoder_hidden_states"].shape, kwargs["controlnet_cond"].clone())),
-        with_kwargs=True,
-    )
+    cross = next(m for name, m in net.named_modules() if name.endswith("attn2"))  # reads encoder_hidden_states
+    handles = [cross.to_k.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape)),
+               net.controlnet_cond_embedding.register_forward_pre_hook(lambda m, args: conds.append(args[0].clone()))]
     try:
         run(instantid, face_image=str(astronaut))
     finally:
-        handle.remove()
-    shape, cond = seen[0]
+        for handle in handles:
+            handle.remove()
+    shape, cond = seen[0], conds[0]
     assert len(seen) == STEPS and tuple(shape) == (2, 16, 64)  # CFG batch x 16 identity tokens, no text
     face = analyzer.get_face(astronaut)
     expected = np.asarray(draw_kps((128, 128), face.kps * 128 / 512), dtype=np.float32) / 255

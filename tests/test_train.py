@@ -435,6 +435,7 @@ def test_face_attention_loss(tmp_path, data):
     ids = torch.randn(2, 512)
     faces = face_mask(torch.tensor([[32.0, 16.0, 96.0, 96.0]] * 2), noisy.shape, 128)
     watcher = FaceAttentionLoss(pipe.unet, model.adapter)
+    model.observer = watcher.observe
     trained = [p for p in model.adapter.parameters()]
     optimizer = torch.optim.Adam(trained, lr=0.02)
     losses = []
@@ -452,7 +453,7 @@ def test_face_attention_loss(tmp_path, data):
     model(noisy, timesteps, text, ids)
     assert float(watcher.loss()) == 0.0
     watcher.close()
-    assert all(layer.observer is None for layer in model.adapter.layers)
+    assert not any(attn.to_k._forward_hooks for attn in watcher.attention.values())  # its hooks are gone
     plain = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
     attended = load_file(train(config(data, tmp_path / "attn", max_train_steps=2, face_attention_loss_weight=1.0)))
     assert not torch.equal(plain["image_proj.proj.2.weight"], attended["image_proj.proj.2.weight"])

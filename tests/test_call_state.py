@@ -1,0 +1,250 @@
+"""A call's identity belongs to the call: threads sharing a UNet, diffusers' caches and offloading
+with an identity loaded, and the hooks left on the models outside a call."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FirstBlockCacheConfig, FluxPipeline, StableDiffusionPipeline, TaylorSeerCacheConfig
+
+from idgen.adapters.context import HOOK_NAME
+from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline
+from idgen.presets import get_preset
+
+from .conftest import FP32_ATOL, assert_close, embedding
+
+STEPS = 3
+
+
+def _own_scheduler(pipe):
+    return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+def _per_thread(pipe) -> dict:
+    """What each thread's pipeline needs of its own: a scheduler (it steps) and the tokenizers
+    (transformers' fast tokenizers set their padding on every call, so one shared by two threads
+    can pad one thread's prompt as the other asked)."""
+    own = {"scheduler": _own_scheduler(pipe)}
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            own[name] = copy.deepcopy(getattr(pipe, name))
+    return own
+
+
+def _sd(pipe, seed: int | None, **kwargs) -> np.ndarray:
+    identity = {} if seed is None else {"id_embeds": embedding(seed)}
+    return pipe("a photo of a person", num_inference_steps=STEPS, output_type="np",
+                generator=torch.Generator().manual_seed(0), **identity, **kwargs).images
+
+
+def test_threads_sharing_a_unet_get_their_own_identity(pipe):
+    """Two idgen pipelines sharing one UNet and adapter (each with its own scheduler and tokenizer,
+    ``_per_thread``) and a plain diffusers pipeline sharing them too, called at once from three
+    threads, three times: each image equals the one the same call gives alone."""
+    other = IDStableDiffusionPipeline.from_pipe(pipe, **_per_thread(pipe))
+    plain = StableDiffusionPipeline(**{**pipe.components, **_per_thread(pipe)})
+    plain.set_progress_bar_config(disable=True)
+    jobs = {"a": lambda: _sd(pipe, 1), "b": lambda: _sd(other, 2), "plain": lambda: _sd(plain, None)}
+    alone = {name: job() for name, job in jobs.items()}
+    assert np.abs(alone["a"] - alone["b"]).max() > 1e-2 and np.abs(alone["a"] - alone["plain"]).max() > 1e-2
+    for _ in range(3):
+        start, results, errors = threading.Barrier(len(jobs)), {}, []
+
+        def work(name):
+            try:
+                start.wait()
+                results[name] = jobs[name]()
+            except Exception as err:  # reported below, with the thread's name
+                errors.append((name, err))
+
+        threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert {name: float(np.abs(results[name] - alone[name]).max()) for name in jobs} == \
+            pytest.approx({name: 0.0 for name in jobs}, abs=FP32_ATOL)
+
+
+def test_outside_a_call_the_unet_runs_plain(pipe):
+    """The hooks stay on the UNet between calls and pass every forward through: a UNet call outside
+    a pipeline call equals the same call with the hooks taken off."""
+    unet = pipe.unet
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    assert getattr(unet.get_submodule(pipe.identity_adapter.names[0]).to_q, "_diffusers_hook").get_hook(HOOK_NAME)
+    with torch.no_grad():
+        hooked = unet(sample, 10, text).sample
+        pipe.identity_adapter.detach()
+        try:
+            bare = unet(sample, 10, text).sample
+        finally:
+            pipe.identity_adapter.attach(unet)
+    assert torch.equal(hooked, bare)
+
+
+@pytest.mark.parametrize("offload", ["block_level", "leaf_level"])
+def test_group_offloading_keeps_the_identity(preset, offload):
+    """diffusers' group offloading (onto the same CPU here) with an identity: the image is the one
+    without offloading."""
+    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    pipe.load_identity_adapter(preset.adapter)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _sd(pipe, 1)
+    options = {"num_blocks_per_group": 1} if offload == "block_level" else {}
+    pipe.unet.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload,
+                                   **options)
+    assert_close(_sd(pipe, 1), expected)
+    assert np.abs(_sd(pipe, 1) - _sd(pipe, 2)).max() > 1e-2  # the identity still acts
+
+
+def test_layerwise_casting_keeps_the_identity(preset):
+    """diffusers' layerwise casting (weights stored in bfloat16, computed in float32) with an
+    identity: the identity acts, and the image stays within bfloat16's rounding of the uncast one."""
+    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    pipe.load_identity_adapter(preset.adapter)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _sd(pipe, 1)
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    cast = _sd(pipe, 1)
+    assert np.abs(cast - expected).max() < 0.1  # bfloat16 keeps 8 bits: ~0.4% per weight
+    assert np.abs(cast - _sd(pipe, 2)).max() > 1e-2
+
+
+def test_sd_unets_take_no_diffusers_cache(pipe):
+    """diffusers' caches (first-block, TaylorSeer, MagCache, FasterCache) are for its transformers;
+    a UNet has no enable_cache, so nothing can skip the identity there."""
+    assert not hasattr(pipe.unet, "enable_cache")
+
+
+# ---------------------------------------------------------------- FLUX
+@pytest.fixture(scope="module")
+def flux_presets(cache):
+    return get_preset("tiny-flux", root=str(cache)), get_preset("tiny-infiniteyou", root=str(cache))
+
+
+def _flux(preset, analyzer) -> IDFluxPipeline:
+    pipe = IDFluxPipeline.from_pretrained(preset.base)
+    extra = dict(image_encoder=preset.image_encoder, face_parser=preset.face_parser) if preset.image_encoder else \
+        dict(face_recognizer=preset.face_recognizer)
+    pipe.load_identity_adapter(preset.adapter, **extra)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux_run(pipe, **kwargs) -> torch.Tensor:
+    return pipe("a photo of a person", num_inference_steps=4, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+class _Counter:
+    """Counts forwards of modules: each PuLID cross-attention, and a first submodule of each block
+    it follows (which runs only when the block is computed, not skipped by a cache)."""
+
+    def __init__(self, pipe):
+        adapter = pipe.identity_adapter
+        names = adapter.positions(pipe.transformer)
+        self.cross, self.blocks = 0, 0
+        self.handles = [ca.register_forward_hook(self._count("cross")) for ca in adapter.pulid_ca]
+        for name in names:
+            block = pipe.transformer.get_submodule(name)
+            first = block.norm1 if hasattr(block, "norm1") else block.norm
+            self.handles.append(first.register_forward_hook(self._count("blocks")))
+
+    def _count(self, what):
+        def hook(module, args, output):
+            setattr(self, what, getattr(self, what) + 1)
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_first_block_cache_skips_pulid_with_its_blocks(flux_presets, analyzer, astronaut):
+    """With diffusers' first-block cache on PuLID-FLUX, PuLID's cross-attention runs exactly when
+    the block it follows is computed (and is restored with the cached output otherwise); with a
+    threshold that never skips, the image is the uncached one."""
+    pipe = _flux(flux_presets[0], analyzer)
+    photo = {"face_image": str(astronaut)}
+    uncached = _flux_run(pipe, **photo)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e-12))
+    try:
+        torch.testing.assert_close(_flux_run(pipe, **photo), uncached, atol=FP32_ATOL, rtol=0)
+    finally:
+        pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # skips every step it may
+    counter = _Counter(pipe)
+    try:
+        _flux_run(pipe, **photo)
+    finally:
+        counter.close()
+        pipe.transformer.disable_cache()
+    positions = len(pipe.identity_adapter.pulid_ca)
+    assert counter.cross == counter.blocks < 4 * positions  # some blocks were skipped, their identity with them
+
+
+def test_a_cache_enabled_before_loading_is_refused(flux_presets, analyzer, astronaut):
+    """A block cache registered before PuLID's hooks would sit inside them and skip the blocks but
+    not the identity: refused in one line, which says to enable it after loading."""
+    preset = flux_presets[0]
+    pipe = IDFluxPipeline.from_pretrained(preset.base)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(ValueError, match="enable the cache"):
+        pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
+
+
+def test_taylorseer_runs_pulid_every_step(flux_presets, analyzer, astronaut):
+    """TaylorSeer caches attention inside the blocks, never the blocks: PuLID's cross-attention
+    runs after every block call, and the identity still changes the image."""
+    pipe = _flux(flux_presets[0], analyzer)
+    photo = {"face_image": str(astronaut)}
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1))
+    counter = _Counter(pipe)
+    try:
+        with_identity = _flux_run(pipe, **photo)
+        without = _flux_run(pipe, **photo, id_scale=0.0)
+    finally:
+        counter.close()
+        pipe.transformer.disable_cache()
+    assert counter.cross == 4 * len(pipe.identity_adapter.pulid_ca)  # the first call's: 4 steps
+    assert (with_identity - without).abs().max() > 1e-3
+
+
+def test_infiniteyou_refuses_a_block_cache(flux_presets, analyzer):
+    pipe = _flux(flux_presets[1], analyzer)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    try:
+        with pytest.raises(ValueError, match="disable_cache"):
+            _flux_run(pipe, id_embeds=embedding(1))
+    finally:
+        pipe.transformer.disable_cache()
+
+
+def test_flux_threads_and_plain_pipeline(flux_presets, analyzer, astronaut):
+    """A PuLID-FLUX call and a plain FluxPipeline sharing the transformer, at once in two threads:
+    each equals its call alone."""
+    pipe = _flux(flux_presets[0], analyzer)
+    plain = FluxPipeline(**{**pipe.components, **_per_thread(pipe)})
+    plain.set_progress_bar_config(disable=True)
+    jobs = {"id": lambda: _flux_run(pipe, face_image=str(astronaut)), "plain": lambda: _flux_run(plain)}
+    alone = {name: job() for name, job in jobs.items()}
+    assert (alone["id"] - alone["plain"]).abs().max() > 1e-3
+    results, start = {}, threading.Barrier(len(jobs))
+
+    def work(name):
+        start.wait()
+        results[name] = jobs[name]()
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in jobs:
+        torch.testing.assert_close(results[name], alone[name], atol=FP32_ATOL, rtol=0)
