@@ -16,6 +16,7 @@ do nothing, so a pipeline that shares the UNet runs it plain.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable
 
 import torch
@@ -24,6 +25,8 @@ from torch import nn
 
 from .context import hook, hook_model, hook_owner, registration_lock, unhook
 from .regions import RegionWeights
+
+logger = logging.getLogger(__name__)
 
 
 class IdentityAttention(nn.Module):
@@ -111,6 +114,8 @@ class IdentityAdapter(nn.Module):
         self._hooked: list[nn.Module] = []
         self._roles: list[str] = []
         self._model_hooks: tuple[nn.Module | None, list] = (None, [])
+        #: Logged once, as a warning, the next time the UNet runs outside an identity call.
+        self.plain_notice: str | None = None
 
     def items(self) -> Iterable[tuple[str, IdentityAttention]]:
         return zip(self.names, self.layers)
@@ -152,7 +157,12 @@ class IdentityAdapter(nn.Module):
                 hook(module, self, role)
             self._hooked = [module for module, _ in targets]
             self._roles = [role for _, role in targets]
-            self._model_hooks = (model, hook_model(model, self, "unet"))
+            self._model_hooks = (model, hook_model(model, self, "unet", self._outside_call))
+
+    def _outside_call(self) -> None:
+        notice, self.plain_notice = self.plain_notice, None
+        if notice is not None:
+            logger.warning(notice)
 
     def detach(self) -> None:
         """Remove every hook: the UNet is the plain base model again."""

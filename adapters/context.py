@@ -130,15 +130,20 @@ def hook_owner(module: torch.nn.Module, name: str = HOOK_NAME) -> Any:
     return None if found is None else found.owner
 
 
-def hook_model(model: torch.nn.Module, owner: Any, role: str) -> list:
+def hook_model(model: torch.nn.Module, owner: Any, role: str, outside: Callable[[], None] | None = None) -> list:
     """``owner``'s identity hook on a whole model (the UNet), as torch forward hooks. On a
     ``torch.compile``'d model they sit on the compiled wrapper and run eagerly, outside the graph,
     so what they track from step to step (the step, the batch) never asks the graph to compile
-    again. Returns the handles to remove."""
+    again. ``outside()`` runs ahead of a forward outside any identity of ``owner``. Returns the
+    handles to remove."""
 
     def before(module: torch.nn.Module, args: tuple, kwargs: dict):
         state = current(owner)
-        return None if state is None else state.pre_forward(role, module, args, kwargs)
+        if state is None:
+            if outside is not None:
+                outside()
+            return None
+        return state.pre_forward(role, module, args, kwargs)
 
     def after(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         state = current(owner)

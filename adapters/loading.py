@@ -228,6 +228,11 @@ def _dim(tensor: torch.Tensor, axis: int, name: str, path: str) -> int:
 def detect_format(state_dict: dict[str, StateDict], path: str = "checkpoint") -> AdapterSpec:
     """Recognise the checkpoint format from its ``image_proj`` keys and check the keys and shapes
     that format needs."""
+    missing = [group for group in ("image_proj", "ip_adapter") if not isinstance(state_dict.get(group), dict)]
+    if missing:
+        raise CheckpointError(f"{path} has no {' and no '.join(repr(g) for g in missing)} group of tensors (top-level "
+                              f"keys: {', '.join(map(repr, list(state_dict)[:4])) or 'none'}): an identity adapter holds "
+                              "{'image_proj': {...}, 'ip_adapter': {...}}, as IP-Adapter-FaceID and InstantID files do")
     validate_tensors(state_dict, path)
     proj = state_dict["image_proj"]
     keys = set(proj)

@@ -32,17 +32,20 @@ class FusedLoRA:
     def __init__(self, model: nn.Module, layers: LoRALayers, scale: float = 1.0):
         self.model, self.scale = model, scale
         self.originals: dict[str, torch.Tensor] = {}
-        for path, (down, up) in layers.items():
-            weight = _weight(model, path)
-            if weight.device.type == "meta":
-                self.unfuse()
-                raise RuntimeError(
-                    "the UNet's weights are offloaded (enable_sequential_cpu_offload): load the identity adapter "
-                    "before enabling offload, or pass fuse_lora=False"
-                )
-            self.originals[path] = weight.detach().to("cpu", copy=True)
-            delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
-            weight.data.copy_((weight.detach().float() + scale * delta).to(weight.dtype))
+        try:  # all layers or none: a failure puts the ones already fused back
+            for path, (down, up) in layers.items():
+                weight = _weight(model, path)
+                if weight.device.type == "meta":
+                    raise RuntimeError(
+                        "the UNet's weights are offloaded (enable_sequential_cpu_offload): load the identity adapter "
+                        "before enabling offload, or pass fuse_lora=False"
+                    )
+                self.originals[path] = weight.detach().to("cpu", copy=True)
+                delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
+                weight.data.copy_((weight.detach().float() + scale * delta).to(weight.dtype))
+        except BaseException:
+            self.unfuse()
+            raise
 
     def unfuse(self) -> None:
         """Copy the original weights back (cast to the layer's current dtype and device)."""

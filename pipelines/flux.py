@@ -52,12 +52,14 @@ from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.faces.analyzer import check_face_weights, mean_identity
 
-from .identity import FaceImages, IDScale, PuLIDInputMixin, id_window, layer_id_scales
+from .identity import FaceImages, IDScale, OnDenoiser, PuLIDInputMixin, id_window, layer_id_scales
 
 #: InfiniteYou's residual groups, the names its per-block ``id_scale`` takes ("double", "single").
 _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
 #: Short block names accepted in an ``id_scale`` dict.
 _FLUX_ALIASES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+#: What a loaded identity consists of (``OnDenoiser`` attributes).
+_IDENTITY_PARTS = ("identity_adapter", "adapter_format", "eva_encoder", "face_parser", "infusenet", "face_recognizer")
 #: Parts of the names of diffusers' hooks that may skip a block (``_is_block_cache``).
 _BLOCK_CACHE_NAMES = ("fbc_", "cache", "skip", "broadcast")
 
@@ -98,11 +100,11 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     """FLUX.1 with an identity adapter: PuLID-FLUX or InfiniteYou (``load_identity_adapter``),
     called like the other idgen pipelines (``face_image=``, ``id_embeds=``, ``id_scale=``)."""
 
-    identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = None
-    adapter_format: str | None = None
+    identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = OnDenoiser()
+    adapter_format: str | None = OnDenoiser()
     #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``) and ArcFace (facexlib's IR-SE50).
-    infusenet: FluxControlNetModel | None = None
-    face_recognizer: torch.nn.Module | None = None
+    infusenet: FluxControlNetModel | None = OnDenoiser()
+    face_recognizer: torch.nn.Module | None = OnDenoiser()
 
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
@@ -128,13 +130,12 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' ``from_pipe``; the new pipeline keeps the identity modules and face analyzer of
-        ``pipeline`` when it shares its transformer."""
+        """diffusers' ``from_pipe``. The identity is the transformer's (``OnDenoiser``): the new
+        pipeline has the one loaded into a transformer it shares; it also takes ``pipeline``'s face
+        analyzer."""
         new = super().from_pipe(pipeline, **kwargs)
-        if getattr(pipeline, "identity_adapter", None) is not None and new.transformer is pipeline.transformer:
-            for name in ("identity_adapter", "adapter_format", "infusenet", "eva_encoder", "face_parser",
-                         "face_recognizer", "_face_analyzer"):
-                setattr(new, name, getattr(pipeline, name))
+        if getattr(pipeline, "_face_analyzer", None) is not None:
+            new._face_analyzer = pipeline._face_analyzer
         return new
 
     def _identity_modules(self) -> list[torch.nn.Module]:
@@ -208,9 +209,21 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             raise ValueError(f"image_encoder= and face_parser= are PuLID's; {path} is {format}: leave them out")
         if format != "infiniteyou" and (infusenet is not None or face_recognizer is not None):
             raise ValueError(f"infusenet= and face_recognizer= are InfiniteYou's; {path} is {format}: leave them out")
+        # Everything is built and checked; a failure while it goes in puts the old identity back.
+        before = {name: getattr(self, name) for name in _IDENTITY_PARTS}
         self.unload_identity_adapter()
-        self.identity_adapter, self.adapter_format = adapter.to(device, dtype).eval(), format
-        self.eva_encoder, self.face_parser, self.infusenet, self.face_recognizer = eva, parser, network, recognizer
+        try:
+            self._install_identity(dict(zip(_IDENTITY_PARTS, (adapter.to(device, dtype).eval(), format, eva, parser,
+                                                               network, recognizer))))
+        except BaseException:
+            self.unload_identity_adapter()
+            if before["identity_adapter"] is not None:
+                self._install_identity(before)
+            raise
+
+    def _install_identity(self, parts: dict[str, Any]) -> None:
+        for name, value in parts.items():
+            setattr(self, name, value)
         self._attach_identity()
 
     def _load_infusenet(self, infusenet: Any, source: Any, path: str, weight_name: str | None, subfolder: str | None,

@@ -52,6 +52,40 @@ PULID_CROP_SIZE = 512
 _NO_ENCODER = object()  # no FaceID-Plus image encoder to take out on unload
 
 
+#: Where an identity's loaded parts are kept: on the UNet or transformer they are attached to.
+_IDENTITY_RECORD = "_idgen_identity"
+
+
+class OnDenoiser:
+    """A pipeline attribute kept on the pipeline's denoiser (its UNet, else its transformer), not
+    on the pipeline: every pipeline that shares the model sees the same loaded identity, including
+    one made with ``from_pipe`` from a plain diffusers pipeline in between, so an identity is never
+    lost with the pipeline object nor loaded twice into one model."""
+
+    def __init__(self, default: Any = None):
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @staticmethod
+    def model(pipe: Any) -> torch.nn.Module | None:
+        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        return getattr(model, "_orig_mod", model)  # a torch.compile'd model: the record is on the model it wraps
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        if pipe is None:
+            return self
+        record = getattr(self.model(pipe), _IDENTITY_RECORD, None)
+        return self.default if record is None else record.get(self.name, self.default)
+
+    def __set__(self, pipe: Any, value: Any) -> None:
+        model = self.model(pipe)
+        if model is None:
+            raise RuntimeError("an identity is attached to the pipeline's UNet or transformer, and this pipeline has none")
+        model.__dict__.setdefault(_IDENTITY_RECORD, {})[self.name] = value
+
+
 IDScale = Union[float, dict]
 #: Where several people go: one mask or (x0, y0, x1, y1) box per person, or "faces" (of kps_image).
 RegionsInput = Union[str, Sequence[Any]]
@@ -280,8 +314,8 @@ class PuLIDInputMixin(FaceInputMixin):
     parsed face, joined with the ArcFace vectors by its ID encoder into identity tokens."""
 
     #: PuLID's face encoders: EVA02-CLIP's vision tower and the face parser (set by loading PuLID).
-    eva_encoder: Any = None
-    face_parser: Any = None
+    eva_encoder = OnDenoiser()
+    face_parser = OnDenoiser()
 
     def _check_identity_inputs(self, face_image: Any, id_embeds: Any) -> None:
         """Exactly one of ``face_image`` and ``id_embeds``; PuLID takes both (its EVA-CLIP reads the
@@ -377,14 +411,14 @@ class IdentityPipelineMixin(PuLIDInputMixin):
 
     #: Adapter formats this pipeline runs.
     supported_adapter_formats: tuple[str, ...] = ("faceid", "faceid_portrait", "faceid_plus")
-    identity_adapter: IdentityAdapter | None = None
-    adapter_spec: AdapterSpec | None = None
+    identity_adapter: IdentityAdapter | None = OnDenoiser()
+    adapter_spec: AdapterSpec | None = OnDenoiser()
     #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
     #: or run by peft as the adapter ``"faceid"``.
-    _id_lora: LoRALayers | None = None
-    _fused_id_lora: FusedLoRA | None = None
+    _id_lora: LoRALayers | None = OnDenoiser()
+    _fused_id_lora: FusedLoRA | None = OnDenoiser()
     #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
-    _image_encoder_before: Any = _NO_ENCODER
+    _image_encoder_before: Any = OnDenoiser(_NO_ENCODER)
 
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
@@ -405,14 +439,11 @@ class IdentityPipelineMixin(PuLIDInputMixin):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' ``from_pipe``; the new pipeline keeps the identity adapter and face
-        analyzer of ``pipeline`` when it shares its UNet."""
+        """diffusers' ``from_pipe``. The identity is the UNet's (``OnDenoiser``): the new pipeline has
+        the one loaded into a UNet it shares, whatever pipelines came in between; it also takes
+        ``pipeline``'s face analyzer."""
         new = super().from_pipe(pipeline, **kwargs)
-        if getattr(pipeline, "identity_adapter", None) is not None and new.unet is pipeline.unet:
-            new.identity_adapter, new.adapter_spec = pipeline.identity_adapter, pipeline.adapter_spec
-            new._id_lora, new._fused_id_lora = pipeline._id_lora, pipeline._fused_id_lora
-            new._image_encoder_before = pipeline._image_encoder_before
-            new.eva_encoder, new.face_parser = pipeline.eva_encoder, pipeline.face_parser
+        if getattr(pipeline, "_face_analyzer", None) is not None:
             new._face_analyzer = pipeline._face_analyzer
         return new
 
@@ -472,28 +503,55 @@ class IdentityPipelineMixin(PuLIDInputMixin):
                 shortcut = "plusv2" in os.path.basename(path).lower() or sdxl
 
         adapter = build_identity_adapter(self.unet, state_dict, spec, path, bool(shortcut))
-        if self.identity_adapter is not None:
+        parts = _IdentityParts(adapter, spec, faceid_lora_layers(self.unet, state_dict) or None, encoder, pulid,
+                               fuse_lora and not self._user_lora_names())
+        # Everything is built and checked; now the old identity goes and the new one comes in. A
+        # failure on the way takes out what came in and puts the old identity back.
+        before = self._identity_parts()
+        if before is not None:
             self.unload_identity_adapter()
-        if encoder is not None:  # unloading puts the pipeline's own image_encoder back
+        try:
+            self._install_identity(parts)
+        except BaseException:
+            self.unload_identity_adapter()
+            if before is not None:
+                self._install_identity(before)
+            raise
+
+    def _identity_parts(self) -> "_IdentityParts | None":
+        """The loaded identity, as ``_install_identity`` puts it in again (None without one)."""
+        if self.identity_adapter is None:
+            return None
+        encoder = self.image_encoder if self._image_encoder_before is not _NO_ENCODER else None
+        pulid = (self.eva_encoder, self.face_parser) if self.eva_encoder is not None else None
+        return _IdentityParts(self.identity_adapter, self.adapter_spec, self._id_lora, encoder, pulid,
+                              self._fused_id_lora is not None)
+
+    def _install_identity(self, parts: "_IdentityParts") -> None:
+        """Put a built identity into the pipeline and its UNet: the image encoders, the hooks, the
+        LoRA (fused into the UNet's weights, or through peft)."""
+        if parts.image_encoder is not None:  # unloading puts the pipeline's own image_encoder back
             self._image_encoder_before = getattr(self, "image_encoder", None)
-            self.register_modules(image_encoder=encoder)
-        adapter.attach(self.unet)
-        self.identity_adapter, self.adapter_spec = adapter, spec
-        if pulid is not None:
-            self.eva_encoder, self.face_parser = pulid
-        lora = faceid_lora_layers(self.unet, state_dict)
-        if lora:
-            self._id_lora = lora
-            if fuse_lora and not self._user_lora_names():
-                self._fused_id_lora = FusedLoRA(self.unet, lora)
+            self.register_modules(image_encoder=parts.image_encoder)
+        self.identity_adapter, self.adapter_spec = parts.adapter, parts.spec
+        if parts.pulid is not None:
+            self.eva_encoder, self.face_parser = parts.pulid
+        parts.adapter.attach(self.unet)
+        if parts.lora:
+            self._id_lora = parts.lora
+            if parts.fuse_lora:
+                self._fused_id_lora = FusedLoRA(self.unet, parts.lora)
+                parts.adapter.plain_notice = FUSED_LORA_NOTICE
             else:
-                self._load_id_lora(lora)
+                self._load_id_lora(parts.lora)
 
     def unload_identity_adapter(self) -> None:
-        """Remove the identity adapter and its LoRA: the pipeline is the base model again."""
+        """Remove the identity adapter and its LoRA: the pipeline, and every pipeline sharing its
+        UNet, is the base model again."""
         self._require_id_lora_unmerged("unload_identity_adapter")
         if self.identity_adapter is not None:
             self.identity_adapter.detach()
+            self.identity_adapter.plain_notice = None
         if self._fused_id_lora is not None:
             self._fused_id_lora.unfuse()
         elif self._id_lora is not None:
@@ -944,6 +1002,25 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         adapter.attach(self.unet, fusion=fusion is not None)
         with open_identity(call):
             yield batches
+
+
+#: Said once when a UNet that holds FaceID's fused LoRA runs outside an identity call.
+FUSED_LORA_NOTICE = (
+    "this UNet holds FaceID's LoRA, fused into its weights by load_identity_adapter, and runs here without an "
+    "identity (a pipeline sharing it, or a direct call): that is not the base model; for the base model call "
+    "unload_identity_adapter() on the idgen pipeline (loading again later costs a second)")
+
+
+@dataclass(frozen=True)
+class _IdentityParts:
+    """A built identity adapter with what comes with it, ready to go into a pipeline."""
+
+    adapter: IdentityAdapter
+    spec: AdapterSpec
+    lora: LoRALayers | None
+    image_encoder: Any
+    pulid: tuple[Any, Any] | None
+    fuse_lora: bool
 
 
 @dataclass(frozen=True)

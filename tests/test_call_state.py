@@ -197,6 +197,14 @@ def test_a_cache_enabled_before_loading_is_refused(flux_presets, analyzer, astro
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
     with pytest.raises(ValueError, match="enable the cache"):
         pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
+    assert pipe.identity_adapter is None and not any(  # nothing of it stayed
+        "idgen_identity" in getattr(block, "_diffusers_hook").hooks for block in pipe.transformer.transformer_blocks)
+    pipe.transformer.disable_cache()
+    pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))  # the order that works
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    _flux_run(pipe, face_image=str(astronaut))
 
 
 def test_taylorseer_runs_pulid_every_step(flux_presets, analyzer, astronaut):
@@ -248,3 +256,116 @@ def test_flux_threads_and_plain_pipeline(flux_presets, analyzer, astronaut):
         thread.join()
     for name in jobs:
         torch.testing.assert_close(results[name], alone[name], atol=FP32_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- the identity lives on the UNet
+def _fresh(preset) -> IDStableDiffusionPipeline:
+    pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_round_trip_through_a_plain_pipeline_keeps_the_identity(preset, caplog):
+    """ID pipeline -> diffusers img2img (from_pipe) -> ID pipeline (from_pipe): the identity comes
+    back from the UNet; loading it again replaces it (FaceID's LoRA is never fused twice); a plain
+    pipeline sharing the UNet is told once that the LoRA is fused, and after unloading it runs the
+    base model."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = _fresh(preset)
+    base_plain = _sd(StableDiffusionPipeline(**pipe.components), None)
+    pipe.load_identity_adapter(preset.adapter)
+    expected = _sd(pipe, 1)
+    middle = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    back = IDStableDiffusionPipeline.from_pipe(middle)
+    assert back.identity_adapter is pipe.identity_adapter
+    assert_close(_sd(back, 1), expected)
+    back.load_identity_adapter(preset.adapter)  # the same adapter again: replaced, not fused on top
+    assert_close(_sd(back, 1), expected)
+    assert_close(_sd(pipe, 1), expected)  # the first pipeline shares it all
+    plain = StableDiffusionPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING", logger="idgen"):
+        fused = _sd(plain, None)
+        _sd(plain, None)
+    notices = [r for r in caplog.records if "holds FaceID's LoRA" in r.getMessage()]
+    assert len(notices) == 1 and "unload_identity_adapter()" in notices[0].getMessage()
+    assert np.abs(fused - base_plain).max() > 1e-3  # the fused LoRA is in the UNet, as the notice says
+    back.unload_identity_adapter()
+    assert pipe.identity_adapter is None  # gone for every pipeline sharing the UNet
+    assert_close(_sd(plain, None), base_plain)
+
+
+def _second_adapter(pipe) -> dict:
+    from idgen.presets import random_faceid_state_dict
+
+    return random_faceid_state_dict(pipe.unet, seed=7, lora_rank=4)
+
+
+def _unet_state(pipe) -> dict:
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", ["build", "lora plan", "hooks", "fuse", "peft lora"])
+def test_a_failed_load_leaves_the_pipeline_as_it_was(preset, monkeypatch, stage):
+    """Each step of loading an adapter made to fail in turn: the error comes through, and the
+    pipeline keeps its adapter, its UNet's weights and its images exactly."""
+    import idgen.pipelines.identity as identity
+    from idgen.adapters import IdentityAdapter
+
+    pipe = _fresh(preset)
+    pipe.load_identity_adapter(preset.adapter)
+    adapter, weights, image = pipe.identity_adapter, _unet_state(pipe), _sd(pipe, 1)
+    new = _second_adapter(pipe)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{stage} failed")
+
+    fuse_lora = stage != "peft lora"
+    if stage == "build":
+        monkeypatch.setattr(identity, "build_identity_adapter", fail)
+    elif stage == "lora plan":
+        monkeypatch.setattr(identity, "faceid_lora_layers", fail)
+    elif stage == "hooks":
+        original = IdentityAdapter.attach
+        monkeypatch.setattr(IdentityAdapter, "attach",
+                            lambda self, *a, **k: fail() if self is not adapter else original(self, *a, **k))
+    elif stage == "fuse":  # the new LoRA's third layer fails, after two were fused
+        import idgen.adapters.lora as lora
+
+        weight, calls = lora._weight, []
+
+        def third_fails(model, path):
+            calls.append(path)
+            return fail() if len(calls) == 3 else weight(model, path)
+
+        class FailingFuse(identity.FusedLoRA):
+            def __init__(self, model, layers, scale=1.0):
+                if layers is not old_lora:
+                    monkeypatch.setattr(lora, "_weight", third_fails)
+                super().__init__(model, layers, scale)
+                monkeypatch.setattr(lora, "_weight", weight)
+
+        old_lora = pipe._id_lora
+        monkeypatch.setattr(identity, "FusedLoRA", FailingFuse)
+    else:
+        monkeypatch.setattr(IDStableDiffusionPipeline, "_load_id_lora", fail)
+    with pytest.raises(RuntimeError, match=f"{stage} failed"):
+        pipe.load_identity_adapter(new, weight_name="second.bin", fuse_lora=fuse_lora)
+    assert pipe.identity_adapter is adapter and pipe._fused_id_lora is not None
+    after = _unet_state(pipe)
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+    assert np.array_equal(_sd(pipe, 1), image)
+    monkeypatch.undo()
+    pipe.load_identity_adapter(new, weight_name="second.bin")  # and the pipeline still loads
+    assert np.abs(_sd(pipe, 1) - image).max() > 1e-3
+
+
+def test_malformed_state_dicts_name_what_is_missing(pipe):
+    from idgen.errors import CheckpointError
+
+    image_proj = _second_adapter(pipe)["image_proj"]
+    with pytest.raises(CheckpointError, match="mine.bin has no 'ip_adapter'"):
+        pipe.load_identity_adapter({"image_proj": image_proj}, weight_name="mine.bin")
+    with pytest.raises(CheckpointError, match="no 'image_proj' and no 'ip_adapter'"):
+        pipe.load_identity_adapter({})
