@@ -212,6 +212,26 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         image = load_image(source, self.face_analyzer.max_pixels)
         return self.face_analyzer.get_face(image, index).kps, image.size
 
+    def _poses(self, face_image, face_kps, kps_image, face_index: int | Sequence[int], batch_size: int
+               ) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+        """IdentityNet's keypoints, one ``_pose`` for every prompt, or one per prompt: from
+        ``face_kps`` (N, 5, 2), from ``kps_image`` as a list of N pose photos, or, without either,
+        from ``face_image`` holding one photo (or list of photos) per prompt."""
+        if face_kps is not None and np.ndim(face_kps) == 3:
+            poses = [(np.asarray(kps), None) for kps in face_kps]
+        elif isinstance(kps_image, (list, tuple)) and batch_size > 1:
+            poses = [self._pose(None, None, photo, face_index) for photo in kps_image]
+        elif face_kps is None and kps_image is None and face_image is not None and batch_size > 1:
+            groups = self._face_groups(face_image, batch_size)
+            return [self._pose(group[0], None, None, face_index) for group in groups] if len(groups) > 1 else \
+                [self._pose(face_image, None, None, face_index)]
+        else:
+            return [self._pose(face_image, face_kps, kps_image, face_index)]
+        if len(poses) != batch_size:
+            raise IdentityInputError(f"{'face_kps' if face_kps is not None else 'kps_image'} gives {len(poses)} poses for "
+                                     f"{batch_size} prompts: give one for all, or one per prompt")
+        return poses
+
     def _people_pose(self, photos, face_kps, people: PeopleLayout, face_index: int | Sequence[int],
                      height: int | None, width: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Every person's keypoints (people, 5, 2) and the size of the photo they belong to:
@@ -303,7 +323,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
         Identity arguments are those of ``IDStableDiffusionPipeline``. With IdentityNet:
         ``kps_image`` takes the pose (keypoints) from another photo, ``face_kps`` (5, 2) gives
-        them in output pixels; ``image`` holds the images of any further ControlNets;
+        them in output pixels; with one identity per prompt each prompt takes its own photo's pose,
+        or its own of ``kps_image`` (a list, one photo per prompt) or ``face_kps`` (N, 5, 2); ``image`` holds the images of any further ControlNets;
         ``controlnet_conditioning_scale`` (one value, or one per ControlNet), ``guess_mode`` and
         ``control_guidance_start/end`` work as in diffusers. With no ControlNet the call runs
         plain SDXL's loop (``StableDiffusionXLPipeline.__call__``) on this pipeline. Other
@@ -357,11 +378,12 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         if self.has_identitynet:
             if people is not None:
                 photos = kps_image if isinstance(kps_image, (list, tuple)) else face_image
-                kps, source_size = self._people_pose(photos, face_kps, people, face_index, height, width)
+                poses = [self._people_pose(photos, face_kps, people, face_index, height, width)]
             else:
-                kps, source_size = self._pose(face_image, face_kps, kps_image, face_index)
-            width, height = self.output_size(source_size, height, width)
-            control_images = [self.kps_condition(kps, source_size, height, width), *extra_images]
+                poses = self._poses(face_image, face_kps, kps_image, face_index, prompt_embeds.shape[0])
+            width, height = self.output_size(poses[0][1], height, width)
+            drawn = [self.kps_condition(kps, source_size, height, width) for kps, source_size in poses]
+            control_images = [drawn[0] if len(drawn) == 1 else drawn, *extra_images]
         common = dict(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,

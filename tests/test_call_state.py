@@ -12,6 +12,7 @@ import torch
 from diffusers import FirstBlockCacheConfig, FluxPipeline, StableDiffusionPipeline, TaylorSeerCacheConfig
 
 from idgen.adapters.context import HOOK_NAME
+from idgen.errors import IdentityInputError
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline
 from idgen.presets import get_preset
 
@@ -369,3 +370,95 @@ def test_malformed_state_dicts_name_what_is_missing(pipe):
         pipe.load_identity_adapter({"image_proj": image_proj}, weight_name="mine.bin")
     with pytest.raises(CheckpointError, match="no 'image_proj' and no 'ip_adapter'"):
         pipe.load_identity_adapter({})
+
+
+# ---------------------------------------------------------------- batches equal single runs
+def _two_people(astronaut):
+    """Two face photos whose faces differ in identity and pose: the astronaut, and mirrored."""
+    from PIL import Image, ImageOps
+
+    photo = Image.open(astronaut).convert("RGB")
+    return [photo, ImageOps.mirror(photo)]
+
+
+def _batch_and_singles(pipe, photos, prompts, **kwargs):
+    """One call with a photo per prompt and per-sample generators, and each prompt run alone."""
+    kwargs = {"num_inference_steps": 2, "output_type": "np", **kwargs}
+    batch = pipe(prompts, face_image=photos, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+                 **kwargs).images
+    singles = [pipe(prompt, face_image=photo, generator=torch.Generator().manual_seed(i), **kwargs).images[0]
+               for i, (prompt, photo) in enumerate(zip(prompts, photos))]
+    return np.asarray(batch), np.stack(singles)
+
+
+def test_instantid_batch_takes_each_photos_pose(cache, analyzer, astronaut):
+    """InstantID with one photo per prompt: each sample takes its own photo's identity and its own
+    photo's keypoints for IdentityNet, as run alone; a kps_image list poses each prompt too."""
+    from idgen import load_identitynet
+    from idgen.presets import INSTANTID_FILE
+    from idgen.pipelines import IDStableDiffusionXLPipeline
+
+    xl = get_preset("tiny-sdxl", root=str(cache))
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
+    pipe.load_identity_adapter(xl.adapter, weight_name=INSTANTID_FILE)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    photos, prompts = _two_people(astronaut), ["a photo of a person"] * 2
+    batch, singles = _batch_and_singles(pipe, photos, prompts, height=128, width=128)
+    assert_close(batch, singles)
+    assert np.abs(singles[0] - singles[1]).max() > 1e-2
+    posed = pipe(prompts, face_image=photos[0], kps_image=photos, num_inference_steps=2, output_type="np", height=128,
+                 width=128, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert_close(posed[1], pipe(prompts[1], face_image=photos[0], kps_image=photos[1], num_inference_steps=2,
+                                output_type="np", height=128, width=128,
+                                generator=torch.Generator().manual_seed(1)).images[0])
+    with pytest.raises(IdentityInputError, match="3 poses for 2 prompts"):
+        pipe(prompts, face_image=photos[0], kps_image=photos + photos[:1], num_inference_steps=1, height=128, width=128)
+
+
+def test_pulid_batch_equals_single_runs(cache, analyzer, astronaut):
+    from idgen.pipelines import IDStableDiffusionXLPipeline
+
+    preset = get_preset("tiny-pulid", root=str(cache))
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(preset.base, controlnet=None)
+    pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    batch, singles = _batch_and_singles(pipe, _two_people(astronaut), ["a photo of a person"] * 2, height=64, width=64)
+    assert_close(batch, singles)
+    assert np.abs(singles[0] - singles[1]).max() > 1e-3
+
+
+def test_photomaker_batch_equals_single_runs(cache, analyzer, astronaut, tmp_path):
+    """PhotoMaker's identity is one person's, merged into every prompt's trigger word: a batch of
+    prompts equals each prompt run alone."""
+    from idgen.pipelines import IDPhotoMakerPipeline
+    from idgen.presets import random_photomaker_state_dict
+
+    xl = get_preset("tiny-sdxl", root=str(cache))
+    pipe = IDPhotoMakerPipeline.from_pretrained(xl.base)
+    path = tmp_path / "photomaker-v2.bin"
+    torch.save(random_photomaker_state_dict(pipe.unet), path)
+    pipe.load_identity_adapter(str(path))
+    pipe.set_face_analyzer(analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a man img", "a painting of a man img smiling"]
+    kwargs = dict(num_inference_steps=2, start_merge_step=0, output_type="np", height=64, width=64)
+    batch = pipe(prompts, face_image=str(astronaut), generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                 **kwargs).images
+    singles = [pipe(p, face_image=str(astronaut), generator=torch.Generator().manual_seed(i), **kwargs).images[0]
+               for i, p in enumerate(prompts)]
+    assert_close(np.asarray(batch), np.stack(singles))
+
+
+@pytest.mark.parametrize("method", ["pulid-flux", "infiniteyou"])
+def test_flux_batch_equals_single_runs(flux_presets, analyzer, astronaut, method):
+    pipe = _flux(flux_presets[method == "infiniteyou"], analyzer)
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    photos, prompts = _two_people(astronaut), ["a photo of a person"] * 2
+    batch = pipe(prompts, face_image=photos, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                 **kwargs).images
+    singles = [pipe(prompt, face_image=photo, generator=torch.Generator().manual_seed(i), **kwargs).images[0]
+               for i, (prompt, photo) in enumerate(zip(prompts, photos))]
+    torch.testing.assert_close(batch, torch.stack(singles), atol=FP32_ATOL, rtol=0)
+    assert (singles[0] - singles[1]).abs().max() > 1e-3
