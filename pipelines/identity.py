@@ -70,7 +70,9 @@ class OnDenoiser:
 
     @staticmethod
     def model(pipe: Any) -> torch.nn.Module | None:
-        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        model = getattr(pipe, "unet", None)
+        if model is None:
+            model = getattr(pipe, "transformer", None)
         return getattr(model, "_orig_mod", model)  # a torch.compile'd model: the record is on the model it wraps
 
     def __get__(self, pipe: Any, owner: type | None = None) -> Any:
