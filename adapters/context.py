@@ -24,8 +24,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 #: The name of idgen's hook in a module's diffusers hook registry.
 HOOK_NAME = "idgen_identity"
-#: The name of a hook that serves one call's own function (``call_hook``).
-CALL_HOOK_NAME = "idgen_call"
+#: Where a module keeps the handles of the hooks that serve one call's own functions (``call_hook``).
+CALL_HOOK_NAME = "_idgen_call_hooks"
 
 _local = threading.local()
 _registration = threading.RLock()
@@ -106,27 +106,27 @@ class IdentityHook(ModelHook):
         return output if state is None else state.post_forward(self.role, module, output)
 
 
-def hook(module: torch.nn.Module, owner: Any, role: str, name: str = HOOK_NAME) -> None:
+def hook(module: torch.nn.Module, owner: Any, role: str) -> None:
     """Register ``owner``'s identity hook on ``module`` (replacing one there)."""
     with _registration:
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        if registry.get_hook(name) is not None:
-            registry.remove_hook(name, recurse=False)
-        registry.register_hook(IdentityHook(owner, role), name)
+        if registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        registry.register_hook(IdentityHook(owner, role), HOOK_NAME)
 
 
-def unhook(module: torch.nn.Module, name: str = HOOK_NAME) -> None:
+def unhook(module: torch.nn.Module) -> None:
     """Remove the identity hook from ``module``, if it has one."""
     with _registration:
         registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(name) is not None:
-            registry.remove_hook(name, recurse=False)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
 
 
-def hook_owner(module: torch.nn.Module, name: str = HOOK_NAME) -> Any:
+def hook_owner(module: torch.nn.Module) -> Any:
     """The owner of ``module``'s identity hook, or None."""
     registry = getattr(module, "_diffusers_hook", None)
-    found = None if registry is None else registry.get_hook(name)
+    found = None if registry is None else registry.get_hook(HOOK_NAME)
     return None if found is None else found.owner
 
 
@@ -169,11 +169,12 @@ class _CallFunctions:
 def call_hook(module: torch.nn.Module, pre: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
               post: Callable[[Any], Any] | None = None) -> Iterator[None]:
     """Within the block, and in this thread only, ``module``'s forward takes its inputs through
-    ``pre(args, kwargs) -> (args, kwargs)`` and its output through ``post(output)``. The hook stays
-    registered (once per module, passing through outside such a block)."""
-    module = getattr(module, "_orig_mod", module)
-    if hook_owner(module, CALL_HOOK_NAME) is not module:
-        hook(module, module, "call", CALL_HOOK_NAME)
+    ``pre(args, kwargs) -> (args, kwargs)`` and its output through ``post(output)``. The hooks stay
+    registered (``hook_model``, once per module; on a compiled model, on its wrapper), passing
+    through outside such a block."""
+    with _registration:
+        if CALL_HOOK_NAME not in module.__dict__:
+            module.__dict__[CALL_HOOK_NAME] = hook_model(module, module, "call")
     with open_identity(_CallFunctions(module, pre, post)):
         yield
 

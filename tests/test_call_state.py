@@ -17,6 +17,7 @@ from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline
 from idgen.presets import get_preset
 
 from .conftest import FP32_ATOL, assert_close, embedding
+from .test_flux import _load as _flux
 
 STEPS = 3
 
@@ -126,16 +127,6 @@ def test_sd_unets_take_no_diffusers_cache(pipe):
 @pytest.fixture(scope="module")
 def flux_presets(cache):
     return get_preset("tiny-flux", root=str(cache)), get_preset("tiny-infiniteyou", root=str(cache))
-
-
-def _flux(preset, analyzer) -> IDFluxPipeline:
-    pipe = IDFluxPipeline.from_pretrained(preset.base)
-    extra = dict(image_encoder=preset.image_encoder, face_parser=preset.face_parser) if preset.image_encoder else \
-        dict(face_recognizer=preset.face_recognizer)
-    pipe.load_identity_adapter(preset.adapter, **extra)
-    pipe.set_face_analyzer(analyzer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _flux_run(pipe, **kwargs) -> torch.Tensor:
