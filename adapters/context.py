@@ -106,13 +106,23 @@ class IdentityHook(ModelHook):
         return output if state is None else state.post_forward(self.role, module, output)
 
 
-def hook(module: torch.nn.Module, owner: Any, role: str) -> None:
-    """Register ``owner``'s identity hook on ``module`` (replacing one there)."""
+def register(module: torch.nn.Module, model_hook: ModelHook, name: str) -> None:
+    """Register ``model_hook`` on ``module`` under ``name``, unless a hook of the same owner is
+    there already (replacing one of another owner)."""
     with _registration:
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        if registry.get_hook(HOOK_NAME) is not None:
-            registry.remove_hook(HOOK_NAME, recurse=False)
-        registry.register_hook(IdentityHook(owner, role), HOOK_NAME)
+        there = registry.get_hook(name)
+        if there is not None and getattr(there, "owner", None) is getattr(model_hook, "owner", None) \
+                and type(there) is type(model_hook) and getattr(there, "role", None) == getattr(model_hook, "role", None):
+            return
+        if there is not None:
+            registry.remove_hook(name, recurse=False)
+        registry.register_hook(model_hook, name)
+
+
+def hook(module: torch.nn.Module, owner: Any, role: str) -> None:
+    """Register ``owner``'s identity hook on ``module`` (replacing one there)."""
+    register(module, IdentityHook(owner, role), HOOK_NAME)
 
 
 def unhook(module: torch.nn.Module) -> None:
@@ -153,10 +163,10 @@ def hook_model(model: torch.nn.Module, owner: Any, role: str, outside: Callable[
 
 
 class _CallFunctions:
-    """A call's own functions for one module (``call_hook``)."""
+    """A call's own functions for one module, and values its other hooks read (``call_hook``)."""
 
-    def __init__(self, owner: torch.nn.Module, pre: Callable | None, post: Callable | None):
-        self.owner, self.pre, self.post = owner, pre, post
+    def __init__(self, owner: torch.nn.Module, pre: Callable | None, post: Callable | None, values: dict):
+        self.owner, self.pre, self.post, self.values = owner, pre, post, values
 
     def pre_forward(self, role: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return (args, kwargs) if self.pre is None else self.pre(args, kwargs)
@@ -167,15 +177,15 @@ class _CallFunctions:
 
 @contextlib.contextmanager
 def call_hook(module: torch.nn.Module, pre: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
-              post: Callable[[Any], Any] | None = None) -> Iterator[None]:
+              post: Callable[[Any], Any] | None = None, **values: Any) -> Iterator[None]:
     """Within the block, and in this thread only, ``module``'s forward takes its inputs through
-    ``pre(args, kwargs) -> (args, kwargs)`` and its output through ``post(output)``. The hooks stay
-    registered (``hook_model``, once per module; on a compiled model, on its wrapper), passing
-    through outside such a block."""
+    ``pre(args, kwargs) -> (args, kwargs)`` and its output through ``post(output)``; hooks of its
+    submodules owned by ``module`` read ``values``. The hooks stay registered (``hook_model``,
+    once per module; on a compiled model, on its wrapper), passing through outside such a block."""
     with _registration:
         if CALL_HOOK_NAME not in module.__dict__:
             module.__dict__[CALL_HOOK_NAME] = hook_model(module, module, "call")
-    with open_identity(_CallFunctions(module, pre, post)):
+    with open_identity(_CallFunctions(module, pre, post, values)):
         yield
 
 

@@ -15,11 +15,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import ModelHook
 
 from idgen.errors import IdentityInputError
 
+from .context import current, register
+
 #: Query length of an attention layer -> (people, query length, 1) weights at that resolution.
 RegionWeights = dict[int, torch.Tensor]
+#: The name of ``RegionalAttention`` in a module's diffusers hook registry.
+REGIONS_HOOK_NAME = "idgen_regions"
 
 
 def _mask_array(mask: Any, index: int) -> np.ndarray:
@@ -150,21 +155,35 @@ def _box_coverage(start: float, end: float, size: int) -> np.ndarray:
     return np.clip(np.minimum(edges + 1, end) - np.maximum(edges, start), 0, 1).astype(np.float32)
 
 
-class RegionalAttnProcessor:
-    """Wraps a cross-attention processor for several people: the encoder tokens are the people's,
-    side by side; each person's attention output is weighted by their (normalised) region, so
-    every position attends to the people whose region it lies in (IdentityNet's attention)."""
+class RegionalAttention(ModelHook):
+    """A cross-attention module's hook for several people (IdentityNet's): while ``owner``'s call
+    in this thread holds ``region_weights`` (a holder whose ``"now"`` entry the call keeps at the
+    current latent size), the encoder tokens are the people's, side by side, and each person's
+    attention output is weighted by their (normalised) region, so every position attends to the
+    people whose region it lies in. Otherwise the module runs as it is."""
 
-    def __init__(self, processor: Any, weights: Callable[[], RegionWeights]):
-        self.processor = processor
-        self._weights = weights
+    def __init__(self, owner: Any):
+        super().__init__()
+        self.owner = owner
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        weights = self._weights()[hidden_states.shape[1]].to(hidden_states.dtype)
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        forward = self.fn_ref.original_forward
+        state = current(self.owner)
+        holder = None if state is None else state.values.get("region_weights")
+        if holder is None or encoder_hidden_states is None:
+            return forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+        weights = holder["now"][hidden_states.shape[1]].to(hidden_states.dtype)
         people = encoder_hidden_states.chunk(len(weights), dim=1)
-        return sum(weight * self.processor(attn, hidden_states, tokens, attention_mask, temb)
-                   for weight, tokens in zip(weights, people))
+        return sum(weight * forward(hidden_states, tokens, *args, **kwargs) for weight, tokens in zip(weights, people))
+
+
+def regional_cross_attention(model: torch.nn.Module, owner: Any) -> None:
+    """Give every cross-attention (``attn2``) of ``model`` a ``RegionalAttention`` hook for
+    ``owner``'s calls, once."""
+    for name, module in model.named_modules():
+        if name.endswith("attn2"):
+            register(module, RegionalAttention(owner), REGIONS_HOOK_NAME)
 
 
 def place_kps(kps: np.ndarray, box: Sequence[float], size: float = 0.3, height: float = 0.4) -> np.ndarray:

@@ -35,7 +35,7 @@ from transformers import (
 from idgen.faces import ImageInput, draw_kps, load_image
 
 from idgen.adapters.context import call_hook
-from idgen.adapters.regions import RegionalAttnProcessor, Regions, place_kps
+from idgen.adapters.regions import Regions, place_kps, regional_cross_attention
 from idgen.errors import IdentityInputError
 
 from .identity import (
@@ -130,17 +130,10 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
                 weights["now"] = regions.weights(*sample.shape[-2:], self.vae_scale_factor, sample.device, normalise=True)
             return args, kwargs
 
-        base = getattr(net, "_orig_mod", net)
-        processors = base.attn_processors if regions is not None else None
-        if processors is not None:
-            base.set_attn_processor({name: RegionalAttnProcessor(p, lambda: weights["now"]) if ".attn2." in name else p
-                                     for name, p in processors.items()})
-        try:
-            with call_hook(net, pre=tokens):
-                yield
-        finally:
-            if processors is not None:
-                base.set_attn_processor(processors)
+        if regions is not None:
+            regional_cross_attention(getattr(net, "_orig_mod", net), net)
+        with call_hook(net, pre=tokens, region_weights=weights if regions is not None else None):
+            yield
 
     # ---------------------------------------------------------------- the denoising loop
     #: diffusers pipelines whose loop runs a call: (without ControlNet, with); None: this class's own.

@@ -1,11 +1,14 @@
 """Several people in one image: each identity acts in its own region (SD1.5 FaceID, SDXL InstantID)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from idgen import IdentityInputError, IDStableDiffusionImg2ImgPipeline, IDStableDiffusionXLPipeline, load_identitynet
+from idgen.adapters.context import current, open_identity
 from idgen.adapters.regions import Regions, place_kps
 from idgen.presets import INSTANTID_FILE, get_preset
 
@@ -53,12 +56,12 @@ def test_attention_is_masked_exactly():
     """In one attention layer, the identity attention of a person is exactly zero outside their
     region (UNet branch), and IdentityNet's cross-attention there reads only the other person's
     tokens: positions outside A's region do not change when A's tokens do."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention
 
     from idgen.adapters import IdentityAdapter, IdentityAttention
     from idgen.adapters.attention import IdentityCall
     from idgen.adapters.context import open_identity
-    from idgen.adapters.regions import RegionalAttnProcessor
+    from idgen.adapters.regions import regional_cross_attention
 
     torch.manual_seed(0)
     attn = Attention(32, cross_attention_dim=16, heads=2, dim_head=16).eval()
@@ -76,10 +79,13 @@ def test_attention_is_masked_exactly():
             outputs.append(attn(hidden, encoder_hidden_states=text).reshape(2, 8, 16, 32))
     assert torch.equal(outputs[0][:, :, 8:], outputs[1][:, :, 8:]) and not torch.equal(outputs[0], outputs[1])
     adapter.detach()
-    regional = RegionalAttnProcessor(AttnProcessor2_0(), lambda: spec.weights(8, 16, 8, torch.device("cpu"), True))
-    mixed = [regional(attn, hidden, torch.cat([x, b], 1)).reshape(2, 8, 16, 32) for x in (a, other_a)]
+    owner = torch.nn.Module()  # the model whose calls open the weights (IdentityNet)
+    regional_cross_attention(torch.nn.ModuleDict({"attn2": attn}), owner)
+    weights = {"now": spec.weights(8, 16, 8, torch.device("cpu"), True)}
+    with open_identity(SimpleNamespace(owner=owner, values={"region_weights": weights})):
+        mixed = [attn(hidden, torch.cat([x, b], 1)).reshape(2, 8, 16, 32) for x in (a, other_a)]
     assert torch.equal(mixed[0][:, :, 8:], mixed[1][:, :, 8:]) and not torch.equal(mixed[0], mixed[1])
-    only_b = attn(hidden, encoder_hidden_states=b).reshape(2, 8, 16, 32)
+    only_b = attn(hidden, encoder_hidden_states=b).reshape(2, 8, 16, 32)  # outside the call: plain
     assert torch.allclose(mixed[0][:, :, 8:], only_b[:, :, 8:], atol=1e-6)  # B's own cross-attention there
 
 
@@ -206,8 +212,7 @@ def test_instantid_full_frame_region_equals_unmasked_call(instantid):
     plain = latents(instantid, embedding(0, 20.0), face_kps=kps)
     one = latents(instantid, embedding(0, 20.0)[None], face_kps=kps[None], regions=[(0, 0, W, H)])
     assert torch.allclose(one, plain, atol=1e-5), float((one - plain).abs().max())
-    assert all(".attn2." not in name or type(p).__name__ != "RegionalAttnProcessor"
-               for name, p in instantid.controlnet.attn_processors.items())  # restored after the call
+    assert current(instantid.controlnet) is None  # nothing of the call is left: IdentityNet runs plain
 
 
 def test_instantid_keypoints_of_every_person(instantid, astronaut, group_photo):
