@@ -60,7 +60,6 @@ def test_attention_is_masked_exactly():
 
     from idgen.adapters import IdentityAdapter, IdentityAttention
     from idgen.adapters.attention import IdentityCall
-    from idgen.adapters.context import open_identity
     from idgen.adapters.regions import regional_cross_attention
 
     torch.manual_seed(0)
