@@ -262,6 +262,7 @@ def test_pulid_flux_parity_with_the_reference(monkeypatch):
     4th single block) and its sampling loop, against diffusers' transformer (weights converted by
     diffusers) with our hooks in FluxPipeline's loop: same latents, prompt embeddings and identity
     tokens, with and without true CFG and a late start."""
+    pytest.importorskip("einops", reason="the reference's FLUX layers import einops (pip install einops)")
     monkeypatch.syspath_prepend(PULID_REFERENCE)
     for name in [m for m in sys.modules if m == "flux" or m.startswith("flux.")]:
         monkeypatch.delitem(sys.modules, name)

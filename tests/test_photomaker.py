@@ -102,31 +102,35 @@ def test_unload_gives_back_plain_sdxl(cache, checkpoint):
         pipe.unet, "peft_config", {})
 
 
-def _reference_package(folder) -> types.ModuleType:
+def _reference_package(folder, monkeypatch, request) -> types.ModuleType:
     """PhotoMaker's package from the local copy: its files as they are. It was written for an older
     diffusers (the module it takes MultiControlNetModel from has moved), and ``einops`` (imported
-    by its resampler for the Resampler V2 does not use) is stood in for when it is not installed."""
+    by its resampler for the Resampler V2 does not use) is stood in for when it is not installed.
+    Every stand-in, and the package itself, leaves ``sys.modules`` with the test."""
+    import importlib.util
+
     from diffusers.models.controlnets import multicontrolnet
 
-    sys.modules.setdefault("diffusers.pipelines.controlnet.multicontrolnet", multicontrolnet)
+    monkeypatch.setitem(sys.modules, "diffusers.pipelines.controlnet.multicontrolnet", multicontrolnet)
     shutil.copytree(os.path.join(REFERENCE, "photomaker"), folder / "photomaker")
-    sys.path.insert(0, str(folder))
-    try:
-        import einops  # noqa: F401
-    except ImportError:
+    monkeypatch.syspath_prepend(str(folder))
+    if importlib.util.find_spec("einops") is None:
         stub = types.ModuleType("einops")
         stub.rearrange = None
         stub.layers = types.ModuleType("einops.layers")
         stub.layers.torch = types.ModuleType("einops.layers.torch")
         stub.layers.torch.Rearrange = None
-        sys.modules.update({"einops": stub, "einops.layers": stub.layers, "einops.layers.torch": stub.layers.torch})
+        for name, module in {"einops": stub, "einops.layers": stub.layers, "einops.layers.torch": stub.layers.torch}.items():
+            monkeypatch.setitem(sys.modules, name, module)
+    request.addfinalizer(lambda: [sys.modules.pop(name) for name in list(sys.modules)
+                                  if name == "photomaker" or name.startswith("photomaker.")])
     import photomaker
 
     return photomaker
 
 
 @pytest.mark.skipif(REFERENCE is None, reason="set IDGEN_PHOTOMAKER_REPO to a local copy of TencentARC/PhotoMaker")
-def test_parity_with_the_reference_pipeline(tmp_path, astronaut):
+def test_parity_with_the_reference_pipeline(tmp_path, astronaut, monkeypatch, request):
     """The same random full-width checkpoint (CLIP ViT-L, 2048-wide fuse) through PhotoMaker's own
     pipeline and ours, on a tiny SDXL whose prompt embeddings are 768 + 1280 wide."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
@@ -134,7 +138,7 @@ def test_parity_with_the_reference_pipeline(tmp_path, astronaut):
 
     from idgen.presets import tiny_clip_tokenizer, tiny_vae
 
-    reference = _reference_package(tmp_path)
+    reference = _reference_package(tmp_path, monkeypatch, request)
     from photomaker.model_v2 import VISION_CONFIG_DICT
 
     def build() -> dict:  # the same tiny SDXL each time: one for each pipeline (each adds its LoRA)
