@@ -17,6 +17,7 @@ from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict
 from .conftest import write_lora
 
 
+@pytest.mark.slow
 def test_generate_end_to_end(tmp_path, preset, astronaut):
     """The console script, as a user runs it: progress bar, PNGs with metadata."""
     out = tmp_path / "out.png"

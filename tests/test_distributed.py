@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -33,6 +34,7 @@ def launch(cfg: AdapterTrainConfig, path, module: str = "idgen.train.adapter", *
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data):  # noqa: F811
     """Adapter training (FaceID MLP + LoRA, face-masked loss): one process with batches of 2 vs
     two processes with 1 each, the second run stopped at step 2 and resumed to step 4."""
@@ -57,6 +59,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data):  # 
     assert max(float((one[k] - moved[k]).abs().max()) for k in one) > 100 * noise  # another seed: far off
 
 
+@pytest.mark.slow
 def test_reward_training_on_two_processes(tmp_path, data):  # noqa: F811
     """Reward fine-tuning (identity reward, plus the diffusion loss): the same check, resumed."""
     from idgen.train.reward import train as train_reward

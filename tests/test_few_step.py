@@ -86,6 +86,7 @@ def test_cli_few_step_recipe_is_recorded(cache, astronaut, tmp_path, capsys):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "dmd2.png")), np.asarray(Image.open(tmp_path / "plain.png")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
 def test_compiled_models_give_the_eager_image_without_recompiling(base, cache, astronaut, tmp_path, monkeypatch):
     """--compile: one graph for the UNet (and IdentityNet) with identity attention and a fused

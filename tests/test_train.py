@@ -122,6 +122,7 @@ def _launch(cfg_file, *extra):
     )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, data):
     """A run killed (SIGKILL) mid-way and resumed ends with the weights of an uninterrupted run."""
     import yaml
