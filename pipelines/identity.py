@@ -155,6 +155,14 @@ def layer_id_scales(names: Sequence[str], id_scale: IDScale, aliases: dict[str, 
     return scales
 
 
+def shared_modules(cls: type, pipeline: Any) -> dict[str, Any]:
+    """``pipeline``'s modules that a ``cls`` pipeline takes, by name: diffusers' ``from_pipe`` drops
+    a module whose class is not the one ``cls``'s signature names (a TAESD VAE, a subclassed UNet)
+    and then refuses the pipeline; passed by name, it is kept."""
+    expected, _ = cls._get_signature_keys(cls)
+    return {name: module for name, module in pipeline.components.items() if name in expected}
+
+
 def _as_tensor(embeds: Any) -> torch.Tensor | None:
     """ArcFace vectors as given (tensor), or from numpy arrays and lists (as float32)."""
     if embeds is None or isinstance(embeds, torch.Tensor):
@@ -370,12 +378,20 @@ class PuLIDInputMixin(FaceInputMixin):
             raise IdentityInputError("PuLID also reads EVA-CLIP features of the face photo: pass face_image= (with "
                                      "id_embeds=, one vector per photo, if you have them)")
         device = self._execution_device
-        positive_eva = self.encode_face_eva(face_image, len(id_embeds), face_index)
+
+        def for_each_row(eva: tuple[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            """One identity's EVA features for every prompt (one photo, or photos of one person, for N prompts)."""
+            if len(eva[0]) == len(id_embeds):
+                return eva
+            return eva[0].expand(len(id_embeds), *eva[0].shape[1:]), [level.expand(len(id_embeds), *level.shape[1:])
+                                                                       for level in eva[1]]
+
+        positive_eva = for_each_row(self.encode_face_eva(face_image, len(id_embeds), face_index))
         if positive_eva[0].shape[1] != id_embeds.shape[1]:
             raise IdentityInputError(f"id_embeds holds {id_embeds.shape[1]} vector(s) per identity for "
                                      f"{positive_eva[0].shape[1]} face photo(s): give one per photo")
         if negative_face_image is not None:
-            negative_eva = self.encode_face_eva(negative_face_image, len(id_embeds))
+            negative_eva = for_each_row(self.encode_face_eva(negative_face_image, len(id_embeds)))
         elif negative_id_embeds.shape[1] != id_embeds.shape[1]:
             raise IdentityInputError(f"the negative identity has {negative_id_embeds.shape[1]} vector(s) and the "
                                      f"identity {id_embeds.shape[1]} photo(s): give as many")
@@ -444,7 +460,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         """diffusers' ``from_pipe``. The identity is the UNet's (``OnDenoiser``): the new pipeline has
         the one loaded into a UNet it shares, whatever pipelines came in between; it also takes
         ``pipeline``'s face analyzer."""
-        new = super().from_pipe(pipeline, **kwargs)
+        new = super().from_pipe(pipeline, **{**shared_modules(cls, pipeline), **kwargs})
         if getattr(pipeline, "_face_analyzer", None) is not None:
             new._face_analyzer = pipeline._face_analyzer
         return new

@@ -46,6 +46,7 @@ from .identity import (
     PeopleLayout,
     RegionsInput,
     per_person,
+    shared_modules,
 )
 
 
@@ -100,7 +101,15 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
             feature_extractor=feature_extractor, image_encoder=image_encoder,
         )
-        self.default_sample_size = unet.config.sample_size  # plain SDXL's loop (no ControlNet) reads it
+        # plain SDXL's loop (no ControlNet) reads it; a pipeline of text encoders alone has no UNet
+        self.default_sample_size = unet.config.sample_size if unet is not None else 128
+
+    @property
+    def _callback_tensor_inputs(self) -> list[str]:
+        """The tensors ``callback_on_step_end`` may ask for: those of the diffusers loop that runs
+        this call (with ControlNets or without)."""
+        classes = self._loop_classes or (StableDiffusionXLPipeline, StableDiffusionXLControlNetPipeline)
+        return classes[bool(self.controlnets)]._callback_tensor_inputs
 
     # ---------------------------------------------------------------- ControlNets
     @property
@@ -148,7 +157,9 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         pipeline sharing its modules (``from_pipe``: nothing is copied)."""
         if self._loop_classes is None:
             return self
-        loop = self._loop_classes[bool(self.controlnets)].from_pipe(self)
+        cls = self._loop_classes[bool(self.controlnets)]
+        loop = cls.from_pipe(self, **shared_modules(cls, self))
+        loop.image_processor = self.image_processor  # the caller's, if they set their own
         loop.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return loop
 

@@ -110,6 +110,71 @@ def test_callbacks_get_the_pipeline_and_its_tensors(pipe, xl, faceid_xl_file):
     assert [s[0] for s in seen] == [xl_pipe] * STEPS and seen[0][1] == STEPS and seen[0][2] == sorted(inputs)
 
 
+def test_sdxl_callback_tensor_inputs_follow_the_loop(xl, faceid_xl_file):
+    """``pipe._callback_tensor_inputs`` lists what the loop that runs the call can hand a callback:
+    plain SDXL's without a ControlNet (no ``image``), the ControlNet loop's with one; img2img and
+    inpainting too. Asking for all of them works."""
+    from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from idgen import IDStableDiffusionXLImg2ImgPipeline
+
+    pipe = faceid_xl(xl, faceid_xl_file)
+    assert pipe._callback_tensor_inputs == StableDiffusionXLPipeline._callback_tensor_inputs
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append(sorted(tensors))
+        return tensors
+
+    run(pipe, id_embeds=embedding(1), height=64, width=64, callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    assert seen[0] == sorted(pipe._callback_tensor_inputs)
+    img2img = IDStableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    assert img2img._callback_tensor_inputs == StableDiffusionXLImg2ImgPipeline._callback_tensor_inputs
+    seen.clear()
+    run(img2img, id_embeds=embedding(1), image=np.full((64, 64, 3), 0.5, np.float32), strength=0.7,
+        callback_on_step_end=callback, callback_on_step_end_tensor_inputs=img2img._callback_tensor_inputs)
+    assert seen and seen[0] == sorted(img2img._callback_tensor_inputs)
+    from idgen import load_identitynet
+
+    instantid = IDStableDiffusionXLPipeline(**{**pipe.components, "controlnet": load_identitynet(xl.adapter)})
+    assert instantid._callback_tensor_inputs == StableDiffusionXLControlNetPipeline._callback_tensor_inputs
+
+
+def test_sdxl_of_text_encoders_alone(xl):
+    """diffusers builds a pipeline without its UNet to encode prompts in isolation: so does idgen."""
+    full = IDStableDiffusionXLPipeline.from_pretrained(xl.base)
+    encoders = IDStableDiffusionXLPipeline(**{**full.components, "unet": None, "vae": None})
+    assert encoders.identity_adapter is None
+    embeds = encoders.encode_prompt("a photo of a person", device=torch.device("cpu"))[0]
+    assert torch.equal(embeds, full.encode_prompt("a photo of a person", device=torch.device("cpu"))[0])
+
+
+def test_sdxl_img2img_and_inpaint_take_any_vae_and_the_callers_image_processor(xl, faceid_xl_file):
+    """SDXL img2img and inpainting run their diffusers loop with the pipeline's own modules, a VAE
+    of another class (TAESD) included, and with the image processor the caller set."""
+    from diffusers import AutoencoderTiny
+    from diffusers.image_processor import VaeImageProcessor
+
+    from idgen import IDStableDiffusionXLImg2ImgPipeline, IDStableDiffusionXLInpaintPipeline
+
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    photo = np.full((64, 64, 3), 0.5, np.float32)
+    photo[16:48, 16:48] = 0.9
+    for cls, extra in ((IDStableDiffusionXLImg2ImgPipeline, {}),
+                       (IDStableDiffusionXLInpaintPipeline, {"mask_image": np.ones((64, 64), np.float32)})):
+        pipe = cls.from_pipe(faceid_xl(xl, faceid_xl_file, vae=taesd))
+        image = run(pipe, id_embeds=embedding(1), image=photo, strength=0.7, **extra)
+        assert len(image) == 1 and np.isfinite(image).all()  # (the tiny TAESD's own scale sets the size)
+    img2img = IDStableDiffusionXLImg2ImgPipeline.from_pipe(faceid_xl(xl, faceid_xl_file))
+    default = run(img2img, id_embeds=embedding(1), image=photo, strength=0.5, output_type="latent")
+    img2img.image_processor = VaeImageProcessor(vae_scale_factor=img2img.vae_scale_factor, do_normalize=False)
+    own = run(img2img, id_embeds=embedding(1), image=photo, strength=0.5, output_type="latent")
+    assert (own - default).abs().max() > 1e-3  # the caller's processor read the photo
+
+
 def test_sdxl_without_controlnet_keeps_dtype_and_takes_any_vae(xl, faceid_xl_file):
     from diffusers import AutoencoderTiny
 

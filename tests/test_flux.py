@@ -377,3 +377,15 @@ def test_infiniteyou_parity_with_the_reference(monkeypatch):
             error = (ours - expected).abs().max().item()
             print(f"InfiniteYou scale={scale} window={start}-{end}: max |diff| {error:.2e}")
             assert error <= 1e-4
+
+
+def test_one_photo_for_a_batch_of_prompts(pulid, infiniteyou, astronaut):
+    """One face photo and N prompts: every prompt gets that identity (diffusers' rule for one
+    image and a batch of prompts), each sample as its prompt alone with that photo."""
+    prompts = ["a photo of a person", "a painting of a person"]
+    for pipe in (pulid, infiniteyou):
+        kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", face_image=str(astronaut))
+        batch = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+        alone = torch.stack([pipe(prompt, generator=torch.Generator().manual_seed(i), **kwargs).images[0]
+                             for i, prompt in enumerate(prompts)])
+        torch.testing.assert_close(batch, alone, atol=FP32_ATOL, rtol=0)
