@@ -21,6 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
@@ -160,6 +161,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         cls = self._loop_classes[bool(self.controlnets)]
         loop = cls.from_pipe(self, **shared_modules(cls, self))
         loop.image_processor = self.image_processor  # the caller's, if they set their own
+        if hasattr(self, "mask_processor"):
+            loop.mask_processor = self.mask_processor
         loop.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return loop
 
@@ -431,6 +434,30 @@ class _IDStableDiffusionXLRedraw(IDStableDiffusionXLPipeline):
 
     _control_image_arg = "control_image"
 
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        controlnet: ControlNetModel | Sequence[ControlNetModel] | MultiControlNetModel | None = None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+    ):
+        # The signature is diffusers' SDXL img2img / inpaint one: a refiner folder
+        # (requires_aesthetics_score: true) loads, and its loop conditions on the aesthetic scores.
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, controlnet,
+                         force_zeros_for_empty_prompt, add_watermarker, feature_extractor, image_encoder)
+        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
+
     def _redraw(self, image: Any, control_image: Any, loop_inputs: dict[str, Any], kwargs: dict[str, Any]):
         if self.controlnets and kwargs.get("height") is None and kwargs.get("width") is None:
             kwargs["height"], kwargs["width"] = self.image_processor.get_default_height_width(image)
@@ -455,10 +482,15 @@ class IDStableDiffusionXLImg2ImgPipeline(_IDStableDiffusionXLRedraw):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.3,
-                 control_image: Any = None, **kwargs: Any):
-        """``image`` redrawn at ``strength``; every other argument is ``IDStableDiffusionXLPipeline``'s
-        (its ``image=``, further ControlNets' images, is ``control_image=`` here)."""
-        return self._redraw(image, control_image, {"strength": strength}, dict(prompt=prompt, **kwargs))
+                 control_image: Any = None, denoising_start: float | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, **kwargs: Any):
+        """``image`` redrawn at ``strength`` (or from ``denoising_start`` on, after a base model's
+        ``denoising_end``); ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner;
+        every other argument is ``IDStableDiffusionXLPipeline``'s (its ``image=``, further
+        ControlNets' images, is ``control_image=`` here)."""
+        return self._redraw(image, control_image, dict(
+            strength=strength, denoising_start=denoising_start, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score), dict(prompt=prompt, **kwargs))
 
 
 class IDStableDiffusionXLInpaintPipeline(_IDStableDiffusionXLRedraw):
@@ -469,8 +501,14 @@ class IDStableDiffusionXLInpaintPipeline(_IDStableDiffusionXLRedraw):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
-                 strength: float = 0.9999, control_image: Any = None, **kwargs: Any):
-        """``image`` repainted under ``mask_image`` at ``strength``; every other argument is
+                 masked_image_latents: torch.Tensor | None = None, strength: float = 0.9999,
+                 padding_mask_crop: int | None = None, control_image: Any = None, denoising_start: float | None = None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **kwargs: Any):
+        """``image`` repainted under ``mask_image`` at ``strength``; ``masked_image_latents``,
+        ``padding_mask_crop`` (repaint a crop around the mask, pasted back), ``denoising_start`` and
+        the aesthetic scores as in diffusers' SDXL inpainting; every other argument is
         ``IDStableDiffusionXLPipeline``'s (``control_image=`` for further ControlNets' images)."""
-        return self._redraw(image, control_image, {"mask_image": mask_image, "strength": strength},
-                            dict(prompt=prompt, **kwargs))
+        return self._redraw(image, control_image, dict(
+            mask_image=mask_image, masked_image_latents=masked_image_latents, strength=strength,
+            padding_mask_crop=padding_mask_crop, denoising_start=denoising_start, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score), dict(prompt=prompt, **kwargs))

@@ -288,3 +288,62 @@ def test_unload_lora_weights_keeps_the_identity_lora(tmp_path, preset):
     pipe.unload_lora_weights()
     assert "faceid" in pipe.unet.peft_config and "style" not in pipe.unet.peft_config
     assert_close(run(pipe, id_embeds=embedding(1)), before)
+
+
+def test_sdxl_refiner_layout_loads_and_takes_aesthetic_scores(xl, tmp_path):
+    """A refiner-shaped SDXL folder (no first text encoder, aesthetic-score time ids,
+    ``requires_aesthetics_score: true``) loads into the img2img pipeline, takes a FaceID adapter,
+    and its loop reads ``aesthetic_score``; ``denoising_start`` picks up where a base model stopped."""
+    from diffusers import UNet2DConditionModel
+
+    from idgen import IDStableDiffusionXLImg2ImgPipeline
+
+    base = IDStableDiffusionXLPipeline.from_pretrained(xl.base)
+    encoder = base.text_encoder_2
+    config = {**base.unet.config, "cross_attention_dim": encoder.config.hidden_size,
+              "projection_class_embeddings_input_dim": base.unet.config.addition_time_embed_dim * 5
+              + encoder.config.projection_dim}
+    torch.manual_seed(0)
+    refiner = IDStableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=encoder, tokenizer=None, tokenizer_2=base.tokenizer_2,
+        unet=UNet2DConditionModel.from_config(config), scheduler=base.scheduler, requires_aesthetics_score=True)
+    refiner.save_pretrained(tmp_path / "refiner")
+    refiner = IDStableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "refiner")
+    assert refiner.config.requires_aesthetics_score and refiner.text_encoder is None
+    refiner.load_identity_adapter(random_faceid_state_dict(refiner.unet, seed=5), weight_name="faceid-refiner.bin")
+    refiner.set_progress_bar_config(disable=True)
+    photo = np.full((64, 64, 3), 0.5, np.float32)
+    kwargs = dict(id_embeds=embedding(1), image=photo, strength=0.6, output_type="latent")
+    high, low = (run(refiner, aesthetic_score=score, **kwargs) for score in (6.0, 2.0))
+    assert (high - low).abs().max() > 1e-4  # the aesthetic score conditions the refiner's UNet
+    assert not torch.equal(run(refiner, denoising_start=0.5, **kwargs), high)
+
+
+def test_sdxl_inpaint_takes_diffusers_inpaint_arguments(xl, faceid_xl_file):
+    """SDXL inpainting has diffusers' mask processor and takes ``masked_image_latents`` and
+    ``padding_mask_crop`` (the repainted crop pasted back: outside it the photo stays)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from idgen import IDStableDiffusionXLInpaintPipeline
+
+    pipe = IDStableDiffusionXLInpaintPipeline.from_pipe(faceid_xl(xl, faceid_xl_file))
+    reference = StableDiffusionXLInpaintPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"})
+    assert pipe.mask_processor.config == reference.mask_processor.config
+    photo = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    mask = np.zeros((64, 64), np.float32)
+    mask[24:40, 24:40] = 1.0
+    from PIL import Image
+
+    pil_photo, pil_mask = Image.fromarray((photo * 255).round().astype(np.uint8)), Image.fromarray((mask * 255).astype(np.uint8))
+    cropped = run(pipe, id_embeds=embedding(1), image=pil_photo, mask_image=pil_mask, padding_mask_crop=4,
+                  output_type="pil")[0]
+    outside = np.ones((64, 64), bool)
+    outside[16:48, 16:48] = False
+    difference = np.abs(np.asarray(cropped, np.int16) - np.asarray(pil_photo, np.int16))[outside]
+    assert difference.max() <= 2  # pasted back into the photo (8-bit rounding)
+    image = pipe.image_processor.preprocess(photo)
+    masked = image * (pipe.mask_processor.preprocess(mask) < 0.5)
+    latents = pipe.vae.encode(masked).latent_dist.mode() * pipe.vae.config.scaling_factor
+    given = run(pipe, id_embeds=embedding(1), image=photo, mask_image=mask, masked_image_latents=latents,
+                output_type="latent")
+    assert given.shape[0] == 1 and torch.isfinite(given).all()
