@@ -716,13 +716,20 @@ class IdentityPipelineMixin(PuLIDInputMixin):
             self._load_id_lora(self._id_lora)
 
     # ---------------------------------------------------------------- calling
+    @property
+    def _has_ip_adapter(self) -> bool:
+        """Whether diffusers' IP-Adapter is loaded into the UNet beside the identity adapter."""
+        return getattr(self.unet, "encoder_hid_proj", None) is not None and \
+            getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
     def _check_identity_call(self, ip_adapter_image, ip_adapter_image_embeds) -> None:
         if self.identity_adapter is None:
             raise RuntimeError(
                 "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
             )
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and not self._has_ip_adapter:
+            raise ValueError("ip_adapter_image(_embeds) feed diffusers' IP-Adapter, and none is loaded: the identity "
+                             "goes in face_image= or id_embeds=; pipe.load_ip_adapter(...) adds a style or image reference")
 
     @torch.no_grad()
     def encode_face_clip(self, face_image: FaceImages, batch_size: int = 1, face_index: int = 0) -> torch.Tensor:

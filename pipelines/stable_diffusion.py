@@ -67,7 +67,8 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments
         fusion_tokens=fusion_tokens,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                             cross_attention_kwargs=args["cross_attention_kwargs"], **loop)
+                             cross_attention_kwargs=args["cross_attention_kwargs"], ip_adapter_image=args["ip_adapter_image"],
+                             ip_adapter_image_embeds=args["ip_adapter_image_embeds"], **loop)
     return pipe._watermarked(output, loop.get("output_type", "pil"))
 
 

@@ -392,6 +392,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             drawn = [self.kps_condition(kps, source_size, height, width) for kps, source_size in poses]
             control_images = [drawn[0] if len(drawn) == 1 else drawn, *extra_images]
         common = dict(
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,  # diffusers' IP-Adapter
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,

@@ -347,3 +347,52 @@ def test_sdxl_inpaint_takes_diffusers_inpaint_arguments(xl, faceid_xl_file):
     given = run(pipe, id_embeds=embedding(1), image=photo, mask_image=mask, masked_image_latents=latents,
                 output_type="latent")
     assert given.shape[0] == 1 and torch.isfinite(given).all()
+
+
+def _ip_adapter_state_dict(unet, clip_dim: int = 16, tokens: int = 4, seed: int = 0) -> dict:
+    """A random IP-Adapter (base layout: a linear projection to ``tokens`` tokens) for ``unet``."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    state = {"image_proj": {"proj.weight": torch.randn(cross * tokens, clip_dim, generator=generator) * 0.2,
+                            "proj.bias": torch.zeros(cross * tokens), "norm.weight": torch.ones(cross),
+                            "norm.bias": torch.zeros(cross)}, "ip_adapter": {}}
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_out[0].out_features
+            for part in ("to_k_ip", "to_v_ip"):
+                state["ip_adapter"][f"{index}.{part}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.3
+    return state
+
+
+@pytest.mark.parametrize("family", ["sd15-faceid", "sdxl-instantid"])
+def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
+    """diffusers' IP-Adapter (a style or image reference) loads beside the identity adapter and
+    both act, each at its own scale: IP-Adapter scale 0 is the identity alone, exactly; either
+    scale changes the image without the other."""
+    from idgen import load_identitynet
+    from idgen.presets import INSTANTID_FILE
+
+    if family == "sd15-faceid":
+        pipe = fresh(preset)
+        pipe.load_identity_adapter(preset.adapter)
+        identity, size = embedding(1), {}
+    else:
+        pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
+        pipe.load_identity_adapter(xl.adapter, weight_name=INSTANTID_FILE)
+        pipe.set_progress_bar_config(disable=True)
+        identity = embedding(1, 20.0)
+        size = dict(height=64, width=64, face_kps=np.array([[20.0, 25], [44, 25], [32, 37], [23, 49], [41, 49]]))
+    alone = run(pipe, id_embeds=identity, **size)
+    with pytest.raises(ValueError, match="none is loaded"):
+        run(pipe, id_embeds=identity, ip_adapter_image_embeds=[torch.zeros(2, 1, 16)], **size)
+    pipe.load_ip_adapter(_ip_adapter_state_dict(pipe.unet), subfolder=None, weight_name=None, image_encoder_folder=None)
+    reference = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(2))
+    embeds = [torch.cat([torch.zeros_like(reference), reference])]  # unconditional (zeros), then the reference
+    pipe.set_ip_adapter_scale(0.0)
+    assert np.array_equal(run(pipe, id_embeds=identity, ip_adapter_image_embeds=embeds, **size), alone)
+    pipe.set_ip_adapter_scale(1.0)
+    both = run(pipe, id_embeds=identity, ip_adapter_image_embeds=embeds, **size)
+    style_only = run(pipe, id_embeds=identity, id_scale=0.0, ip_adapter_image_embeds=embeds, **size)
+    assert np.abs(both - alone).max() > 1e-3 and np.abs(both - style_only).max() > 1e-3
+    pipe.unload_ip_adapter()
+    assert np.array_equal(run(pipe, id_embeds=identity, **size), alone)
