@@ -14,6 +14,7 @@ GPU speed against the original pipelines, fp16 at full size: bench/gpu.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -109,8 +110,6 @@ def _rss_bytes() -> int:
 def memory_probe(kind: str, latent: int) -> dict:
     """One training step in this (fresh) process; peak memory above the loaded model."""
     from peft import LoraConfig
-
-    import contextlib
 
     from idgen.adapters import build_identity_adapter, detect_format
     from idgen.adapters.attention import IdentityCall

@@ -76,7 +76,6 @@ class _FluxCall:
         self.scales, self.cross_attention = scales or {}, cross_attention or {}
         self.tokens: torch.Tensor | None = None
         self.text: torch.Tensor | None = None  # the conditional branch's text embeddings
-        self.cross_attention_runs = 0
 
     def pre_forward(self, role: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if role != "transformer":
@@ -91,7 +90,6 @@ class _FluxCall:
         scale = self.scales.get(name, 0.0)
         if kind != "ca" or self.tokens is None or scale == 0.0:
             return output
-        self.cross_attention_runs += 1
         text, image = output
         return text, image + scale * self.cross_attention[name](self.tokens, image)
 
