@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import hook, hook_model, hook_owner, registration_lock, unhook
+from .context import ModelHooks, hook, hook_owner, registration_lock, unhook
 from .regions import RegionWeights
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,10 @@ class IdentityAdapter(nn.Module):
         self.projection = projection
         self.names = list(layers)
         self.layers = nn.ModuleList(layers.values())
+        self._by_name = dict(layers)  # the same modules, looked up by name on every forward
         self._hooked: list[nn.Module] = []
         self._roles: list[str] = []
-        self._model_hooks: tuple[nn.Module | None, list] = (None, [])
+        self._model_hooks = ModelHooks()
         #: Logged once, as a warning, the next time the UNet runs outside an identity call.
         self.plain_notice: str | None = None
 
@@ -121,7 +122,7 @@ class IdentityAdapter(nn.Module):
         return zip(self.names, self.layers)
 
     def layer(self, name: str) -> IdentityAttention:
-        return self.layers[self.names.index(name)]
+        return self._by_name[name]
 
     def _targets(self, unet: nn.Module, fusion: bool) -> list[tuple[nn.Module, str]]:
         """(module, role) of every hook inside the UNet: each identity layer's ``to_q`` and
@@ -148,7 +149,7 @@ class IdentityAdapter(nn.Module):
         model, unet = unet, getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet: its hooks on the wrapper
         fusion = fusion or any(role.startswith("k1:") for role in self._roles)
         targets = self._targets(unet, fusion)
-        if self._model_hooks[0] is model and len(targets) == len(self._hooked) \
+        if self._model_hooks.model is model and len(targets) == len(self._hooked) \
                 and all(hook_owner(m) is self for m, _ in targets):
             return
         with registration_lock():
@@ -157,7 +158,7 @@ class IdentityAdapter(nn.Module):
                 hook(module, self, role)
             self._hooked = [module for module, _ in targets]
             self._roles = [role for _, role in targets]
-            self._model_hooks = (model, hook_model(model, self, "unet", self._outside_call))
+            self._model_hooks.follow(model, self, "unet", self._outside_call)
 
     def _outside_call(self) -> None:
         notice, self.plain_notice = self.plain_notice, None
@@ -170,9 +171,8 @@ class IdentityAdapter(nn.Module):
             for module in self._hooked:
                 if hook_owner(module) is self:
                     unhook(module)
-            for handle in self._model_hooks[1]:
-                handle.remove()
-            self._hooked, self._roles, self._model_hooks = [], [], (None, [])
+            self._model_hooks.remove()
+            self._hooked, self._roles = [], []
 
 
 class IdentityCall:

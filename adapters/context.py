@@ -24,7 +24,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 #: The name of idgen's hook in a module's diffusers hook registry.
 HOOK_NAME = "idgen_identity"
-#: Where a module keeps the handles of the hooks that serve one call's own functions (``call_hook``).
+#: Where a module keeps the hooks that serve one call's own functions (``call_hook``), a ``ModelHooks``.
 CALL_HOOK_NAME = "_idgen_call_hooks"
 
 _local = threading.local()
@@ -162,6 +162,27 @@ def hook_model(model: torch.nn.Module, owner: Any, role: str, outside: Callable[
     return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
 
 
+class ModelHooks:
+    """``owner``'s ``hook_model`` hooks on one model object at a time: moved when the object the
+    pipeline calls changes (``torch.compile`` wraps the model, or the wrapper is taken off)."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.handles: list = []
+
+    def follow(self, model: torch.nn.Module, owner: Any, role: str, outside: Callable[[], None] | None = None) -> None:
+        """Have the hooks on ``model`` (nothing to do when they are there already)."""
+        if self.model is model:
+            return
+        self.remove()
+        self.model, self.handles = model, hook_model(model, owner, role, outside)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.model, self.handles = None, []
+
+
 class _CallFunctions:
     """A call's own functions for one module, and values its other hooks read (``call_hook``)."""
 
@@ -183,8 +204,7 @@ def call_hook(module: torch.nn.Module, pre: Callable[[tuple, dict], tuple[tuple,
     submodules owned by ``module`` read ``values``. The hooks stay registered (``hook_model``,
     once per module; on a compiled model, on its wrapper), passing through outside such a block."""
     with _registration:
-        if CALL_HOOK_NAME not in module.__dict__:
-            module.__dict__[CALL_HOOK_NAME] = hook_model(module, module, "call")
+        module.__dict__.setdefault(CALL_HOOK_NAME, ModelHooks()).follow(module, module, "call")
     with open_identity(_CallFunctions(module, pre, post, values)):
         yield
 

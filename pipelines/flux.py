@@ -36,7 +36,15 @@ from transformers import (
 )
 
 from idgen.adapters import resolve_checkpoint_file
-from idgen.adapters.context import HOOK_NAME, hook, hook_model, hook_owner, open_identity, registration_lock, unhook
+from idgen.adapters.context import (
+    HOOK_NAME,
+    ModelHooks,
+    hook,
+    hook_owner,
+    open_identity,
+    registration_lock,
+    unhook,
+)
 from idgen.adapters.face_recognition import load_irse_recognizer
 from idgen.adapters.flux import (
     INFINITEYOU_WEIGHT_NAME,
@@ -60,6 +68,8 @@ _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
 _FLUX_ALIASES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 #: What a loaded identity consists of (``OnDenoiser`` attributes).
 _IDENTITY_PARTS = ("identity_adapter", "adapter_format", "eva_encoder", "face_parser", "infusenet", "face_recognizer")
+#: Where the identity's owner keeps its hooks on the whole transformer (a ``ModelHooks``).
+_MODEL_HOOKS = "_idgen_model_hooks"
 #: Parts of the names of diffusers' hooks that may skip a block (``_is_block_cache``).
 _BLOCK_CACHE_NAMES = ("fbc_", "cache", "skip", "broadcast")
 
@@ -516,11 +526,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                     raise ValueError("a cache was enabled on the transformer before the identity adapter was loaded, "
                                      "so it cannot skip the identity with its blocks: call pipe.transformer.disable_cache(), "
                                      "load the identity adapter, then enable the cache")
-            handles = getattr(owner, "_idgen_model_hooks", (None, []))
-            if handles[0] is not transformer:
-                for handle in handles[1]:
-                    handle.remove()
-                object.__setattr__(owner, "_idgen_model_hooks", (transformer, hook_model(transformer, owner, "transformer")))
+            owner.__dict__.setdefault(_MODEL_HOOKS, ModelHooks()).follow(transformer, owner, "transformer")
 
     def _detach_identity(self) -> None:
         owner = self.identity_adapter if self.adapter_format == "pulid_flux" else self.infusenet
@@ -531,9 +537,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             for _, block in _blocks(base):
                 if hook_owner(block) is owner:
                     unhook(block)
-            for handle in getattr(owner, "_idgen_model_hooks", (None, []))[1]:
-                handle.remove()
-            object.__setattr__(owner, "_idgen_model_hooks", (None, []))
+            if _MODEL_HOOKS in owner.__dict__:
+                owner.__dict__[_MODEL_HOOKS].remove()
 
 
 def _blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
