@@ -225,18 +225,18 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         ``face_kps`` (N, 5, 2), from ``kps_image`` as a list of N pose photos, or, without either,
         from ``face_image`` holding one photo (or list of photos) per prompt."""
         if face_kps is not None and np.ndim(face_kps) == 3:
-            poses = [(np.asarray(kps), None) for kps in face_kps]
+            poses, given = [(np.asarray(kps), None) for kps in face_kps], "face_kps"
         elif isinstance(kps_image, (list, tuple)) and batch_size > 1:
-            poses = [self._pose(None, None, photo, face_index) for photo in kps_image]
-        elif face_kps is None and kps_image is None and face_image is not None and batch_size > 1:
-            groups = self._face_groups(face_image, batch_size)
-            return [self._pose(group[0], None, None, face_index) for group in groups] if len(groups) > 1 else \
-                [self._pose(face_image, None, None, face_index)]
+            poses, given = [self._pose(None, None, photo, face_index) for photo in kps_image], "kps_image"
         else:
+            per_prompt = face_kps is None and kps_image is None and face_image is not None and batch_size > 1
+            groups = self._face_groups(face_image, batch_size) if per_prompt else []
+            if len(groups) > 1:  # one identity per prompt: each photo poses its own
+                return [self._pose(group[0], None, None, face_index) for group in groups]
             return [self._pose(face_image, face_kps, kps_image, face_index)]
         if len(poses) != batch_size:
-            raise IdentityInputError(f"{'face_kps' if face_kps is not None else 'kps_image'} gives {len(poses)} poses for "
-                                     f"{batch_size} prompts: give one for all, or one per prompt")
+            raise IdentityInputError(f"{given} gives {len(poses)} poses for {batch_size} prompts: give one for all, or "
+                                     "one per prompt")
         return poses
 
     def _people_pose(self, photos, face_kps, people: PeopleLayout, face_index: int | Sequence[int],
