@@ -367,8 +367,9 @@ def _ip_adapter_state_dict(unet, clip_dim: int = 16, tokens: int = 4, seed: int 
 @pytest.mark.parametrize("family", ["sd15-faceid", "sdxl-instantid"])
 def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
     """diffusers' IP-Adapter (a style or image reference) loads beside the identity adapter and
-    both act, each at its own scale: IP-Adapter scale 0 is the identity alone, exactly; either
-    scale changes the image without the other."""
+    both act, each at its own scale: IP-Adapter scale 0 is the identity alone (to float32
+    rounding); either scale changes the image without the other; unloading it gives the identity
+    alone exactly."""
     from idgen import load_identitynet
     from idgen.presets import INSTANTID_FILE
 
@@ -388,8 +389,8 @@ def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
     pipe.load_ip_adapter(_ip_adapter_state_dict(pipe.unet), subfolder=None, weight_name=None, image_encoder_folder=None)
     reference = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(2))
     embeds = [torch.cat([torch.zeros_like(reference), reference])]  # unconditional (zeros), then the reference
-    pipe.set_ip_adapter_scale(0.0)
-    assert np.array_equal(run(pipe, id_embeds=identity, ip_adapter_image_embeds=embeds, **size), alone)
+    pipe.set_ip_adapter_scale(0.0)  # diffusers' IP processor computes the text attention: another code path
+    assert_close(run(pipe, id_embeds=identity, ip_adapter_image_embeds=embeds, **size), alone)
     pipe.set_ip_adapter_scale(1.0)
     both = run(pipe, id_embeds=identity, ip_adapter_image_embeds=embeds, **size)
     style_only = run(pipe, id_embeds=identity, id_scale=0.0, ip_adapter_image_embeds=embeds, **size)
