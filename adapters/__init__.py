@@ -1,6 +1,7 @@
 """Identity adapters: identity attention, projection models and checkpoint loading."""
 
 from .attention import IdentityAdapter, IdentityAttention
+from .checkpoints import resolve_checkpoint_file, save_adapter_checkpoint
 from .loading import (
     AdapterSpec,
     build_identity_adapter,
@@ -12,8 +13,6 @@ from .loading import (
     identity_adapter_state_dict,
     init_identity_adapter_state_dict,
     load_adapter_state_dict,
-    resolve_checkpoint_file,
-    save_adapter_checkpoint,
 )
 from .lora import FusedLoRA, LoRALayers, peft_lora_state_dict
 from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler

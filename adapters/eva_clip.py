@@ -22,6 +22,8 @@ from torch import nn
 
 from idgen.errors import CheckpointError, ModelNotFoundError
 
+from .checkpoints import read_checkpoint, resolve_checkpoint_file
+
 #: Where PuLID's EVA02-CLIP-L-14-336 weights live on the hub (the whole CLIP; the tower is ``visual.*``).
 EVA_CLIP_REPO, EVA_CLIP_FILE = "QuanSun/EVA-CLIP", "EVA02_CLIP_L_336_psz14_s6B.pt"
 #: The tower's input normalisation (OpenAI CLIP's).
@@ -202,8 +204,6 @@ def build_eva_tower(state_dict: dict[str, torch.Tensor], path: str = "checkpoint
 def load_eva_tower(source: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> EVAVisionTower:
     """PuLID's EVA02-CLIP tower from a folder saved by ``EVAVisionTower.save_pretrained``, an
     official checkpoint file, or a hub repo (default ``QuanSun/EVA-CLIP``'s ``EVA02_CLIP_L_336_psz14_s6B.pt``)."""
-    from .loading import read_checkpoint, resolve_checkpoint_file
-
     source = os.fspath(source) if source is not None else EVA_CLIP_REPO
     if os.path.isdir(source):
         return EVAVisionTower.from_pretrained(source, torch_dtype=dtype).eval()

@@ -15,6 +15,8 @@ from torch import nn
 
 from idgen.errors import CheckpointError
 
+from .checkpoints import release_weights
+
 #: facexlib's release of the parsing weights.
 BISENET_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
 
@@ -140,7 +142,6 @@ def load_face_parser(source: str | os.PathLike | nn.Module | None = None) -> BiS
     by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
         return source.eval()
-    from .loading import release_weights
 
     state, path = release_weights(source, BISENET_URL, "PuLID keeps only the face for EVA-CLIP using facexlib's face parser",
                                   "face_parser= (or --face-parser)", "facexlib's parsing_bisenet.pth")

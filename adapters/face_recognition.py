@@ -18,6 +18,8 @@ from torch import nn
 
 from idgen.errors import CheckpointError
 
+from .checkpoints import release_weights
+
 #: facexlib's release of the recognizer InfiniteYou reads.
 IRSE50_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
 #: Channel reduction of the squeeze-and-excitation modules.
@@ -94,7 +96,6 @@ def load_irse_recognizer(source: str | os.PathLike | nn.Module | None = None) ->
     ``weights_only=True``), by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
         return source.eval()
-    from .loading import release_weights
 
     state, path = release_weights(source, IRSE50_URL, "InfiniteYou reads the identity with facexlib's ArcFace",
                                   "face_recognizer= (or --face-recognizer)", "facexlib's recognition_arcface_ir_se50.pth")

@@ -23,12 +23,10 @@ from torch import nn
 
 from idgen.errors import CheckpointError
 
+from .checkpoints import PULID_FLUX_GROUPS, StateDict
 from .loading import AdapterSpec, build_projection
 from .pulid import PuLIDEncoder, build_pulid_encoder
 
-StateDict = dict[str, torch.Tensor]
-#: PuLID-FLUX's top-level groups.
-PULID_FLUX_GROUPS = ("pulid_encoder", "pulid_ca")
 #: Checkpoint formats IDFluxPipeline runs.
 FLUX_FORMATS = ("pulid_flux", "infiniteyou")
 #: InfiniteYou's projection file and InfuseNet folder, side by side in each model folder.
@@ -36,16 +34,6 @@ INFINITEYOU_WEIGHT_NAME = "image_proj_model.bin"
 INFUSENET_FOLDER = "InfuseNetModel"
 #: Width of the heads of PuLID-FLUX's cross-attention (the reference's; the keys fix heads x width).
 CA_HEAD_DIM = 128
-
-
-def is_pulid_flux(raw: dict) -> bool:
-    return any(str(key).split(".")[0] in PULID_FLUX_GROUPS for key in raw)
-
-
-def is_infiniteyou(raw: dict) -> bool:
-    """InfiniteYou's projection file: ``image_proj`` alone, in the resampler's layout."""
-    proj = raw.get("image_proj")
-    return set(raw) == {"image_proj"} and isinstance(proj, dict) and "proj_in.weight" in proj and "latents" in proj
 
 
 def ca_block_positions(num_double: int, num_single: int, double_interval: int = 2, single_interval: int = 4

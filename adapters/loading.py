@@ -11,20 +11,25 @@ on every layer.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 import torch
 
-from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
+from idgen.errors import CheckpointError, IdentityInputError
 
 from .attention import IdentityAdapter, IdentityAttention
+from .checkpoints import (
+    PhotoMakerCheckpointError,
+    StateDict,
+    is_infiniteyou,
+    is_pulid_flux,
+    read_checkpoint,
+    validate_tensors,
+)
 from .lora import LoRALayers
 from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler
 from .pulid import PuLIDEncoder, PuLIDEncoderV1, build_pulid_encoder, is_pulid, pulid_adapter_state_dict, pulid_format
-
-StateDict = dict[str, torch.Tensor]
 
 #: Base model family by UNet cross-attention width, for error messages.
 BASE_BY_CROSS_DIM = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
@@ -38,48 +43,6 @@ _LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def _base_name(cross_attention_dim: int) -> str:
     return BASE_BY_CROSS_DIM.get(cross_attention_dim, f"a UNet with cross_attention_dim {cross_attention_dim}")
-
-
-def resolve_checkpoint_file(
-    pretrained_model_name_or_path_or_file: str | os.PathLike,
-    weight_name: str | None = None,
-    subfolder: str | None = None,
-    **hub_kwargs,
-) -> str:
-    """Local path of an adapter checkpoint given a file, a folder (+ weight_name) or a hub repo id."""
-    source = os.fspath(pretrained_model_name_or_path_or_file)
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        folder = os.path.join(source, subfolder or "")
-        if weight_name:
-            path = os.path.join(folder, weight_name)
-            if not os.path.isfile(path):
-                raise ModelNotFoundError(f"{path} does not exist: check weight_name and subfolder")
-            return path
-        candidates = sorted(
-            name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin", ".pth"))
-        ) if os.path.isdir(folder) else []
-        if len(candidates) != 1:
-            found = ", ".join(candidates) or "no .safetensors/.bin file"
-            raise ModelNotFoundError(f"{folder} holds {found}: pass weight_name= to choose the adapter file")
-        return os.path.join(folder, candidates[0])
-    looks_local = source.startswith((".", "/", "~")) or source.endswith((".bin", ".safetensors", ".pth"))
-    if looks_local or source.count("/") != 1:
-        raise ModelNotFoundError(f"adapter {source} is neither an existing file or folder nor a hub repo id: check the path")
-    if not weight_name:
-        raise ModelNotFoundError(
-            f"{source} is a hub repo: pass weight_name= (e.g. ip-adapter-faceid_sd15.bin) to choose the file"
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(source, weight_name, subfolder=subfolder or None, **hub_kwargs)
-    except Exception as err:  # offline, missing repo or file, auth
-        raise ModelNotFoundError(
-            f"could not get {weight_name} from hub repo {source} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
-            "check the names, or download the file and pass its local path"
-        ) from None
 
 
 #: PhotoMaker's top-level groups (its own pipeline, ``IDPhotoMakerPipeline``).
@@ -96,46 +59,6 @@ def _nest(flat: StateDict) -> dict[str, StateDict]:
     return nested
 
 
-class PhotoMakerCheckpointError(CheckpointError):
-    """A PhotoMaker checkpoint given where an adapter checkpoint was expected."""
-
-
-def read_checkpoint(path: str) -> dict:
-    """The raw contents of a checkpoint: ``.safetensors`` read as such, any other file only with
-    ``torch.load(weights_only=True)``, which refuses pickles that carry code."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            raw = load_file(path, device="cpu")
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"{path} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}): "
-            "the file is truncated, corrupt or not a weights file; download it again"
-        ) from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict: pass an identity adapter checkpoint")
-    return raw
-
-
-def release_weights(source: str | os.PathLike | None, url: str, purpose: str, flag: str, name: str) -> tuple[dict, str]:
-    """A helper network's weights and where they came from: the file ``source`` (``read_checkpoint``),
-    or by default ``url``, downloaded once into torch's hub cache (``weights_only=True``). The
-    errors say ``purpose`` and the argument (``flag``) that takes the file ``name``."""
-    if source is None:
-        try:
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, progress=False), url
-        except Exception as err:  # offline
-            raise ModelNotFoundError(f"{purpose} ({url}), which could not be downloaded ({type(err).__name__}): download "
-                                     f"it and pass {flag} with its path") from None
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise ModelNotFoundError(f"{path} does not exist: pass {name}")
-    return read_checkpoint(path), path
-
-
 def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     """Read an adapter checkpoint (``read_checkpoint``) into ``{"image_proj": ..., "ip_adapter": ...}``."""
     raw = read_checkpoint(path)
@@ -143,7 +66,6 @@ def load_adapter_state_dict(path: str) -> dict[str, StateDict]:
     if groups & PHOTOMAKER_GROUPS:
         raise PhotoMakerCheckpointError(f"{path} is a PhotoMaker checkpoint, whose identity enters the prompt: load "
                                         "it into IDPhotoMakerPipeline (IDPhotoMakerPipeline.from_pipe(pipe) shares the models)")
-    from .flux import is_infiniteyou, is_pulid_flux
 
     if is_pulid_flux(raw) or is_infiniteyou(raw):
         method = "PuLID-FLUX" if is_pulid_flux(raw) else "InfiniteYou"
@@ -198,25 +120,6 @@ def check_portrait_faces(count: int) -> None:
             f"FaceID-Portrait takes 1 to {PORTRAIT_MAX_FACES} photos of one person (it was trained on "
             f"{PORTRAIT_MAX_FACES}), got {count}: pass at most {PORTRAIT_MAX_FACES}"
         )
-
-
-def validate_tensors(state_dict: dict[str, StateDict], path: str = "checkpoint") -> None:
-    """Every entry is a floating-point tensor with finite values; one line naming the key if not."""
-    for group, part in state_dict.items():
-        for key, value in part.items():
-            name = f"{group}.{key}"
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointError(f"{path}: {name} is a {type(value).__name__}, not a tensor: the file is not an adapter checkpoint")
-            if not value.is_floating_point():
-                raise CheckpointError(
-                    f"{path}: {name} has dtype {str(value.dtype).replace('torch.', '')}; adapter weights are floating "
-                    "point: the file is damaged or was written wrongly"
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise CheckpointError(
-                    f"{path}: {name} holds NaN or Inf values, which would generate black images: the weights "
-                    "are damaged (a diverged training run or a bad download); use another checkpoint"
-                )
 
 
 def _dim(tensor: torch.Tensor, axis: int, name: str, path: str) -> int:
@@ -445,24 +348,6 @@ def faceid_lora_layers(unet, state_dict: dict[str, StateDict]) -> LoRALayers:
             if down is not None:
                 layers[f"{attn}.{target}"] = (down, ip_adapter[f"{index}.{part}.up.weight"])
     return layers
-
-
-def save_adapter_checkpoint(state_dict: dict[str, StateDict], path: str) -> None:
-    """Write ``{"image_proj", "ip_adapter"}`` in the official layout, atomically.
-
-    ``.safetensors`` gets the flattened keys (``image_proj.*``, ``ip_adapter.*``); ``.bin``
-    the nested torch pickle of the reference repos.
-    """
-    from idgen.files import atomic_path
-
-    with atomic_path(path) as staging:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            flat = {f"{group}.{key}": value.contiguous() for group, part in state_dict.items() for key, value in part.items()}
-            save_file(flat, staging)
-        else:
-            torch.save(state_dict, staging)
 
 
 def init_identity_adapter_state_dict(

@@ -17,10 +17,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from idgen.errors import CheckpointError
 
-from .loading import StateDict, read_checkpoint, validate_tensors
+from .checkpoints import StateDict, read_checkpoint, validate_tensors
 from .projection import FaceIDPlusProjection
 
 #: PhotoMaker's perceiver uses 128-dimensional heads (16 for its 2048 width).
@@ -150,8 +151,6 @@ def build_photomaker_encoder(state_dict: StateDict, path: str = "checkpoint") ->
 def build_photomaker_clip(state_dict: StateDict, path: str = "checkpoint"):
     """The id encoder's CLIP vision model (transformers' ``CLIPVisionModelWithProjection``),
     sized from the checkpoint's shapes (64-dimensional heads, as CLIP ViTs have)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     try:
         patch = state_dict["vision_model.embeddings.patch_embedding.weight"]
         positions = int(state_dict["vision_model.embeddings.position_embedding.weight"].shape[0])

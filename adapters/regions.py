@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from PIL import Image
 
 from idgen.errors import IdentityInputError
 
@@ -29,8 +30,6 @@ REGIONS_HOOK_NAME = "idgen_regions"
 
 def _mask_array(mask: Any, index: int) -> np.ndarray:
     """A mask (PIL image, array or tensor; white/True/1 = the person's region) as float32 (H, W) in [0, 1]."""
-    from PIL import Image
-
     if isinstance(mask, Image.Image):
         return np.asarray(mask.convert("L"), np.float32) / 255.0
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)

@@ -40,6 +40,39 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.controlnets import multicontrolnet
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from idgen import FaceAnalyzer, IDFluxPipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
+from idgen.adapters import InstantIDResampler
+from idgen.adapters.eva_clip import EVAVisionTower
+from idgen.adapters.face_parsing import BiSeNet
+from idgen.adapters.lora import peft_lora_state_dict
+from idgen.apps.loras import LoRASpec, load_loras
+from idgen.apps.schedulers import make_scheduler
+from idgen.apps.session import compile_models
+from idgen.testing.presets import (
+    get_preset,
+    random_faceid_state_dict,
+    random_instantid_state_dict,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+)
+from idgen.train.flux import init_pulid_flux_adapter
 
 SCALES = {
     # SD1.5 width divisor, SDXL width divisor, SD1.5 px, SDXL px, steps, image counts for SD1.5
@@ -59,8 +92,6 @@ class Case:
 
 # ------------------------------------------------------------------------------ models
 def text_encoder(hidden: int, layers: int, heads: int, projection: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
                             num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
                             projection_dim=projection or hidden)
@@ -68,8 +99,6 @@ def text_encoder(hidden: int, layers: int, heads: int, projection: int | None = 
 
 
 def vae(div: int, sample_size: int, scaling_factor: float):
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(block_out_channels=tuple(c // div for c in (128, 256, 512, 512)),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          latent_channels=4, layers_per_block=2, sample_size=sample_size, scaling_factor=scaling_factor)
@@ -77,10 +106,6 @@ def vae(div: int, sample_size: int, scaling_factor: float):
 
 def sd15_parts(div: int) -> dict:
     """SD1.5's UNet, VAE and text encoder (``div``: channel widths divided, for the stand-in)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    from idgen.presets import tiny_clip_tokenizer
-
     cross = 768 // div
     return dict(
         unet=UNet2DConditionModel(block_out_channels=tuple(c // div for c in (320, 640, 1280, 1280)),
@@ -93,10 +118,6 @@ def sd15_parts(div: int) -> dict:
 
 def sdxl_parts(div: int) -> dict:
     """SDXL's UNet, VAE, two text encoders and an IdentityNet (a ControlNet of the UNet's shape)."""
-    from diffusers import ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
-
-    from idgen.presets import tiny_clip_tokenizer
-
     one, two = 768 // div, 1280 // div
     unet = UNet2DConditionModel(
         sample_size=128, block_out_channels=tuple(c // div for c in (320, 640, 1280)), layers_per_block=2,
@@ -132,10 +153,6 @@ def own_copy(parts: dict, *names: str) -> dict:
 
 def random_lora(unet, path: str, rank: int = 64) -> str:
     """A random LoRA on every attention projection, in diffusers' file format."""
-    from safetensors.torch import save_file
-
-    from idgen.adapters.lora import peft_lora_state_dict
-
     generator = torch.Generator().manual_seed(1)
     layers = {}
     for name, module in unet.named_modules():
@@ -197,14 +214,6 @@ def sd15_cases(parts: dict, size: int, steps: int, count: int, device: str, dtyp
                compile_: bool, few_step: bool = True, methods: bool = True) -> list[Case]:
     """Plain diffusers, diffusers' FaceID path and idgen's, then (``compile_``) compiled, (``few_step``)
     the 4-step recipe, and (``methods``) what several people and the fusions cost over one identity."""
-    from diffusers import StableDiffusionPipeline
-
-    from idgen import IDStableDiffusionPipeline
-    from idgen.loras import LoRASpec, load_loras
-    from idgen.presets import random_faceid_state_dict
-    from idgen.schedulers import make_scheduler
-    from idgen.session import compile_models
-
     checkpoint = random_faceid_state_dict(parts["unet"], lora_rank=128)  # the official shapes
     embeds = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
     common = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=count,
@@ -254,8 +263,6 @@ def sd15_cases(parts: dict, size: int, steps: int, count: int, device: str, dtyp
 def original_instantid(repo: str):
     """The original pipeline class, imported from a local copy of its repository (written for
     diffusers 0.25: the module it takes MultiControlNetModel from has moved since)."""
-    from diffusers.models.controlnets import multicontrolnet
-
     sys.modules.setdefault("diffusers.pipelines.controlnet.multicontrolnet", multicontrolnet)
     sys.path.insert(0, os.path.abspath(os.path.expanduser(repo)))
     return importlib.import_module("pipeline_stable_diffusion_xl_instantid").StableDiffusionXLInstantIDPipeline
@@ -263,14 +270,6 @@ def original_instantid(repo: str):
 
 def sdxl_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dtype, folder: str, compile_: bool,
                instantid_repo: str | None) -> list[Case]:
-    from diffusers import StableDiffusionXLControlNetPipeline
-
-    from idgen import IDStableDiffusionXLPipeline
-    from idgen.loras import LoRASpec, load_loras
-    from idgen.presets import random_instantid_state_dict
-    from idgen.schedulers import make_scheduler
-    from idgen.session import compile_models
-
     # The official resampler: 1280 wide, 20 heads, 4 layers, 16 tokens.
     checkpoint = random_instantid_state_dict(parts["unet"], dim=1280, depth=4, num_queries=16)
     embeds = torch.randn(512, generator=torch.Generator().manual_seed(0))  # raw, as InstantID takes it
@@ -320,11 +319,6 @@ def sdxl_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dty
 def flux_parts(div: int) -> dict:
     """FLUX.1-dev's transformer, VAE, CLIP-L and T5-XXL text encoders (``div``: heads and widths
     divided, for the stand-in; the block counts are the published ones)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
-    from idgen.presets import tiny_clip_tokenizer, tiny_t5_tokenizer
-
     return dict(
         transformer=FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128,
                                            num_attention_heads=24 // div, joint_attention_dim=4096 // div,
@@ -347,15 +341,6 @@ def flux_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dty
     """Plain FLUX, PuLID-FLUX and InfiniteYou at the official adapter shapes (random weights), the
     identity read from a real photo; with ``offload``, each method again in its own pipeline under
     ``enable_model_cpu_offload()``."""
-    from diffusers import FluxControlNetModel, FluxPipeline
-
-    from idgen import FaceAnalyzer, IDFluxPipeline
-    from idgen.adapters import InstantIDResampler
-    from idgen.adapters.eva_clip import EVAVisionTower
-    from idgen.adapters.face_parsing import BiSeNet
-    from idgen.presets import get_preset
-    from idgen.train.flux import init_pulid_flux_adapter
-
     photo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "idgen", "assets", "astronaut.jpg")
     analyzer = FaceAnalyzer(get_preset("tiny").face_pack)  # detection and keypoints are real; the vector is random
     transformer = parts["transformer"]

@@ -24,10 +24,21 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
+import gpu
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+from idgen import FaceAnalyzer
+from idgen.adapters import build_identity_adapter, detect_format
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import open_identity
+from idgen.faces import insightface_root, load_image
+from idgen.testing.presets import get_preset, random_faceid_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,8 +53,6 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def sd15_unet(cross_attention_dim: int = 768):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(cross_attention_dim=cross_attention_dim, attention_head_dim=8).eval()
 
 
@@ -51,10 +60,7 @@ def sd15_unet(cross_attention_dim: int = 768):
 def bench_identity_overhead(latent: int, steps: int, repeats: int) -> dict:
     """Whole pipelines on SD1.5's published config (random weights): plain diffusers, diffusers'
     FaceID path and idgen's, with FaceID's rank-128 LoRA (bench/gpu.py's SD1.5 table, eager)."""
-    import tempfile
-
     sys.path.insert(0, HERE)
-    import gpu
 
     parts = gpu.build(gpu.sd15_parts, 1, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as folder:
@@ -79,11 +85,6 @@ def real_photos() -> list[str]:
 
 
 def bench_face_analysis(repeats: int) -> dict:
-    from idgen import FaceAnalyzer
-    from idgen.faces import insightface_root
-    from idgen.faces import load_image
-    from idgen.presets import get_preset
-
     photos = [np.asarray(load_image(p)) for p in real_photos()]
     faces_per_pass = 0
     backends = {"dlib (HOG + 68 landmarks) + ArcFace ONNX": FaceAnalyzer(get_preset("tiny").face_pack, detector="dlib")}
@@ -109,13 +110,6 @@ def _rss_bytes() -> int:
 
 def memory_probe(kind: str, latent: int) -> dict:
     """One training step in this (fresh) process; peak memory above the loaded model."""
-    from peft import LoraConfig
-
-    from idgen.adapters import build_identity_adapter, detect_format
-    from idgen.adapters.attention import IdentityCall
-    from idgen.adapters.context import open_identity
-    from idgen.presets import random_faceid_state_dict
-
     torch.manual_seed(0)
     unet = sd15_unet()
     unet.requires_grad_(False)

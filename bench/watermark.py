@@ -22,12 +22,18 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idgen import watermark  # noqa: E402
+import skimage
+import torch
+
+from idgen import (
+    IDStableDiffusionPipeline,
+    watermark,  # noqa: E402
+)
+from idgen.testing.presets import get_preset
 
 
 def real_photos() -> list[tuple[str, Image.Image]]:
-    import insightface
-    import skimage
+    import insightface  # lazy: 4 s to import, for one probe only
 
     data = os.path.join(os.path.dirname(skimage.__file__), "data")
     # photographs (drawings, charts and synthetic test patterns left out)
@@ -45,11 +51,6 @@ def real_photos() -> list[tuple[str, Image.Image]]:
 
 
 def generated(count: int) -> list[tuple[str, Image.Image]]:
-    import torch
-
-    from idgen import IDStableDiffusionPipeline
-    from idgen.presets import get_preset
-
     preset = get_preset("tiny")
     pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
     pipe.load_identity_adapter(preset.adapter)

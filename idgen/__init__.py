@@ -1,23 +1,27 @@
 """idgen: identity-preserving image generation with diffusers."""
 
+from .apps.options import SessionOptions
 from .errors import CheckpointError, IdentityInputError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
 from .faces import Face, FaceAnalyzer, draw_kps, load_image
-from .session import Session, SessionOptions, start_session
 from .version import __version__
 
-
+# The foundation (errors, faces) loads here; the session and the pipelines import diffusers and
+# torch, so they load on first use and `idgen --help` and face analysis stay fast.
+_SESSION = ("Session", "start_session")
 _PIPELINES = ("IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
               "IDStableDiffusionXLPipeline", "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline",
               "IDArc2FacePipeline", "IDFluxPipeline", "IDPhotoMakerPipeline", "load_identitynet")
 
 
 def __getattr__(name: str):
-    # Pipelines import diffusers and torch: load them on first use so `idgen --help`
-    # and face analysis stay fast.
     if name in _PIPELINES:
-        from . import pipelines
+        from . import pipelines  # lazy: diffusers and torch load on first use
 
         return getattr(pipelines, name)
+    if name in _SESSION:
+        from .apps import session  # lazy: as the pipelines
+
+        return getattr(session, name)
     raise AttributeError(f"module 'idgen' has no attribute {name!r}")
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from idgen.cli import main
+from idgen.apps.cli import main
 
 sys.exit(main())

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Mapping
 
+from PIL import Image
+
 from .errors import IDGenError
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -20,7 +22,7 @@ TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trai
 
 def _c2pa():
     try:
-        import c2pa
+        import c2pa  # lazy: optional dependency (idgen[c2pa])
     except ImportError:
         raise IDGenError('Content Credentials need c2pa-python: pip install "idgen[c2pa]"') from None
     return c2pa
@@ -63,8 +65,6 @@ class Signer:
 
     def _check(self) -> None:
         """Sign a 1-pixel PNG: a key that does not match its certificate fails now, not after generating."""
-        from PIL import Image
-
         buffer = io.BytesIO()
         Image.new("RGB", (1, 1)).save(buffer, format="PNG")
         self.sign(buffer.getvalue(), {}, "check.png")
@@ -88,7 +88,7 @@ def read(path: str) -> dict | None:
     """The Content Credentials of a file: claim generator, source type, parameters, signer and
     validation; None when the file has none or c2pa-python is not installed."""
     try:
-        import c2pa
+        import c2pa  # lazy: optional dependency (idgen[c2pa])
     except ImportError:
         return None
     try:

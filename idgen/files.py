@@ -8,6 +8,8 @@ import os
 import uuid
 from typing import Callable, Iterator
 
+from PIL.PngImagePlugin import PngInfo
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -29,8 +31,6 @@ def atomic_path(path: str) -> Iterator[str]:
 def save_png(image, path: str, metadata: dict[str, str], finish: Callable[[bytes], bytes] | None = None) -> None:
     """Write a PIL ``image`` as PNG with text ``metadata``, atomically; ``finish`` may rewrite the
     PNG bytes first (e.g. to embed signed Content Credentials)."""
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)

@@ -27,7 +27,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .credentials import read
+from .errors import IDGenError
 from .faces import ImageInput, load_image
+from .version import __version__
 
 TAG = 0xA7  # 8 bits
 BITS = 40  # tag 8 + version 12 + settings hash 12 + CRC 8
@@ -81,7 +84,7 @@ def _version_code(version: str) -> int:
 def payload(settings: Mapping[str, str] | None = None, version: str | None = None) -> list[int]:
     """The 40 bits for this idgen ``version`` and ``settings``."""
     if version is None:
-        from .version import __version__ as version
+        version = __version__
     body = _to_bits(TAG, 8) + _to_bits(_version_code(version), 12) + _to_bits(int(settings_hash(settings or {}), 16), 12)
     return body + _crc8(body)
 
@@ -207,14 +210,11 @@ def verify(path: str) -> dict:
     """What a file says about its origin: ``status`` ("idgen", "damaged", "none" or "unreadable"),
     the mark's version and settings hash, and whether the PNG metadata (when there is any) hashes
     to the mark's settings hash, i.e. is the metadata it was written with."""
-    from .errors import IDGenError
-
     report: dict = {"file": path}
     try:
         image = load_image(path)
     except IDGenError as err:
         return {**report, "status": "unreadable", "error": str(err)}
-    from .credentials import read
 
     mark = detect(image)
     report.update(status=mark.status, score=round(mark.score, 3))

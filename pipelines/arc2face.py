@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from idgen.adapters.context import call_hook
 
@@ -41,8 +42,6 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
     ) -> "IDArc2FacePipeline":
         """Load the official layout: ``encoder/`` (CLIP text encoder) and ``arc2face/`` (UNet)
         from ``arc2face``; tokenizer, VAE and scheduler from ``base_model``."""
-        from transformers import CLIPTextModel
-
         hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         text_encoder = CLIPTextModel.from_pretrained(arc2face, subfolder="encoder", dtype=dtype, **hub)

@@ -26,6 +26,7 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+from PIL import Image
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -36,6 +37,7 @@ from transformers import (
 )
 
 from idgen.adapters import resolve_checkpoint_file
+from idgen.adapters.checkpoints import is_infiniteyou, is_pulid_flux, read_checkpoint
 from idgen.adapters.context import (
     HOOK_NAME,
     ModelHooks,
@@ -51,11 +53,8 @@ from idgen.adapters.flux import (
     INFUSENET_FOLDER,
     PuLIDFluxAdapter,
     infiniteyou_projection,
-    is_infiniteyou,
-    is_pulid_flux,
     pulid_flux_adapter,
 )
-from idgen.adapters.loading import read_checkpoint
 from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.faces.analyzer import check_face_weights, mean_identity
@@ -341,8 +340,6 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         ``face_index``-th largest) where they fall once the photo is fitted, centred, into the
         output size (the reference's resize and pad), drawn on black; a black image without one.
         The face is found in the photo at its own resolution, so small outputs still see it."""
-        from PIL import Image
-
         if control_image is None:
             return Image.new("RGB", (width, height))
         photo = load_image(control_image, self.max_pixels)

@@ -12,14 +12,17 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+from transformers import CLIPVisionModelWithProjection
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from idgen.adapters import (
     AdapterSpec,
     FaceIDPlusProjection,
     FaceIDProjection,
+    FusedLoRA,
     IdentityAdapter,
     InstantIDResampler,
-    FusedLoRA,
     LoRALayers,
     build_identity_adapter,
     check_adapter,
@@ -32,16 +35,18 @@ from idgen.adapters import (
 )
 from idgen.adapters.attention import IdentityCall
 from idgen.adapters.context import open_identity
+from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
+from idgen.adapters.face_parsing import load_face_parser
 from idgen.adapters.fusion import StreamFusion, attribute_tokens
 from idgen.adapters.pulid import PULID_DEFAULTS, eva_face_pixels, pulid_settings
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
 from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load_image
+from idgen.formats import ID_LORA_NAME
+from idgen.watermark import embed
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
 
-#: Name of the peft adapter that holds an identity adapter's own LoRA (FaceID).
-ID_LORA_NAME = "faceid"
 #: FaceID-Plus's image encoder (CLIP ViT-H/14), in ``models/image_encoder`` of this repo.
 PLUS_IMAGE_ENCODER = "h94/IP-Adapter"
 SDXL_CROSS_ATTENTION_DIM = 2048
@@ -207,7 +212,6 @@ class FaceInputMixin:
         """``output`` with its images marked, when the watermark is on."""
         if not self._watermark:
             return output
-        from idgen.watermark import embed
 
         images = output[0] if isinstance(output, tuple) else output.images
         if output_type == "pil":
@@ -344,9 +348,6 @@ class PuLIDInputMixin(FaceInputMixin):
     @staticmethod
     def _pulid_encoders(image_encoder: Any, face_parser: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
         """PuLID's EVA02-CLIP tower and face parser, on ``device`` (the tower in ``dtype``)."""
-        from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
-        from idgen.adapters.face_parsing import load_face_parser
-
         tower = image_encoder if isinstance(image_encoder, torch.nn.Module) else load_eva_tower(image_encoder)
         if not isinstance(tower, EVAVisionTower):
             raise ValueError(f"PuLID's image_encoder is an EVAVisionTower (EVA02-CLIP), got {type(tower).__name__}")
@@ -669,7 +670,6 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         LoRA stays (``unload_identity_adapter`` removes it)."""
         if not self._has_id_lora:
             return super().unload_lora_weights()
-        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
 
         others = self._user_lora_names()
         if others:
@@ -745,8 +745,6 @@ class IdentityPipelineMixin(PuLIDInputMixin):
 
     def _clip_hidden_states(self, pixels: torch.Tensor) -> torch.Tensor:
         """Penultimate hidden states of the image encoder for RGB ``pixels`` in [0, 1] (B, 3, s, s)."""
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
         pixels = (pixels - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
         return self._clip_features(pixels)
 
@@ -765,8 +763,6 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         if image_encoder is None and getattr(self, "image_encoder", None) is not None:
             return self.image_encoder
         if image_encoder is None:
-            from transformers import CLIPVisionModelWithProjection
-
             try:
                 image_encoder = CLIPVisionModelWithProjection.from_pretrained(
                     PLUS_IMAGE_ENCODER, subfolder="models/image_encoder", dtype=self.unet.dtype

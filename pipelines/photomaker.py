@@ -16,9 +16,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPImageProcessor
 
+from idgen.adapters.checkpoints import resolve_checkpoint_file
 from idgen.adapters.context import call_hook
-from idgen.adapters.loading import resolve_checkpoint_file
 from idgen.adapters.photomaker import PhotoMakerEncoder, build_photomaker_clip, build_photomaker_encoder, photomaker_state_dicts
 from idgen.errors import CheckpointError, IdentityInputError
 from idgen.faces import ImageInput, load_image
@@ -130,8 +131,6 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         """Identity tokens (n * num_tokens, D) of n photos of one person: their ArcFace vectors (raw,
         or ``id_embeds`` (n, 512)) and CLIP's last hidden states of the photos (resized and centre
         cropped as CLIPImageProcessor does)."""
-        from transformers import CLIPImageProcessor
-
         photos = [load_image(photo, self.max_pixels) for photo in face_image]
         if id_embeds is None:
             id_embeds = torch.from_numpy(self.face_analyzer.embeddings(photos, face_index, raw=True))

@@ -11,8 +11,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from idgen.faces import ImageInput
 
-from .identity import FaceImages, IDScale, IdentityPipelineMixin, RegionsInput
-
+from .identity import FaceImages, IdentityPipelineMixin, IDScale, RegionsInput
 
 #: Arguments the identity call handles itself; the rest go to the diffusers loop.
 _PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "clip_skip",

@@ -33,17 +33,16 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from idgen.faces import ImageInput, draw_kps, load_image
-
 from idgen.adapters.context import call_hook
 from idgen.adapters.regions import Regions, place_kps, regional_cross_attention
 from idgen.errors import IdentityInputError
+from idgen.faces import ImageInput, draw_kps, load_image
 
 from .identity import (
     FaceImages,
-    IDScale,
     IdentityPipelineMixin,
     IdentityTokens,
+    IDScale,
     PeopleLayout,
     RegionsInput,
     per_person,

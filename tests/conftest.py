@@ -43,7 +43,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def preset(cache):
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     return get_preset("tiny", seed=0, root=str(cache))
 

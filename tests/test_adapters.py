@@ -5,8 +5,6 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from idgen import CheckpointError, ModelNotFoundError
-from idgen.adapters.attention import IdentityCall
-from idgen.adapters.context import open_identity
 from idgen.adapters import (
     FaceIDProjection,
     IdentityAdapter,
@@ -16,7 +14,9 @@ from idgen.adapters import (
     resolve_checkpoint_file,
     save_adapter_checkpoint,
 )
-from idgen.presets import random_faceid_plus_state_dict, random_faceid_state_dict
+from idgen.adapters.attention import IdentityCall
+from idgen.adapters.context import open_identity
+from idgen.testing.presets import random_faceid_plus_state_dict, random_faceid_state_dict
 
 
 class Payload:
@@ -172,7 +172,7 @@ def _faceid(unet, **changes):
     ],
 )
 def test_malformed_adapters_are_refused_at_load_with_one_line(pipe, unet, case, match):
-    from idgen.presets import random_instantid_state_dict
+    from idgen.testing.presets import random_instantid_state_dict
 
     lora_up = _faceid(unet)["ip_adapter"]["0.to_q_lora.up.weight"]
     states = {

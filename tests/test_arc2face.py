@@ -7,7 +7,7 @@ import torch
 
 from idgen import FaceAnalyzer, IDArc2FacePipeline
 from idgen.pipelines.arc2face import ID_PROMPT
-from idgen.presets import get_preset, tiny_arc2face_models, tiny_clip_tokenizer, write_random_recognizer
+from idgen.testing.presets import get_preset, tiny_arc2face_models, tiny_clip_tokenizer, write_random_recognizer
 
 STEPS = 3
 
@@ -86,7 +86,7 @@ def test_arcface_onnx_wins_in_an_antelopev2_pack(tmp_path, preset):
 def test_cli_arc2face(tmp_path, cache, astronaut, capsys):
     from PIL import Image
 
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "a2f.png"
     assert main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--out", str(out),

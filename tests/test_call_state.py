@@ -14,7 +14,7 @@ from diffusers import FirstBlockCacheConfig, FluxPipeline, StableDiffusionPipeli
 from idgen.adapters.context import HOOK_NAME
 from idgen.errors import IdentityInputError
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline
-from idgen.presets import get_preset
+from idgen.testing.presets import get_preset
 
 from .conftest import FP32_ATOL, assert_close, embedding
 from .test_flux import _load as _flux
@@ -289,7 +289,7 @@ def test_round_trip_through_a_plain_pipeline_keeps_the_identity(preset, caplog):
 
 
 def _second_adapter(pipe) -> dict:
-    from idgen.presets import random_faceid_state_dict
+    from idgen.testing.presets import random_faceid_state_dict
 
     return random_faceid_state_dict(pipe.unet, seed=7, lora_rank=4)
 
@@ -386,8 +386,8 @@ def test_instantid_batch_takes_each_photos_pose(cache, analyzer, astronaut):
     """InstantID with one photo per prompt: each sample takes its own photo's identity and its own
     photo's keypoints for IdentityNet, as run alone; a kps_image list poses each prompt too."""
     from idgen import load_identitynet
-    from idgen.presets import INSTANTID_FILE
     from idgen.pipelines import IDStableDiffusionXLPipeline
+    from idgen.testing.presets import INSTANTID_FILE
 
     xl = get_preset("tiny-sdxl", root=str(cache))
     pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
@@ -424,7 +424,7 @@ def test_photomaker_batch_equals_single_runs(cache, analyzer, astronaut, tmp_pat
     """PhotoMaker's identity is one person's, merged into every prompt's trigger word: a batch of
     prompts equals each prompt run alone."""
     from idgen.pipelines import IDPhotoMakerPipeline
-    from idgen.presets import random_photomaker_state_dict
+    from idgen.testing.presets import random_photomaker_state_dict
 
     xl = get_preset("tiny-sdxl", root=str(cache))
     pipe = IDPhotoMakerPipeline.from_pretrained(xl.base)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from idgen.adapters import save_adapter_checkpoint
-from idgen.cli import main
-from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict
+from idgen.apps.cli import main
+from idgen.testing.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict
 
 from .conftest import write_lora
 
@@ -150,7 +150,7 @@ def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astron
 
 
 def test_help_lists_the_flags():
-    result = subprocess.run([sys.executable, "-m", "idgen.cli", "generate", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "idgen.apps.cli", "generate", "--help"], capture_output=True, text=True)
     for flag in ("--seed", "--steps", "--guidance", "--id-scale", "--num-images", "--height", "--width", "--device", "--dtype", "--out"):
         assert flag in result.stdout
 
@@ -208,7 +208,7 @@ def test_face_index_is_per_photo_and_not_applied_to_the_negative_face(tmp_path, 
 def test_arguments_are_checked_before_the_models_are_imported(tmp_path, astronaut):
     """A missing --prompt fails at once: neither torch nor diffusers has been imported."""
     script = (
-        "import sys\nfrom idgen.cli import main\n"
+        "import sys\nfrom idgen.apps.cli import main\n"
         f"code = main(['generate', '--face', {str(astronaut)!r}, '--out', {str(tmp_path / 'o.png')!r}])\n"
         "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)"
     )

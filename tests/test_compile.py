@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from idgen import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline, load_identitynet
-from idgen.presets import INSTANTID_FILE, get_preset
+from idgen.testing.presets import INSTANTID_FILE, get_preset
 
 from .conftest import assert_close, embedding
 

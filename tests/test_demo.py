@@ -28,8 +28,8 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     """The click handlers themselves: a preview with the face drawn, images with captions, and
     gr.Error (a message in the page) for a photo with no face."""
     gr = pytest.importorskip("gradio")
-    from idgen.demo import DemoApp, build_demo
-    from idgen.session import start_session
+    from idgen.apps.demo import DemoApp, build_demo
+    from idgen.apps.session import start_session
 
     session = start_session(steps=2, height=64, width=64)
     app = DemoApp(session, session.load())

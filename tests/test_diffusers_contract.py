@@ -11,7 +11,7 @@ import torch
 
 from idgen import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.adapters import save_adapter_checkpoint
-from idgen.presets import get_preset, random_faceid_state_dict
+from idgen.testing.presets import get_preset, random_faceid_state_dict
 
 from .conftest import assert_close, embedding
 
@@ -371,7 +371,7 @@ def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
     rounding); either scale changes the image without the other; unloading it gives the identity
     alone exactly."""
     from idgen import load_identitynet
-    from idgen.presets import INSTANTID_FILE
+    from idgen.testing.presets import INSTANTID_FILE
 
     if family == "sd15-faceid":
         pipe = fresh(preset)

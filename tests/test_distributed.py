@@ -15,7 +15,6 @@ from idgen.train.adapter import AdapterTrainConfig, train
 from .test_train import config, data, photos  # noqa: F401  (fixtures)
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

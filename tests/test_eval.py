@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from idgen.cli import main
-from idgen.eval import ClipScorer, DlibRecognizer, face_similarity
+from idgen.apps.cli import main
+from idgen.apps.eval import ClipScorer, DlibRecognizer, face_similarity
 
 
 def test_independent_recognizer_ranks_same_person_above_different(astronaut, group_photo, analyzer):

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from idgen import start_session
-from idgen.cli import main
+from idgen.apps.cli import main
+from idgen.apps.facefix import FaceFixOptions, face_fix
 from idgen.errors import NoFaceError
-from idgen.facefix import FaceFixOptions, face_fix
 
 from .conftest import embedding
 
@@ -84,7 +84,7 @@ def test_several_people_each_face_takes_its_region_identity(cache, group_photo, 
     """With regions, each face of the group photo is repainted with the identity of the region its
     centre lies in: the left faces as with person A alone, the right ones as with person B alone."""
     from idgen.adapters.regions import Regions
-    from idgen.facefix import fix_faces
+    from idgen.apps.facefix import fix_faces
 
     session = start_session(steps=2)
     pipe = session.load()

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from idgen import start_session
-from idgen.cli import main
+from idgen.apps.cli import main
+from idgen.apps.loras import LoRASpec, parse_lora
+from idgen.apps.schedulers import SCHEDULERS, make_scheduler, scheduler_spec
 from idgen.errors import IDGenError
-from idgen.loras import LoRASpec, parse_lora
-from idgen.schedulers import SCHEDULERS, make_scheduler, scheduler_spec
 
 from .conftest import FP32_ATOL, assert_close, embedding, write_lora
 
@@ -36,7 +36,7 @@ def _write_lora(base: str, path, **kwargs) -> str:
     """A random LoRA for the UNet of tiny preset ``base``."""
     from diffusers import UNet2DConditionModel
 
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     unet = UNet2DConditionModel.from_pretrained(get_preset(base).base, subfolder="unet")
     return write_lora(unet, path, RANK, **kwargs)

@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 from idgen.adapters.flux import PuLIDFluxAdapter, ca_block_positions, infiniteyou_projection
 from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionXLPipeline
-from idgen.presets import get_preset, random_infiniteyou, random_pulid_flux_state_dict, tiny_eva_tower, tiny_flux_pipeline
+from idgen.testing.presets import get_preset, random_infiniteyou, random_pulid_flux_state_dict, tiny_eva_tower, tiny_flux_pipeline
 
 from .conftest import FP32_ATOL, reference_modules
 
@@ -171,12 +171,13 @@ def test_wrong_checkpoints_fail_with_one_line(pulid, presets, cache, tmp_path):
 def test_infiniteyou_from_its_hub_layout(infiniteyou, presets, monkeypatch, tmp_path):
     """``ByteDance/InfiniteYou`` with a model subfolder: the projection and InfuseNet come from the
     same folder of the repo (the hub stood in for by the preset's files)."""
-    import huggingface_hub
     from diffusers import FluxControlNetModel
+
+    from idgen.adapters import checkpoints
 
     asked, cached = [], tmp_path / "image_proj_model.bin"  # a download holds the file alone
     cached.write_bytes((Path(presets[1].adapter) / "image_proj_model.bin").read_bytes())
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, subfolder=None, **kw: asked.append(
+    monkeypatch.setattr(checkpoints, "hf_hub_download", lambda repo, name, subfolder=None, **kw: asked.append(
         (repo, subfolder, name)) or str(cached))
     loader = FluxControlNetModel.from_pretrained.__func__
     monkeypatch.setattr(FluxControlNetModel, "from_pretrained", classmethod(
@@ -209,7 +210,7 @@ def test_save_pretrained_writes_the_plain_base(pulid, tmp_path):
 def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
     from PIL import Image
 
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]
     out = tmp_path / "flux.png"
@@ -236,8 +237,8 @@ def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "report")]) == 0
     assert "1 images" in capsys.readouterr().out
 
-    from idgen.demo import DemoApp
-    from idgen.session import start_session
+    from idgen.apps.demo import DemoApp
+    from idgen.apps.session import start_session
 
     session = start_session(base="tiny-flux", height=64, width=64)
     app = DemoApp(session, session.load())

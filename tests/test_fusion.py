@@ -90,7 +90,7 @@ def test_instantid_fusion(cache, analyzer):
     import numpy as np
 
     from idgen import IDStableDiffusionXLPipeline, load_identitynet
-    from idgen.presets import INSTANTID_FILE, get_preset
+    from idgen.testing.presets import INSTANTID_FILE, get_preset
 
     xl = get_preset("tiny-sdxl", root=str(cache))
     pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
@@ -109,7 +109,7 @@ def test_instantid_fusion(cache, analyzer):
 def test_cli_id_fusion(tmp_path, astronaut, capsys):
     from PIL import Image
 
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "fused.png"
     assert main(["generate", "--face", str(astronaut), "--prompt", PROMPT, "--id-fusion", "freecure",

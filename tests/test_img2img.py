@@ -83,7 +83,7 @@ def test_faceid_sdxl_matches_diffusers(kind, cache, tmp_path, photo, mask):
 
     from idgen import IDStableDiffusionXLImg2ImgPipeline, IDStableDiffusionXLInpaintPipeline, IDStableDiffusionXLPipeline
     from idgen.adapters import save_adapter_checkpoint
-    from idgen.presets import get_preset, random_faceid_state_dict
+    from idgen.testing.presets import get_preset, random_faceid_state_dict
 
     base = get_preset("tiny-faceid-sdxl").base
     text_to_image = IDStableDiffusionXLPipeline.from_pretrained(base, controlnet=None)
@@ -115,9 +115,13 @@ def test_instantid_redraws_with_identitynet(kind, cache, analyzer, astronaut, ph
     """InstantID img2img / inpainting: IdentityNet gets the keypoints drawn at the input image's
     size; the identity and the keypoints both change the image; an argument the loop does not
     take is refused by name."""
-    from idgen import IDStableDiffusionXLImg2ImgPipeline, IDStableDiffusionXLInpaintPipeline, IDStableDiffusionXLPipeline
-    from idgen import load_identitynet
-    from idgen.presets import INSTANTID_FILE, get_preset
+    from idgen import (
+        IDStableDiffusionXLImg2ImgPipeline,
+        IDStableDiffusionXLInpaintPipeline,
+        IDStableDiffusionXLPipeline,
+        load_identitynet,
+    )
+    from idgen.testing.presets import INSTANTID_FILE, get_preset
 
     xl = get_preset("tiny-sdxl")
     text_to_image = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))

@@ -29,21 +29,115 @@ print(json.dumps({{"kps": face.kps.tolist(), "dim": int(face.embedding.shape[0])
     assert face["dim"] == 512 and abs(face["kps"][2][0] - 225) < 5  # the nose tip, as test_faces checks it
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names of the modules (and imported names) a source file imports."""
+def _module(path: Path) -> list[str]:
+    """The dotted name of a source file's package, by setup.cfg's mapping."""
     parts = path.relative_to(REPO).parent.parts
-    package = ["idgen", *parts[1:]] if parts[0] == "idgen" else ["idgen", *parts]  # setup.cfg's mapping
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level:
-                module = ".".join(package[: len(package) - node.level + 1] + ([module] if module else []))
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
+    return ["idgen", *parts[1:]] if parts[0] == "idgen" else ["idgen", *parts]
+
+
+def _import_nodes(path: Path) -> list[tuple[ast.stmt, bool]]:
+    """Every import statement of a file, and whether it sits inside a function."""
+    tree = ast.parse(path.read_text())
+    local = {id(node) for func in ast.walk(tree) if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for node in ast.walk(func) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    return [(node, id(node) in local) for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def _names(path: Path, node: ast.stmt) -> set[str]:
+    """Absolute names of the modules (and imported names) one import statement imports."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    package = _module(path)
+    module = node.module or ""
+    if node.level:
+        module = ".".join(package[: len(package) - node.level + 1] + ([module] if module else []))
+    return {module} | {f"{module}.{alias.name}" for alias in node.names}
+
+
+def _imports(path: Path) -> set[str]:
+    return set().union(*(_names(path, node) for node, _ in _import_nodes(path)))
+
+
+def _layer_table() -> dict[str, tuple[list[str], set[str]]]:
+    """README's layer table: layer -> (its folders, the layers it may import)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| layer | where | imports | what |"):].split("\n\n")[0].splitlines()[2:]
+    layers = {}
+    for row in table:
+        name, where, imports = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        folders = [w.split("`")[0] for w in where.split("`")[1::2] if not w.startswith("idgen.")]
+        layers[name] = (folders, {name} | {i.strip() for i in imports.split(",")})
+    return layers
+
+
+def _layer_of(relative: str, layers: dict) -> str | None:
+    """The layer a file (repository-relative path) belongs to: the most specific folder wins."""
+    best = None
+    for name, (folders, _) in layers.items():
+        for folder in folders:
+            pattern = folder.replace("*.py", "")
+            if relative.startswith(pattern) and (not folder.endswith("*.py") or "/" not in relative[len(pattern):]):
+                if best is None or len(pattern) > best[1]:
+                    best = (name, len(pattern))
+    return best and best[0]
+
+
+def _module_file(name: str) -> str | None:
+    """The repository-relative source file of an idgen module, None for names that are not modules."""
+    parts = name.split(".")[1:]
+    if not parts:
+        return None
+    roots = {"pipelines": "pipelines", "adapters": "adapters", "train": "train"}
+    base = REPO / roots.get(parts[0], "idgen/" + parts[0])
+    for candidate in (base.joinpath(*parts[1:]).with_suffix(".py"), base.joinpath(*parts[1:], "__init__.py")):
+        if candidate.is_file():
+            return str(candidate.relative_to(REPO))
+    return None
+
+
+def test_every_import_follows_the_readme_layer_table():
+    """Each file imports only the layers its README row names, function-local imports included."""
+    layers = _layer_table()
+    assert set(layers) == {"apps", "training", "testing", "pipelines", "adapters", "foundation"}
+    broken = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            relative = str(path.relative_to(REPO))
+            if relative in ("idgen/__init__.py", "idgen/__main__.py"):  # the public face, above every layer
+                continue
+            layer = _layer_of(relative, layers)
+            assert layer is not None, f"{relative} is in no row of README's layer table"
+            allowed = layers[layer][1]
+            for node, _ in _import_nodes(path):
+                for name in _names(path, node):
+                    target = _module_file(name) if name.startswith("idgen.") else None
+                    if target is None or target == "idgen/__init__.py":
+                        continue
+                    if "every layer" not in allowed and _layer_of(target, layers) not in allowed:
+                        broken.append(f"{relative}:{node.lineno} ({layer}) imports {name} ({_layer_of(target, layers)})")
+    assert broken == []
+
+
+def test_function_local_imports_say_why():
+    """An import inside a function stays only with its reason on its line (``# lazy: ...``)."""
+    unexplained = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            unexplained += [f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                            for node, local in _import_nodes(path) if local and "# lazy:" not in lines[node.lineno - 1]]
+    assert unexplained == []
+
+
+def test_the_layer_check_sees_a_broken_layer(tmp_path):
+    """The checker itself: an adapter importing a pipeline, inside a function, is reported."""
+    layers = _layer_table()
+    assert _layer_of("adapters/attention.py", layers) == "adapters"
+    assert _layer_of("idgen/faces/analyzer.py", layers) == "foundation"
+    assert _layer_of("idgen/apps/eval/run.py", layers) == "apps"
+    assert _layer_of("idgen/testing/presets.py", layers) == "testing"
+    assert _module_file("idgen.pipelines.identity") == "pipelines/identity.py"
+    assert _layer_of(_module_file("idgen.apps.session"), layers) not in layers["training"][1]
 
 
 def test_no_module_imports_the_cli():
@@ -51,8 +145,8 @@ def test_no_module_imports_the_cli():
         str(path.relative_to(REPO))
         for package in PACKAGES
         for path in (REPO / package).rglob("*.py")
-        if path.name != "__main__.py" and path.relative_to(REPO) != Path("idgen/cli.py")
-        and any(name == "idgen.cli" or name.startswith("idgen.cli.") for name in _imports(path))
+        if path.name != "__main__.py" and path.relative_to(REPO) != Path("idgen/apps/cli.py")
+        and any(name == "idgen.apps.cli" or name.startswith("idgen.apps.cli.") for name in _imports(path))
     ]
     assert importers == []
 
@@ -60,7 +154,7 @@ def test_no_module_imports_the_cli():
 def test_face_package_imports_nothing_above_it():
     for path in (REPO / "idgen" / "faces").rglob("*.py"):
         above = {n for n in _imports(path) if n.split(".")[0] in ("diffusers", "transformers")
-                 or n.startswith(("idgen.pipelines", "idgen.adapters", "idgen.train", "idgen.session", "idgen.cli"))}
+                 or n.startswith(("idgen.pipelines", "idgen.adapters", "idgen.train", "idgen.apps", "idgen.testing"))}
         assert not above, (path.name, above)
 
 
@@ -74,10 +168,10 @@ def test_face_package_imports_nothing_above_it():
     (False, "FoivosPar/Arc2Face", None, "arc2face", None),
 ])
 def test_methods_table_resolves_each_method(monkeypatch, sdxl, adapter, weight_name, method, resolved_weight):
-    from idgen import session
+    from idgen import formats
 
-    monkeypatch.setattr(session, "base_family", lambda base: "sdxl" if sdxl else "sd15")
-    found, resolved_adapter, resolved = session.resolve_method("some/base", adapter, weight_name)
+    monkeypatch.setattr(formats, "base_family", lambda base: "sdxl" if sdxl else "sd15")
+    found, resolved_adapter, resolved = formats.resolve_method("some/base", adapter, weight_name)
     assert (found.name, resolved) == (method, resolved_weight)
     assert resolved_adapter == (adapter or found.default_adapter)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from idgen import CheckpointError, IdentityInputError, IDPhotoMakerPipeline, IDStableDiffusionPipeline
-from idgen.presets import get_preset, random_photomaker_state_dict
+from idgen.testing.presets import get_preset, random_photomaker_state_dict
 
 from .conftest import FP32_ATOL
 
@@ -136,7 +136,7 @@ def test_parity_with_the_reference_pipeline(tmp_path, astronaut, monkeypatch, re
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
 
-    from idgen.presets import tiny_clip_tokenizer, tiny_vae
+    from idgen.testing.presets import tiny_clip_tokenizer, tiny_vae
 
     reference = _reference_package(tmp_path, monkeypatch, request)
     from photomaker.model_v2 import VISION_CONFIG_DICT
@@ -190,7 +190,7 @@ def test_parity_with_the_reference_pipeline(tmp_path, astronaut, monkeypatch, re
 def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
     """`idgen generate --adapter photomaker-v2.bin` on the tiny SDXL preset: the image equals the
     Python call; the file is recognised by its keys under any name; wrong pairings are one line."""
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "pm.png"
     common = ["--base", "tiny-sdxl", "--face", str(astronaut), "--steps", "4", "--out", str(out), "--no-watermark"]
@@ -224,8 +224,8 @@ def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
 
 def test_demo(cache, astronaut):
     """The demo runs PhotoMaker: its merge step follows the steps slider (20% of it)."""
-    from idgen.demo import DemoApp, build_demo
-    from idgen.session import start_session
+    from idgen.apps.demo import DemoApp, build_demo
+    from idgen.apps.session import start_session
 
     session = start_session(base="tiny-photomaker", height=64, width=64)
     app = DemoApp(session, session.load())

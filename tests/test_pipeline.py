@@ -6,7 +6,7 @@ import torch
 
 from idgen import CheckpointError, IDStableDiffusionPipeline, ModelNotFoundError
 from idgen.adapters import save_adapter_checkpoint
-from idgen.presets import random_faceid_state_dict
+from idgen.testing.presets import random_faceid_state_dict
 
 from .conftest import FP32_ATOL, assert_close, embedding, write_lora
 

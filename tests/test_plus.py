@@ -7,9 +7,9 @@ from PIL import Image
 
 from idgen import FaceAnalyzer, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.adapters import save_adapter_checkpoint
-from idgen.cli import main
+from idgen.apps.cli import main
 from idgen.errors import IdentityInputError, ModelNotFoundError
-from idgen.presets import get_preset, random_faceid_plus_state_dict, tiny_clip_vision
+from idgen.testing.presets import get_preset, random_faceid_plus_state_dict, tiny_clip_vision
 
 from .conftest import FP32_ATOL, assert_close
 
@@ -102,8 +102,8 @@ def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys)
 
 def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
     pytest.importorskip("gradio")
-    from idgen.demo import DemoApp
-    from idgen.session import start_session
+    from idgen.apps.demo import DemoApp
+    from idgen.apps.session import start_session
 
     unet = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base).unet
     adapter = tmp_path / "ip-adapter-faceid-plus_sd15.safetensors"

@@ -7,10 +7,10 @@ from PIL import Image
 
 from idgen import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.adapters import detect_format, save_adapter_checkpoint
-from idgen.cli import main
+from idgen.apps.cli import main
 from idgen.errors import IdentityInputError
-from idgen.presets import get_preset, random_faceid_state_dict
-from idgen.session import FACEID_REPO, resolve_method
+from idgen.formats import FACEID_REPO, resolve_method
+from idgen.testing.presets import get_preset, random_faceid_state_dict
 
 from .conftest import FP32_ATOL, assert_close
 

@@ -16,7 +16,7 @@ from idgen.adapters.face_parsing import BiSeNet, load_face_parser
 from idgen.adapters.pulid import PuLIDEncoder, PuLIDEncoderV1, build_pulid_encoder, eva_face_pixels, pulid_format
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError
 from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
-from idgen.presets import get_preset, random_pulid_state_dict, tiny_eva_tower
+from idgen.testing.presets import get_preset, random_pulid_state_dict, tiny_eva_tower
 
 from .conftest import FP32_ATOL, reference_modules
 
@@ -265,9 +265,9 @@ def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
     the metadata with the settings run), PuLID's flags refused for other methods, and the demo."""
     from PIL import Image
 
-    from idgen.cli import main
-    from idgen.demo import DemoApp
-    from idgen.session import start_session
+    from idgen.apps.cli import main
+    from idgen.apps.demo import DemoApp
+    from idgen.apps.session import start_session
 
     out = tmp_path / "pulid.png"
     common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]

@@ -10,7 +10,7 @@ from PIL import Image
 from idgen import IdentityInputError, IDStableDiffusionImg2ImgPipeline, IDStableDiffusionXLPipeline, load_identitynet
 from idgen.adapters.context import current, open_identity
 from idgen.adapters.regions import Regions, place_kps
-from idgen.presets import INSTANTID_FILE, get_preset
+from idgen.testing.presets import INSTANTID_FILE, get_preset
 
 from .conftest import embedding
 
@@ -237,7 +237,7 @@ def test_instantid_keypoints_of_every_person(instantid, astronaut, group_photo):
 def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
     """--face-region places each --face's person; the image equals the Python call with the same
     regions. --people --kps-image takes the regions from a group photo (--face-order)."""
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "two.png"
     assert main(["generate", "--face", str(astronaut), "--face", str(astronaut), "--face-region", "0,0,128,128",
@@ -273,7 +273,7 @@ def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
 
 def test_cli_instantid_people(tmp_path, astronaut):
     """InstantID with --people and no pose photo: equal columns, each person's face posed in theirs."""
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "three.png"
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--face", str(astronaut), "--face",
@@ -285,7 +285,7 @@ def test_cli_instantid_people(tmp_path, astronaut):
 
 def test_faceid_sdxl_people(cache):
     """FaceID-SDXL (no IdentityNet) places each person in their region too."""
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     xl = get_preset("tiny-faceid-sdxl", root=str(cache))
     pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base)

@@ -61,7 +61,7 @@ def test_held_out_identity_reward_rises(tmp_path, data):  # noqa: F811
     print(f"held-out identity reward: before {before['identity_reward']:.4f}, after {after['identity_reward']:.4f}")
     assert after["identity_reward"] > before["identity_reward"] + 0.01
     from idgen import IDStableDiffusionPipeline
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     pipe = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base)
     pipe.load_identity_adapter(path)  # the export loads like any adapter

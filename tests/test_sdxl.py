@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 from idgen import CheckpointError, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline, draw_kps, load_identitynet
 from idgen.adapters import InstantIDResampler, load_adapter_state_dict, save_adapter_checkpoint
 from idgen.faces import KPS_COLORS
-from idgen.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict, tiny_identitynet
+from idgen.testing.presets import INSTANTID_FILE, get_preset, random_faceid_state_dict, tiny_identitynet
 
 from .conftest import assert_close
 from .conftest import embedding as unit_embedding
@@ -238,7 +238,7 @@ def test_mismatched_adapters(tmp_path, xl, preset, instantid):
 
 
 def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
-    from idgen.cli import main
+    from idgen.apps.cli import main
 
     out = tmp_path / "xl.png"
     pose = tmp_path / "pose.jpg"

@@ -105,7 +105,7 @@ def test_bad_configs_fail_before_training(tmp_path, data, photos, analyzer):
     with pytest.raises(IDGenError, match="instantid is an SDXL adapter"):
         train(config(data, tmp_path / "run1", adapter_format="instantid", lora_rank=None))
     from idgen.adapters import save_adapter_checkpoint
-    from idgen.presets import random_faceid_state_dict, tiny_sdxl_pipeline
+    from idgen.testing.presets import random_faceid_state_dict, tiny_sdxl_pipeline
 
     sdxl_adapter = tmp_path / "sdxl.safetensors"
     save_adapter_checkpoint(random_faceid_state_dict(tiny_sdxl_pipeline().unet), str(sdxl_adapter))
@@ -204,7 +204,7 @@ def test_instantid_style_adapter_on_sdxl(tmp_path, data):
     """adapter_format instantid trains a Resampler adapter on an SDXL base; the export loads."""
     from idgen import IDStableDiffusionXLPipeline
     from idgen.adapters import InstantIDResampler
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     path = train(config(data, tmp_path / "xl", base="tiny-sdxl", adapter_format="instantid", lora_rank=None,
                         max_train_steps=2))
@@ -218,7 +218,7 @@ def test_pulid_style_adapter_on_flux(tmp_path, data, astronaut, analyzer):
     base (rectified-flow loss; the identity read from EVA features of each photo's aligned face);
     it resumes to the weights of an uninterrupted run, and the export loads in IDFluxPipeline."""
     from idgen import IDFluxPipeline
-    from idgen.presets import get_preset
+    from idgen.testing.presets import get_preset
 
     flux = dict(base="tiny-flux", adapter_format="pulid_flux", lora_rank=None, max_train_steps=4,
                 checkpointing_steps=2, export_name="pulid_flux.safetensors")
@@ -311,7 +311,7 @@ def test_prepare_data_keeps_each_photo_and_one_recognizer(photos, analyzer, tmp_
         assert abs(float(dataset.pixels(i)[0].mean()) - (np.asarray(expected, np.float32).mean() / 127.5 - 1)) < 0.05
     # Another recognizer's embeddings do not join the dataset.
     from idgen import FaceAnalyzer
-    from idgen.presets import write_random_recognizer
+    from idgen.testing.presets import write_random_recognizer
 
     other_pack = tmp_path / "other-pack"
     other_pack.mkdir()

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from idgen import start_session
-from idgen.cli import main
+from idgen.apps.cli import main
 
 
 def _photos(tmp_path, astronaut):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from idgen import watermark
-from idgen.cli import main
+from idgen.apps.cli import main
 from idgen.version import __version__
 
 from .conftest import embedding

@@ -19,6 +19,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,13 +36,17 @@ from idgen.adapters import (
 from idgen.adapters.attention import IdentityCall
 from idgen.adapters.context import checkpoint as identity_checkpoint
 from idgen.adapters.context import open_identity
+from idgen.adapters.eva_clip import load_eva_tower
 from idgen.errors import IDGenError
-from idgen.pipelines.identity import ID_LORA_NAME
+from idgen.formats import ID_LORA_NAME, base_family
+from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
+from idgen.testing.presets import TINY_PRESETS, get_preset
 
 from .checkpoints import load_checkpoint, prepare_run_folder, resolve_resume, save_checkpoint
 from .config import run_training_cli
 from .data import FaceDataset
 from .face_attention import FaceAttentionLoss
+from .flux import flux_training_loss, init_pulid_flux_adapter
 
 
 @dataclass
@@ -176,10 +185,6 @@ class StepBatches(torch.utils.data.Sampler):
 
 def load_base(config: AdapterTrainConfig):
     """The frozen base pipeline, its identity adapter to train, and the face-pack info."""
-    from idgen.pipelines import IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
-    from idgen.presets import TINY_PRESETS, get_preset
-    from idgen.session import base_family
-
     base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
     family = base_family(base)
     if (family == "flux") != (config.adapter_format == "pulid_flux"):
@@ -205,14 +210,6 @@ def load_base(config: AdapterTrainConfig):
 def load_flux_base(config: AdapterTrainConfig, base: str):
     """The frozen FLUX pipeline with a PuLID-FLUX adapter to train (``init_adapter``, or fresh)
     and its EVA02-CLIP tower and face parser (the preset's for a tiny base)."""
-    from safetensors.torch import load_file
-
-    from idgen.adapters.eva_clip import load_eva_tower
-    from idgen.pipelines import IDFluxPipeline
-    from idgen.presets import TINY_PRESETS, get_preset
-
-    from .flux import init_pulid_flux_adapter
-
     preset = get_preset(config.base) if config.base in TINY_PRESETS else None
     image_encoder = config.image_encoder or (preset.image_encoder if preset else None)
     face_parser = config.face_parser or (preset.face_parser if preset else None)
@@ -262,8 +259,6 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
     ``step_loss(model, batch, micro_step) -> (loss, metrics)``; returns the unwrapped model with
     its final (EMA, when enabled) weights.
     """
-    from diffusers.training_utils import EMAModel
-
     trained = [p for p in model.parameters() if p.requires_grad]  # the same tensors after prepare()
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -316,8 +311,6 @@ def start_run(config: AdapterTrainConfig, resume: str | None, overwrite: bool):
     """Check the config, start the accelerator and prepare the run folder. Several processes on a
     machine without an accelerator (``accelerate launch --multi_gpu --num_processes N`` on CPUs)
     train together over gloo, instead of as N separate runs writing one folder."""
-    from accelerate import Accelerator
-
     config.check()
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -357,8 +350,6 @@ def train(config: AdapterTrainConfig, resume: str | None = None, overwrite: bool
 def _train_flux(config: AdapterTrainConfig, accelerator, pipe, dataset: FaceDataset, resume: str | None) -> str:
     """``train`` on a FLUX base: the PuLID-FLUX adapter learns, the rest stays frozen; the export is a
     ``pulid_flux`` safetensors file that ``IDFluxPipeline.load_identity_adapter`` reads."""
-    from .flux import flux_training_loss
-
     weight_dtype = freeze(config, accelerator, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
                           pipe.eva_encoder)
     pipe.face_parser.requires_grad_(False).to(accelerator.device)  # its label maps stay float32
@@ -408,8 +399,6 @@ def dropouts(config: AdapterTrainConfig, captions: Sequence[str], generators: li
 def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, weight_dtype) -> torch.Tensor:
     """Noise-prediction loss of one batch; every random draw of a sample is seeded by (seed, the
     sample's position in the run: ``batch["position"]``)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     generators = sample_generators(config.seed, batch["position"])
     pixels = batch["pixels"].to(device, weight_dtype)
     captions, drop_id = dropouts(config, batch["caption"], generators)
@@ -517,7 +506,7 @@ class MetricsLog:
         if self.main:
             os.makedirs(output_dir, exist_ok=True)
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is optional
 
                 self.board = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError:
@@ -536,8 +525,6 @@ class MetricsLog:
 @torch.no_grad()
 def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: int) -> str:
     """A row of images, one per fixed validation identity (the first photos of the dataset)."""
-    from PIL import Image
-
     count = min(config.num_validation_identities, len(dataset))
     ids = dataset.id_embeds[:count]
     if config.adapter_format == "instantid":

@@ -16,6 +16,7 @@ import re
 import shutil
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from idgen.errors import IDGenError
 
@@ -40,8 +41,6 @@ def _ema_tensors(ema) -> dict[str, torch.Tensor]:
 def save_checkpoint(accelerator, folder: str, step: int, keep: int, model, optimizer, ema=None) -> str:
     """Save the training state for ``step``. It is written under a hidden name and renamed into
     place, so a kill mid-write leaves the previous checkpoint as the latest good one."""
-    from safetensors.torch import save_file
-
     final = os.path.join(folder, f"checkpoint-{step}")
     staging = os.path.join(folder, f".tmp-checkpoint-{step}")
     accelerator.wait_for_everyone()
@@ -71,8 +70,6 @@ def _read(path: str, what: str):
     """Read one checkpoint file as data only; one line naming the file when it cannot be."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             return load_file(path, device="cpu")
         if path.endswith(".json"):
             with open(path) as handle:

@@ -6,8 +6,11 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from typing import Any, TypeVar
+
+import yaml
 
 from idgen.errors import IDGenError
 
@@ -61,8 +64,6 @@ def read_config_file(path: str) -> dict[str, Any]:
         if path.endswith(".json"):
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as err:
         raise ConfigError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from None
@@ -99,8 +100,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str]:
 
 def run_training_cli(cls: type, train, argv: list[str] | None, prog: str, description: str) -> int:
     """``--config FILE [--resume latest|PATH] [--field value ...]``: the command line of a trainer."""
-    import sys
-
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # progress and errors are what matter
         os.environ.setdefault(name, "error")
 

@@ -20,15 +20,18 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from idgen.adapters import identity_adapter_state_dict, save_adapter_checkpoint
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
+from idgen.testing.presets import TINY_PRESETS, get_preset
 
-from .adapter import (ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, sample_generators, start_run,
-                      training_loss)
+from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, sample_generators, start_run, training_loss
 from .config import run_training_cli
 from .data import FaceDataset
 from .rewards import AestheticReward, IdentityReward
@@ -78,8 +81,6 @@ class ReFL:
 
     def __init__(self, config: RewardTrainConfig, pipe, identity: IdentityReward, aesthetic: AestheticReward | None,
                  device, weight_dtype):
-        from diffusers import DDIMScheduler
-
         self.config, self.pipe, self.device, self.weight_dtype = config, pipe, device, weight_dtype
         self.identity, self.aesthetic = identity, aesthetic
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -170,8 +171,6 @@ def build_rewards(config: RewardTrainConfig, device) -> tuple[IdentityReward, Ae
 def setup(config: RewardTrainConfig, accelerator):
     """Base pipeline with the adapter to improve, the trainable module, rewards and data."""
     if config.init_adapter is None:
-        from idgen.presets import TINY_PRESETS, get_preset
-
         if config.base not in TINY_PRESETS or config.adapter_format != "faceid":
             raise IDGenError("reward fine-tuning improves an existing adapter: set init_adapter to its checkpoint")
         config.init_adapter = get_preset(config.base).adapter
@@ -184,8 +183,6 @@ def setup(config: RewardTrainConfig, accelerator):
         raise IDGenError("reward fine-tuning runs on SD1.5 bases for now: use an SD1.5 base and FaceID adapter")
     lora_name = ID_LORA_NAME
     if config.train_target == "lora":
-        from peft import LoraConfig
-
         pipe.unet.add_adapter(LoraConfig(r=config.reward_lora_rank, lora_alpha=config.reward_lora_rank,
                                          init_lora_weights="gaussian",
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=REWARD_LORA_NAME)
@@ -215,8 +212,6 @@ def train(config: RewardTrainConfig, resume: str | None = None, overwrite: bool 
         with open(os.path.join(config.output_dir, "reward_eval.json"), "w") as handle:
             json.dump({"before": before, "after": after}, handle, indent=1)
         if config.train_target == "lora":
-            from peft.utils import get_peft_model_state_dict
-
             path = os.path.join(config.output_dir, "pytorch_lora_weights.safetensors")
             pipe.save_lora_weights(config.output_dir, unet_lora_layers=get_peft_model_state_dict(
                 pipe.unet, adapter_name=REWARD_LORA_NAME), safe_serialization=True)

@@ -7,12 +7,15 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 from torch import nn
+from transformers import CLIPVisionModelWithProjection
 
 from idgen.errors import IDGenError, NoFaceError
-from idgen.eval.metrics import clip_preprocess
 from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
+from idgen.images import clip_preprocess
 
 
 class IdentityReward(nn.Module):
@@ -95,17 +98,11 @@ class AestheticReward(nn.Module):
     def from_pretrained(cls, clip_model: str, head_file: str) -> "AestheticReward":
         """``clip_model``: hub id or folder; ``head_file``: a local ``.pth``/``.safetensors`` or
         ``repo_id/filename`` on the hub (e.g. the LAION ``sac+logos+ava1-l14-linearMSE.pth``)."""
-        from transformers import CLIPVisionModelWithProjection
-
         clip = CLIPVisionModelWithProjection.from_pretrained(clip_model)
         if not os.path.isfile(head_file):
-            from huggingface_hub import hf_hub_download
-
             repo, _, name = head_file.rpartition("/")
             head_file = hf_hub_download(repo, name)
         if head_file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(head_file)
         else:
             state = torch.load(head_file, map_location="cpu", weights_only=True)

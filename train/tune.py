@@ -18,6 +18,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from idgen.errors import IDGenError
 
@@ -53,10 +56,6 @@ class TuneConfig(AdapterTrainConfig):
 
 def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False) -> str:
     """Train (or resume) the person LoRA; returns the exported LoRA folder's file."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     accelerator = start_run(config, resume, overwrite)
     dataset = FaceDataset(config.data, config.resolution)
     pipe, sdxl = load_base(config)
@@ -104,7 +103,7 @@ def _peak_memory() -> str:
     if torch.cuda.is_available():
         return f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     try:
-        import resource
+        import resource  # lazy: Unix only
     except ImportError:  # Windows
         return ""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)

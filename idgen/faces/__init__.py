@@ -15,7 +15,7 @@ _TORCH_NAMES = ("DifferentiableArcFace", "IResNet", "OnnxRecognizer", "align_fac
 
 def __getattr__(name: str):
     if name in _TORCH_NAMES:
-        from . import arcface
+        from . import arcface  # lazy: the torch recognizer; face analysis runs without torch
 
         return getattr(arcface, name)
     raise AttributeError(f"module 'idgen.faces' has no attribute {name!r}")

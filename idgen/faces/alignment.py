@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from PIL import Image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -83,8 +84,6 @@ def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) 
     the nose in that point's colour, dimmed to 60%; then a full-colour disc of radius 10 on each
     keypoint. ``kps`` is one face's (5, 2) or several faces' (N, 5, 2), all drawn on one canvas.
     """
-    from PIL import Image
-
     width, height = image_size
     faces = np.asarray(kps, dtype=np.float64).reshape(-1, 5, 2)
     canvas = np.zeros((height, width, 3), dtype=np.float64)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import onnxruntime
 
 from ..errors import ModelNotFoundError, NoFaceError
 from .alignment import align_face
@@ -61,7 +62,7 @@ def resolve_pack(name_or_path: str, root: str | None = None, download: bool = Tr
         root = os.path.expanduser(root) if root else insightface_root()
         folder = os.path.join(root, "models", name_or_path)
         if not os.path.isdir(folder) and download and os.sep not in name_or_path:
-            from insightface.utils.storage import ensure_available
+            from insightface.utils.storage import ensure_available  # lazy: insightface takes 4 s to import
 
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -86,7 +87,7 @@ def resolve_pack(name_or_path: str, root: str | None = None, download: bool = Tr
 
 def _load_pack_models(folder: str, providers: Sequence[str]) -> dict[str, Any]:
     """Route every ONNX file of a pack by task, in file-name order; the first model per task wins."""
-    from insightface.model_zoo import model_zoo
+    from insightface.model_zoo import model_zoo  # lazy: insightface takes 4 s to import
 
     models: dict[str, Any] = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.onnx"))):
@@ -98,7 +99,7 @@ def _load_pack_models(folder: str, providers: Sequence[str]) -> dict[str, Any]:
 
 
 def onnx_metadata(path: str) -> dict[str, str]:
-    import onnx
+    import onnx  # lazy: 0.8 s to import, for model metadata only
 
     return {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
 
@@ -140,8 +141,6 @@ class FaceAnalyzer:
         det_thresh: float = 0.5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        import onnxruntime
-
         if detector not in ("auto", "scrfd", "dlib"):
             raise ValueError(f"detector must be 'auto', 'scrfd' or 'dlib', got {detector!r}")
         if providers is None:

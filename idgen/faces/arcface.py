@@ -71,7 +71,7 @@ def iresnet(name: str = "r50", **kwargs) -> IResNet:
 
 # ------------------------------------------------------------------------------ ONNX in torch
 def _attrs(node) -> dict:
-    from onnx import helper
+    from onnx import helper  # lazy: 0.8 s to import, for converting models only
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -89,8 +89,8 @@ class OnnxRecognizer(nn.Module):
 
     def __init__(self, path: str):
         super().__init__()
-        import onnx
-        from onnx import numpy_helper
+        import onnx  # lazy: 0.8 s to import, for converting models only
+        from onnx import numpy_helper  # lazy: 0.8 s to import, for converting models only
 
         try:
             model = onnx.load(path)
@@ -161,7 +161,7 @@ class OnnxRecognizer(nn.Module):
             shape = [args[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
             return args[0].reshape(shape)
         if op == "Constant":
-            from onnx import numpy_helper
+            from onnx import numpy_helper  # lazy: 0.8 s to import, for converting models only
 
             return torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
         if op == "Transpose":

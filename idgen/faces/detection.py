@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import cv2
+import dlib
 import numpy as np
 
 from ..errors import ModelNotFoundError
@@ -39,8 +40,6 @@ class DlibDetector:
     min_face_size = 40
 
     def __init__(self, threshold: float = 0.2, upsample: int = 1, max_side: int = 2048):
-        import dlib
-
         self.threshold = threshold
         self.upsample = upsample
         self.max_side = max_side

@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .errors import IDGenError
+import diffusers
+
+from idgen.errors import IDGenError
 
 #: name -> (diffusers class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -42,8 +44,6 @@ def _normalise(name: str) -> str:
 def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
     """The diffusers class and config overrides of ``name``; an IDGenError listing the names
     when there is no such scheduler."""
-    import diffusers
-
     key = _ALIASES.get(_normalise(name), _normalise(name))
     if key in SCHEDULERS:
         return SCHEDULERS[key]
@@ -56,8 +56,6 @@ def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
 
 def make_scheduler(name: str, config: dict[str, Any]):
     """Scheduler ``name`` built from ``config`` (the base model's scheduler config)."""
-    import diffusers
-
     class_name, overrides = scheduler_spec(name)
     try:
         return getattr(diffusers, class_name).from_config(config, **overrides)

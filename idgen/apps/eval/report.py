@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from ..errors import IDGenError
-from ..faces import IMAGE_SUFFIXES, load_image
+from idgen.errors import IDGenError
+from idgen.faces import IMAGE_SUFFIXES, load_image
+
 
 def load_identities(folder: str) -> dict[str, list[str]]:
     """Reference photos, one sub-folder per identity."""

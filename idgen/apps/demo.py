@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .adapters.regions import columns
-from .errors import IDGenError
+from idgen.adapters.regions import columns
+from idgen.errors import IDGenError
+from idgen.faces import KPS_COLORS, FaceAnalyzer, load_image
+
 from .facefix import fix_faces, people_identities
-from .faces import KPS_COLORS, FaceAnalyzer
 from .session import Session, SessionOptions, start_session
 
 #: Prompt templates: "{prompt}" is the user's text.
@@ -34,8 +35,6 @@ NEGATIVE = "lowres, bad anatomy, worst quality, low quality, blurry, monochrome"
 def face_preview(analyzer: FaceAnalyzer, image: Any, selected: int = 0) -> Image.Image:
     """The uploaded photo with each detected face's box, number (0 = largest) and 5 keypoints
     drawn on it; the ``selected`` face in green."""
-    from .faces import load_image
-
     photo = load_image(image, analyzer.max_pixels)
     faces = analyzer.analyze(photo)
     if not faces:
@@ -67,7 +66,7 @@ class DemoApp:
         self.out_dir = out_dir or tempfile.mkdtemp(prefix="idgen-demo-")
 
     def preview(self, files, face_index: float = 0) -> Image.Image | None:
-        import gradio as gr
+        import gradio as gr  # lazy: optional dependency (idgen[demo])
 
         if not files:
             return None
@@ -82,7 +81,7 @@ class DemoApp:
         """Generate, write each image as PNG with its metadata, and return (path, caption) pairs.
         With ``people`` each photo is a different person: around the faces of the pose photo, else
         in equal columns left to right."""
-        import gradio as gr
+        import gradio as gr  # lazy: optional dependency (idgen[demo])
 
         try:
             if not files:
@@ -157,7 +156,7 @@ def _path(item: Any) -> Any:
 
 def build_demo(app: DemoApp):
     """The Gradio Blocks UI around ``app``."""
-    import gradio as gr
+    import gradio as gr  # lazy: optional dependency (idgen[demo])
 
     with gr.Blocks(title="idgen") as demo:
         gr.Markdown("# idgen: identity-preserving generation\nUpload one or more photos of a face, describe the "
@@ -221,7 +220,7 @@ def serve(options: SessionOptions, host: str = "127.0.0.1", port: int = 7860) ->
     """Load the models once, then serve the UI."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401  # lazy: optional dependency (idgen[demo])
     except ImportError:
         raise IDGenError('the demo needs gradio: pip install "idgen[demo]"') from None
     session = start_session(options)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import IDGenError, NoFaceError
-from .faces import Face, FaceAnalyzer, ImageInput, load_image
+from idgen import pipelines
+from idgen.errors import IDGenError, NoFaceError
+from idgen.faces import Face, FaceAnalyzer, ImageInput, load_image
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,6 @@ class FaceFixOptions:
 
 def inpaint_pipeline(pipe):
     """The inpainting variant of an idgen pipeline, sharing its modules and identity adapter."""
-    from . import pipelines
-
     for source, target in ((pipelines.IDStableDiffusionXLPipeline, pipelines.IDStableDiffusionXLInpaintPipeline),
                            (pipelines.IDStableDiffusionPipeline, pipelines.IDStableDiffusionInpaintPipeline)):
         if isinstance(pipe, target):
@@ -131,8 +131,6 @@ def fix_faces(session, pipe, image: ImageInput, identity: dict[str, Any] | list[
     Several people: ``identity`` is a list with each person's arguments and ``regions``
     (``idgen.adapters.regions.Regions``) where each is; a face takes the identity of the region its
     centre lies in, and a face outside every region is left as it is."""
-    import torch
-
     call = dict(session.call_kwargs(prompt), negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed))
     identity_of = None
     if regions is None:

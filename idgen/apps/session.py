@@ -19,230 +19,39 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from .errors import IDGenError, ModelNotFoundError
-from .faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, ImageInput
+import torch
+from transformers import CLIPVisionModelWithProjection
+
+from idgen import pipelines, watermark
+from idgen.adapters import check_portrait_faces, detect_format, load_adapter_state_dict, resolve_checkpoint_file
+from idgen.adapters.checkpoints import PhotoMakerCheckpointError, is_infiniteyou, is_pulid_flux, read_checkpoint
+from idgen.adapters.photomaker import photomaker_state_dicts
+from idgen.adapters.pulid import pulid_settings
+from idgen.credentials import Signer
+from idgen.errors import IDGenError, ModelNotFoundError
+from idgen.faces import FaceAnalyzer, ImageInput
+from idgen.files import save_png
+from idgen.formats import METHODS, Method, base_model_error, is_instantid, method_of, resolve_method
+from idgen.testing.presets import TINY_PRESETS, get_preset
+from idgen.version import __version__
+
 from .loras import LoRASpec, load_loras, parse_lora
+from .options import SessionOptions, check_id_window, check_timesteps
 from .schedulers import make_scheduler, scheduler_spec, takes_timesteps
-
-DEFAULT_FACE_PACK = "buffalo_l"
-FACEID_REPO = "h94/IP-Adapter-FaceID"
-INSTANTID_REPO = "InstantX/InstantID"
-INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
-INFINITEYOU_REPO = "ByteDance/InfiniteYou"
-
-
-def _is_arc2face(adapter: str, weight_name: str | None) -> bool:
-    return os.path.isdir(os.path.join(adapter, "arc2face")) or "arc2face" in adapter.lower()
-
-
-def _is_instantid(adapter: str, weight_name: str | None) -> bool:
-    """InstantID's layout: a repo or folder with ``ControlNetModel/`` beside ``ip-adapter.bin``."""
-    return weight_name == INSTANTID_WEIGHT_NAME or adapter == INSTANTID_REPO or os.path.isdir(
-        os.path.join(adapter, "ControlNetModel")
-    )
-
-
-def _is_faceid_repo(adapter: str, weight_name: str | None) -> bool:
-    return adapter == FACEID_REPO
-
-
-def _is_portrait(adapter: str, weight_name: str | None) -> bool:
-    return adapter == FACEID_REPO and "portrait" in (weight_name or "")
-
-
-def _is_plus(adapter: str, weight_name: str | None) -> bool:
-    return adapter == FACEID_REPO and "plus" in (weight_name or "")
-
-
-def _is_pulid(adapter: str, weight_name: str | None) -> bool:
-    return "pulid" in f"{adapter}/{weight_name or ''}".lower()
-
-
-def _is_infiniteyou(adapter: str, weight_name: str | None) -> bool:
-    """InfiniteYou's layout: its hub repo, or a folder with ``InfuseNetModel/`` beside the projection."""
-    folder = os.path.dirname(adapter) if os.path.isfile(adapter) else adapter
-    return "infiniteyou" in adapter.lower() or os.path.isdir(os.path.join(folder, "InfuseNetModel"))
-
-
-def _is_photomaker(adapter: str, weight_name: str | None) -> bool:
-    return "photomaker" in f"{adapter}/{weight_name or ''}".lower()
-
-
-@dataclass(frozen=True)
-class Method:
-    """One identity method: how its adapter is recognised, what runs it, and its defaults
-    (those of its reference implementation)."""
-
-    name: str  # recorded in the images' metadata
-    family: str  # "sd15", "sdxl", "flux" or "arc2face": the base models it runs on
-    pipeline: str  # class name in idgen.pipelines
-    recognises: Callable[[str, str | None], bool]  # (adapter, weight_name) -> is this method's
-    checkpoint_format: str | None = None  # adapters.detect_format's name for its checkpoints
-    steps: int = 30
-    guidance: float = 7.5
-    id_scale: float = 1.0
-    face_pack: str = DEFAULT_FACE_PACK
-    default_adapter: str | None = None  # used when no adapter is given for this family
-    default_weight_name: str | None = None  # file inside a recognised repo
-    raw_id_embeds: bool = False  # the recognizer's raw (un-normalised) vector, as InstantID was trained
-    identitynet: bool = False  # InstantID's ControlNet, from the adapter repo's ControlNetModel/
-    uses_prompt: bool = True  # Arc2Face generates from the identity alone
-    per_photo: bool = False  # each face photo gives its own tokens (FaceID-Portrait), not one mean
-    face_clip: bool = False  # also CLIP features of the face crop (FaceID-Plus), from an image encoder
-    prompt_identity: bool = False  # the identity enters the prompt (PhotoMaker): no id_scale, no negative identity
-    face_eva: bool = False  # also EVA02-CLIP features of the parsed face (PuLID), read from the photos
-    own_recognizer: bool = False  # its ArcFace is the pipeline's own (InfiniteYou's IR-SE50), read from the photos
-
-    @property
-    def pulid_attention(self) -> bool:
-        """Whether it takes PuLID's UNet attention settings (num_zero, ortho): PuLID on SDXL."""
-        return self.checkpoint_format in ("pulid", "pulid_v1")
-
-
-#: Identity methods, in the order they are tried; the last of each family is its fallback.
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("arc2face", "arc2face", "IDArc2FacePipeline", _is_arc2face, steps=25, guidance=3.0,
-               face_pack="antelopev2", uses_prompt=False),  # antelopev2 with Arc2Face's arcface.onnx added
-        Method("faceid-plus", "sd15", "IDStableDiffusionPipeline", _is_plus, "faceid_plus", face_clip=True),
-        Method("faceid-portrait", "sd15", "IDStableDiffusionPipeline", _is_portrait, "faceid_portrait", per_photo=True),
-        Method("faceid", "sd15", "IDStableDiffusionPipeline", _is_faceid_repo, "faceid", default_adapter=FACEID_REPO,
-               default_weight_name="ip-adapter-faceid_sd15.bin"),
-        Method("instantid", "sdxl", "IDStableDiffusionXLPipeline", _is_instantid, "instantid", guidance=5.0,
-               id_scale=0.8, face_pack="antelopev2", default_adapter=INSTANTID_REPO,
-               default_weight_name=INSTANTID_WEIGHT_NAME, raw_id_embeds=True, identitynet=True),
-        Method("faceid-plus-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_plus, "faceid_plus", guidance=5.0,
-               face_clip=True),
-        Method("faceid-portrait-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_portrait, "faceid_portrait",
-               guidance=5.0, per_photo=True),
-        # PuLID: its demo's settings for a non-Lightning base (Lightning: --steps 5 --guidance 2)
-        Method("pulid", "sdxl", "IDStableDiffusionXLPipeline", _is_pulid, "pulid", steps=25, guidance=7.0, id_scale=0.8,
-               face_pack="antelopev2", default_weight_name="pulid_v1.1.safetensors", raw_id_embeds=True, per_photo=True,
-               face_eva=True),
-        Method("pulid-v1", "sdxl", "IDStableDiffusionXLPipeline", _is_pulid, "pulid_v1", steps=25, guidance=7.0,
-               id_scale=0.8, face_pack="antelopev2", default_weight_name="pulid_v1.bin", raw_id_embeds=True,
-               per_photo=True, face_eva=True),
-        Method("photomaker", "sdxl", "IDPhotoMakerPipeline", _is_photomaker, "photomaker", steps=50, guidance=5.0,
-               default_weight_name="photomaker-v2.bin", raw_id_embeds=True, per_photo=True, prompt_identity=True),
-        Method("faceid-sdxl", "sdxl", "IDStableDiffusionXLPipeline", _is_faceid_repo, "faceid", guidance=5.0,
-               default_weight_name="ip-adapter-faceid_sdxl.bin"),
-        # FLUX.1: each reference demo's settings (PuLID-FLUX: 20 steps, guidance 4; InfiniteYou: 30, 3.5)
-        Method("infiniteyou", "flux", "IDFluxPipeline", _is_infiniteyou, "infiniteyou", steps=30, guidance=3.5,
-               face_pack="antelopev2", default_adapter=INFINITEYOU_REPO,
-               default_weight_name="infu_flux_v1.0/aes_stage2/image_proj_model.bin", own_recognizer=True),
-        Method("pulid-flux", "flux", "IDFluxPipeline", _is_pulid, "pulid_flux", steps=20, guidance=4.0,
-               face_pack="antelopev2", default_weight_name="pulid_flux_v0.9.1.safetensors", raw_id_embeds=True,
-               per_photo=True, face_eva=True),
-    )
-}
-
-
-@dataclass
-class SessionOptions:
-    """What to run and how: the flags ``idgen generate``, ``eval`` and ``demo`` share."""
-
-    base: str = "tiny"
-    adapter: str | None = None
-    weight_name: str | None = None
-    subfolder: str | None = None
-    identitynet: str | None = None  # InstantID's IdentityNet: folder or hub id ("none": without it)
-    image_encoder: str | None = None  # FaceID-Plus's CLIP (default h94/IP-Adapter's) or PuLID's EVA02-CLIP (QuanSun/EVA-CLIP's)
-    face_parser: str | None = None  # PuLID's face parser, facexlib's parsing_bisenet.pth (default: its release)
-    num_zero: int | None = None  # PuLID: zero identity tokens (default 20; v1: 8)
-    ortho: str | None = None  # PuLID: "off", "v1" or "v2" (default v2)
-    infusenet: str | None = None  # InfiniteYou's InfuseNet folder or hub id (default: beside its projection)
-    face_recognizer: str | None = None  # InfiniteYou's ArcFace, recognition_arcface_ir_se50.pth (default: facexlib's)
-    id_start_step: int = 0  # FLUX: loop steps before the identity joins (PuLID-FLUX's "start step")
-    true_cfg_scale: float = 1.0  # FLUX: true classifier-free guidance with the negative prompt when > 1
-    face_model: str | None = None
-    detector: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    face_index: int | list[int] = 0
-    steps: int | None = None
-    guidance: float | None = None
-    id_scale: float | dict[str, float] | None = None
-    id_start: float = 0.0
-    id_end: float = 1.0
-    height: int | None = None
-    width: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    watermark: bool = True  # idgen's invisible mark on every image written (idgen.watermark)
-    c2pa_cert: str | None = None  # Content Credentials: certificate chain (PEM) to sign with
-    c2pa_key: str | None = None  # ... and its private key (PEM)
-    lora: list[str] = field(default_factory=list)  # style/speed LoRAs, each PATH_OR_ID[:WEIGHT] (idgen.loras)
-    scheduler: str | None = None  # a name of idgen.schedulers (default: the base model's)
-    timesteps: list[int] | None = None  # the exact timesteps to sample at (DMD2: 999,749,499,249)
-    compile: bool = False  # torch.compile the UNet and IdentityNet (the first image waits for it)
-    trigger_word: str = "img"  # PhotoMaker: the word after the class word that marks the person
-    start_merge_step: int | None = None  # PhotoMaker: steps with the prompt alone (default: 20% of the steps)
-
-    @classmethod
-    def from_namespace(cls, args: Any) -> "SessionOptions":
-        """The options found on a parsed argparse namespace."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def check_id_window(start: float, end: float) -> None:
-    if not start < end:
-        raise IDGenError(f"--id-start ({start}) must be below --id-end ({end})")
-
-
-def base_family(base: str) -> str:
-    """"flux", "sdxl" or "sd15": a base model's (hub id or folder) family, from its model_index.json."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(base)
-    except Exception as err:  # offline, missing repo, bad folder
-        raise _base_model_error(base, err) from None
-    name = config.get("_class_name", "")
-    return "flux" if "Flux" in name else "sdxl" if "XL" in name else "sd15"
-
-
-def _base_model_error(base: str, err: Exception) -> ModelNotFoundError:
-    first_line = str(err).splitlines()[0][:200] if str(err) else ""
-    return ModelNotFoundError(
-        f"could not load base model {base} ({type(err).__name__}: {first_line}): pass a diffusers folder, "
-        "a reachable hub id, or leave --base out for the offline tiny preset"
-    )
 
 
 def face_pack(name: str) -> str:
     """A face pack name or folder; 'tiny' is the offline preset's."""
     if name == "tiny":
-        from .presets import get_preset
-
         return get_preset("tiny").face_pack
     return name
-
-
-def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> tuple[Method, str, str | None]:
-    """The method that runs ``adapter`` on ``base``, with the adapter and weight name filled in."""
-    arc2face = METHODS["arc2face"]
-    if adapter is not None and arc2face.recognises(adapter, weight_name):
-        return arc2face, adapter, weight_name
-    family = [m for m in METHODS.values() if m.family == base_family(base)]
-    if adapter is None:
-        method = next(m for m in family if m.default_adapter)
-        adapter = method.default_adapter
-    else:
-        method = next((m for m in family if m.recognises(adapter, weight_name)), family[-1])
-    if weight_name is None and method.recognises(adapter, None):
-        weight_name = method.default_weight_name
-        if weight_name and os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, weight_name)):
-            weight_name = os.path.basename(weight_name)  # a folder holding the file itself (InfiniteYou's model folder)
-    return method, adapter, weight_name
 
 
 def device_and_dtype(device: str, dtype: str):
     """The torch device and dtype for ``--device`` / ``--dtype`` (``auto``: CUDA and float16 when
     there is a GPU), checked against what this machine and torch build have."""
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -282,8 +91,6 @@ class Session:
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
-        from . import pipelines
-
         device, dtype = device_and_dtype(self.options.device, self.options.dtype)
         cls = getattr(pipelines, self.method.pipeline)
         extra = {}
@@ -303,7 +110,7 @@ class Session:
             else:
                 pipe = cls.from_pretrained(self.base, dtype=dtype, **extra)
         except Exception as err:  # offline, missing repo, bad folder
-            raise _base_model_error(self.base, err) from None
+            raise base_model_error(self.base, err) from None
         if self.options.scheduler:
             pipe.scheduler = make_scheduler(self.options.scheduler, pipe.scheduler.config)
         self._check_schedule(pipe.scheduler)
@@ -330,8 +137,6 @@ class Session:
         return pipe
 
     def _image_encoder(self, dtype):
-        from transformers import CLIPVisionModelWithProjection
-
         try:
             return CLIPVisionModelWithProjection.from_pretrained(self.options.image_encoder, dtype=dtype)
         except Exception as err:  # missing folder or repo, offline, not a CLIP image encoder
@@ -353,8 +158,6 @@ class Session:
         if not self.method.face_clip:
             return {}
         if people:
-            import torch
-
             rows = [pipe.encode_face_clip([photo], 1, i) for photo, i in zip(photos, self._person_indices(photos, index))]
             return {"face_clip_embeds": torch.cat(rows)}
         return {"face_clip_embeds": pipe.encode_face_clip(list(photos), 1, index)}
@@ -389,15 +192,12 @@ class Session:
         """The identity tensor of ``photos`` (one person), as this method takes it: (512,), or
         (n, 512) one row per photo for FaceID-Portrait; None for InfiniteYou, whose pipeline reads
         the photos with its own recognizer (they are checked for a face here)."""
-        import torch
-
         index = self.options.face_index if face_index is None else face_index
         if self.method.own_recognizer:  # the photos are checked now; the pipeline's recognizer reads them
             self.analyzer.faces(photos, index)
             return None
         if self.method.per_photo:
             if not self.method.raw_id_embeds:  # FaceID-Portrait (PhotoMaker takes any number, raw)
-                from .adapters import check_portrait_faces
 
                 check_portrait_faces(len(photos))
             return torch.from_numpy(self.analyzer.embeddings(photos, index, raw=self.method.raw_id_embeds))
@@ -406,8 +206,6 @@ class Session:
     def people(self, photos: Sequence[ImageInput], face_index: int | Sequence[int] | None = None):
         """The identities of several people, one photo each, one row per person: (people, 512), or
         (people, 1, 512) for FaceID-Portrait; ``face_index`` is one index, or one per person."""
-        import torch
-
         indices = self._person_indices(photos, face_index)
         return torch.stack([self.identity([photo], i) for photo, i in zip(photos, indices)])
 
@@ -418,8 +216,6 @@ class Session:
     @property
     def pulid_settings(self) -> tuple[int, str]:
         """PuLID's num_zero and ortho as run: the options', else its demo's defaults."""
-        from .adapters.pulid import pulid_settings
-
         return pulid_settings(self.method.checkpoint_format, self.options.num_zero, self.options.ortho)
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
@@ -441,8 +237,6 @@ class Session:
 
     def generators(self, seed: int, count: int) -> list:
         """One CPU generator per image, seeded ``seed + i``: image i is reproduced alone with seed + i."""
-        import torch
-
         return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
 
     def image_metadata(self, pipe, seed: int, **settings: Any) -> dict[str, str]:
@@ -461,9 +255,6 @@ class Session:
         """Write ``image`` to ``path`` as PNG, atomically, with ``image_metadata`` as text and (unless
         the options turn it off) idgen's invisible watermark carrying that metadata's hash; return
         the image as written."""
-        from . import watermark
-        from .files import save_png
-
         meta = self.image_metadata(pipe, seed, **settings)
         if self.options.watermark:
             image = watermark.embed(image, meta)
@@ -476,8 +267,6 @@ class Session:
 
     def metadata(self) -> dict[str, str]:
         """What made the images, for their PNG metadata and reports."""
-        from .version import __version__
-
         meta = {
             "steps": str(self.steps),
             "guidance": str(self.guidance),
@@ -509,8 +298,6 @@ class Session:
 def start_session(options: SessionOptions | None = None, **overrides: Any) -> Session:
     """Resolve the models and check the adapter file and face models, before any base model loads,
     so that a wrong path or checkpoint fails in seconds."""
-    from .presets import TINY_PRESETS, get_preset
-
     options = dataclasses.replace(options or SessionOptions(), **overrides)
     check_id_window(options.id_start, options.id_end)
     loras = [parse_lora(text) for text in ([options.lora] if isinstance(options.lora, str) else options.lora or [])]
@@ -523,7 +310,6 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     if options.c2pa_cert or options.c2pa_key:
         if not (options.c2pa_cert and options.c2pa_key):
             raise IDGenError("Content Credentials need both --c2pa-cert (certificate chain) and --c2pa-key (its key)")
-        from .credentials import Signer
 
         signer = Signer(options.c2pa_cert, options.c2pa_key)
     base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
@@ -547,10 +333,6 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     method, adapter, weight_name = resolve_method(base, adapter, options.weight_name)
     adapter_file = adapter_state = None
     if method.family != "arc2face":
-        from .adapters import detect_format, load_adapter_state_dict, resolve_checkpoint_file
-        from .adapters.loading import PhotoMakerCheckpointError, read_checkpoint
-        from .adapters.photomaker import photomaker_state_dicts
-
         adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
         def photomaker() -> str:
             photomaker_state_dicts(adapter_file)  # the layout checked as PhotoMaker's
@@ -572,8 +354,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             except PhotoMakerCheckpointError:  # a PhotoMaker file under another name: its keys decide
                 found, adapter_state = photomaker(), None
         if found != method.checkpoint_format:  # a trained or renamed checkpoint: its keys decide
-            method = next((m for m in METHODS.values() if m.family == method.family and m.checkpoint_format == found),
-                          method)
+            method = method_of(found, method.family) or method
     identitynet = _identitynet(method, adapter, options.identitynet)
     if options.image_encoder and not (method.face_clip or method.face_eva):
         raise IDGenError(f"--image-encoder is FaceID-Plus's and PuLID's; the {method.name} adapter {adapter} runs "
@@ -591,7 +372,6 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             raise IDGenError(f"{flag} is {'InfiniteYou' if owner == 'infiniteyou' else 'FLUX'}'s; the {method.name} "
                              f"adapter {adapter} runs without it: leave it out")
     if method.pulid_attention:  # a bad --num-zero fails now, not after the base model loads
-        from .adapters.pulid import pulid_settings
 
         try:
             pulid_settings(method.checkpoint_format, options.num_zero, options.ortho)
@@ -609,8 +389,6 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
 
 def _flux_format(raw: dict, adapter_file: str) -> str:
     """"pulid_flux" or "infiniteyou", from the checkpoint's keys; an SD adapter on a FLUX base fails here."""
-    from .adapters.flux import is_infiniteyou, is_pulid_flux
-
     if is_pulid_flux(raw):
         return "pulid_flux"
     if is_infiniteyou(raw):
@@ -620,20 +398,9 @@ def _flux_format(raw: dict, adapter_file: str) -> str:
                      "need their own --base")
 
 
-def check_timesteps(timesteps: Sequence[int], steps: int | None) -> None:
-    """``--timesteps``: integers, strictly decreasing, not below 0, agreeing with ``--steps``."""
-    if min(timesteps) < 0 or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-        raise IDGenError(f"--timesteps {','.join(map(str, timesteps))} must decrease strictly from the noisiest "
-                         "step, and not go below 0: e.g. 999,749,499,249")
-    if steps is not None and steps != len(timesteps):
-        raise IDGenError(f"--steps {steps} and --timesteps ({len(timesteps)} values) disagree: leave --steps out")
-
-
 def compile_models(pipe) -> None:
     """Compile the UNet and the ControlNet (IdentityNet), if any, in place: one graph each, identity
     attention included; channels-last on CUDA. The first call waits for the compiler."""
-    import torch
-
     for model in (getattr(pipe, "unet", None) or pipe.transformer, getattr(pipe, "controlnet", None)):
         if model is None:
             continue
@@ -655,7 +422,7 @@ def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str |
     if identitynet is not None:
         return identitynet
     for folder in (adapter, os.path.dirname(adapter) if os.path.isfile(adapter) else None):
-        if folder is not None and _is_instantid(folder, None):
+        if folder is not None and is_instantid(folder, None):
             return folder
     raise IDGenError(
         f"{adapter} is an InstantID adapter with no IdentityNet beside it (no ControlNetModel/ folder): pass "

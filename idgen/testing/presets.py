@@ -9,15 +9,53 @@ weights come from the hub.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import save_file
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from .faces import RANDOM_WEIGHTS_KEY
+from idgen.adapters import InstantIDResampler
+from idgen.adapters.checkpoints import save_adapter_checkpoint
+from idgen.adapters.eva_clip import EVAVisionTower
+from idgen.adapters.face_parsing import BiSeNet
+from idgen.adapters.face_recognition import IRSEArcFace
+from idgen.adapters.flux import INFINITEYOU_WEIGHT_NAME, INFUSENET_FOLDER, PuLIDFluxAdapter, ca_block_positions
+from idgen.adapters.loading import _hidden_size, _is_cross_attention
+from idgen.adapters.photomaker import _RENAMES, PhotoMakerEncoder
+from idgen.adapters.projection import FacePerceiverResampler
+from idgen.adapters.pulid import PuLIDEncoder
+from idgen.faces import RANDOM_WEIGHTS_KEY
+from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 
 #: Bumped whenever what the builder writes changes, so stale caches are rebuilt.
 PRESET_FORMAT = 12
@@ -62,8 +100,6 @@ def _byte_symbols() -> list[str]:
 
 def tiny_clip_tokenizer():
     """A CLIP tokenizer over single characters (plus the word "id"), built with no download."""
-    from transformers import CLIPTokenizer
-
     symbols = _byte_symbols()
     merges = [("i", "d</w>")]  # keeps "id" one token, as in CLIP's real vocabulary
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges])}
@@ -75,8 +111,6 @@ def tiny_clip_tokenizer():
 # ------------------------------------------------------------------------------ models
 def tiny_unet(cross_attention_dim: int = 32):
     """A tiny SD1.5-shaped UNet: two cross-attention blocks down and up, 14 attention layers."""
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(32, 64),
@@ -91,8 +125,6 @@ def tiny_unet(cross_attention_dim: int = 32):
 
 def tiny_vae():
     """A tiny VAE with SD's 8x downsampling and 4 latent channels (128 px images, 16x16 latents)."""
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -105,8 +137,6 @@ def tiny_vae():
 
 
 def tiny_text_encoder(tokenizer, hidden_size: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -132,10 +162,6 @@ def tiny_arc2face_models(tokenizer, seed: int = 0):
 
 def tiny_sd15_pipeline(seed: int = 0):
     """A tiny random ``IDStableDiffusionPipeline`` shaped like SD1.5 (8x VAE, cross-attention UNet)."""
-    from diffusers import DDIMScheduler
-
-    from idgen.pipelines import IDStableDiffusionPipeline
-
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = tiny_unet()
@@ -154,11 +180,6 @@ def tiny_sd15_pipeline(seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
     """A tiny random ``IDStableDiffusionXLPipeline``: SDXL-shaped UNet (text-time conditioning, two
     text encoders, 64-wide cross-attention), the tiny 8x VAE and Euler, as InstantID's demo uses."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from idgen.pipelines import IDStableDiffusionXLPipeline
-
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
@@ -191,8 +212,6 @@ def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
 
 def tiny_identitynet(unet, seed: int = 0):
     """A tiny IdentityNet: an SDXL ``ControlNetModel`` shaped like ``unet``, random."""
-    from diffusers import ControlNetModel
-
     torch.manual_seed(seed + 3)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
     with torch.no_grad():
@@ -210,8 +229,6 @@ def tiny_identitynet(unet, seed: int = 0):
 def random_instantid_state_dict(unet, seed: int = 0, dim: int = 128, depth: int = 4, num_queries: int = 16) -> dict:
     """A random checkpoint in the official InstantID ``ip-adapter.bin`` layout for ``unet``
     (Resampler with ``dim / 64`` heads of 64, identity K/V on every cross-attention layer)."""
-    from idgen.adapters import InstantIDResampler
-
     generator = torch.Generator().manual_seed(seed)
     out = unet.config.cross_attention_dim
     torch.manual_seed(seed)
@@ -222,8 +239,6 @@ def random_instantid_state_dict(unet, seed: int = 0, dim: int = 128, depth: int 
 
 def _random_identity_kv(unet, generator: torch.Generator) -> dict:
     """Random ``N.to_{k,v}_ip.weight`` for every cross-attention layer of ``unet``."""
-    from idgen.adapters.loading import _hidden_size, _is_cross_attention
-
     out, ip_adapter = unet.config.cross_attention_dim, {}
     for index, name in enumerate(unet.attn_processors):
         if _is_cross_attention(name):
@@ -234,8 +249,6 @@ def _random_identity_kv(unet, generator: torch.Generator) -> dict:
 
 def tiny_eva_tower(seed: int = 0):
     """A tiny random EVA02-CLIP vision tower (56 px, 32 wide, 5 blocks each giving PuLID a hidden state)."""
-    from idgen.adapters.eva_clip import EVAVisionTower
-
     torch.manual_seed(seed + 7)
     tower = EVAVisionTower(image_size=56, patch_size=14, width=32, layers=5, head_width=16, mlp_ratio=2.0, embed_dim=16,
                            hidden_layers=(0, 1, 2, 3, 4))
@@ -249,8 +262,6 @@ def random_pulid_state_dict(unet, eva, seed: int = 0, dim: int = 64) -> dict:
     """A random checkpoint in PuLID v1.1's layout (``pulid_v1.1.safetensors``, flat keys) for
     ``unet``, reading the ``eva`` tower's features: ``id_adapter.*`` (an IDFormer of width ``dim``)
     and ``id_adapter_attn_layers.N.id_to_{k,v}.weight``."""
-    from idgen.adapters.pulid import PuLIDEncoder
-
     torch.manual_seed(seed)
     encoder = PuLIDEncoder(dim=dim, depth=5, dim_head=64, heads=max(1, dim // 64), num_id_token=2, num_queries=8,
                            output_dim=unet.config.cross_attention_dim, clip_dim=eva.config.embed_dim,
@@ -265,8 +276,6 @@ def random_pulid_state_dict(unet, eva, seed: int = 0, dim: int = 64) -> dict:
 
 def tiny_t5_tokenizer():
     """A T5 (Unigram) tokenizer over lower-case letters, digits and punctuation, built with no download."""
-    from transformers import T5TokenizerFast
-
     pieces = ["▁", *"abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
@@ -276,11 +285,6 @@ def tiny_flux_pipeline(seed: int = 0):
     """A tiny random ``IDFluxPipeline`` shaped like FLUX.1-dev: a rectified-flow transformer with 3
     double- and 5 single-stream blocks (guidance-distilled, rotary axes 4+6+6), a VAE with 16
     latent channels and 8x downsampling, CLIP and T5 text encoders, FLUX's shifted Euler schedule."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-
-    from idgen.pipelines import IDFluxPipeline
-
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed + 11)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=3, num_single_layers=5,
@@ -304,8 +308,6 @@ def random_pulid_flux_state_dict(transformer, eva, seed: int = 0, dim: int = 64)
     """A random checkpoint in PuLID-FLUX's layout (``pulid_flux_v0.9.1.safetensors``) for
     ``transformer``: ``pulid_encoder.*`` (an IDFormer of width ``dim`` reading ``eva``) and one
     ``pulid_ca.N.*`` block per place ``ca_block_positions`` names."""
-    from idgen.adapters.flux import PuLIDFluxAdapter, ca_block_positions
-
     config = transformer.config
     torch.manual_seed(seed)
     encoder = dict(dim=dim, depth=5, dim_head=64, heads=max(1, dim // 64), num_id_token=2, num_queries=8,
@@ -320,10 +322,6 @@ def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict,
     """InfiniteYou's two parts, random, for ``transformer``: ``image_proj_model.bin``'s contents
     (``{"image_proj": resampler}``, tokens as wide as its text) and an InfuseNet (a
     ``FluxControlNetModel`` with 2 double and 2 single blocks, residuals given a gain)."""
-    from diffusers import FluxControlNetModel
-
-    from idgen.adapters import InstantIDResampler
-
     config = transformer.config
     torch.manual_seed(seed + 12)
     resampler = InstantIDResampler(dim=dim, depth=2, heads=dim // 64, num_queries=8, output_dim=config.joint_attention_dim)
@@ -339,16 +337,12 @@ def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict,
 
 def tiny_irse(seed: int = 0):
     """A tiny random IR-SE ArcFace in facexlib's layout: 4 units of widths 16 to 128."""
-    from idgen.adapters.face_recognition import IRSEArcFace
-
     torch.manual_seed(seed + 13)
     return IRSEArcFace([(16, 16), (16, 32), (32, 64), (64, 128)], stem=16).eval()
 
 
 def tiny_clip(seed: int = 0):
     """A tiny random CLIP (text and vision towers, 16-d joint space) for CLIP-T offline."""
-    from transformers import CLIPConfig, CLIPModel
-
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed + 4)
     text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -362,8 +356,6 @@ def tiny_clip(seed: int = 0):
 def tiny_clip_vision(seed: int = 0):
     """A tiny random CLIP image encoder shaped like FaceID-Plus's ViT-H (224 px input, penultimate
     hidden states as features), 32 wide."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     torch.manual_seed(seed + 5)
     return CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=224,
@@ -373,8 +365,6 @@ def tiny_clip_vision(seed: int = 0):
 def random_faceid_plus_state_dict(unet, clip_embed_dim: int, seed: int = 0, lora_rank: int = 8) -> dict:
     """A random checkpoint in the official IP-Adapter-FaceID-Plus layout (FaceID's, plus the
     ``perceiver_resampler`` over CLIP features of width ``clip_embed_dim``) for ``unet``."""
-    from idgen.adapters.projection import FacePerceiverResampler
-
     state = random_faceid_state_dict(unet, seed, lora_rank)
     dim = unet.config.cross_attention_dim
     torch.manual_seed(seed)
@@ -392,8 +382,6 @@ def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int | None = 8, hid
 
     Weights are scaled so each part (tokens, identity K/V, LoRA) visibly changes the output.
     """
-    from idgen.adapters.loading import _hidden_size, _is_cross_attention
-
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, std: float) -> torch.Tensor:
@@ -425,8 +413,6 @@ def random_faceid_state_dict(unet, seed: int = 0, lora_rank: int | None = 8, hid
 
 def tiny_photomaker_clip(seed: int = 0):
     """A tiny random CLIP vision model in PhotoMaker's layout (64-dimensional heads, as CLIP ViTs)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     torch.manual_seed(seed + 6)
     return CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1, image_size=56,
@@ -438,8 +424,6 @@ def random_photomaker_state_dict(unet, seed: int = 0, lora_rank: int = 4, clip=N
     is its cross-attention width): ``id_encoder`` (CLIP vision model with projection,
     ``qformer_perceiver``, ``fuse_module``, the unused ``visual_projection_2``) and ``lora_weights``
     (diffusers' old attention-processor LoRA keys, ``unet.<layer>.processor.to_q_lora.down.weight``)."""
-    from idgen.adapters.photomaker import _RENAMES, PhotoMakerEncoder
-
     clip = clip or tiny_photomaker_clip(seed)
     torch.manual_seed(seed)
     encoder = PhotoMakerEncoder(embed_dim=unet.config.cross_attention_dim, clip_embed_dim=clip.config.hidden_size)
@@ -464,9 +448,6 @@ def random_photomaker_state_dict(unet, seed: int = 0, lora_rank: int = 4, clip=N
 def write_random_recognizer(path: str, seed: int = 0) -> None:
     """An ONNX face recognizer with the inputs and outputs of insightface's ``w600k_r50.onnx``
     (``input.1``: N x 3 x 112 x 112, one N x 512 output) and random weights, marked as such."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(seed)
     widths = [3, 16, 32, 64, 64]
     nodes, inits, current = [], [], "input.1"
@@ -502,8 +483,6 @@ def write_random_recognizer(path: str, seed: int = 0) -> None:
 
 # ------------------------------------------------------------------------------ building
 def _build_tiny(folder: str, seed: int) -> None:
-    from idgen.adapters.loading import save_adapter_checkpoint
-
     pipe = tiny_sd15_pipeline(seed)
     pipe.save_pretrained(os.path.join(folder, "base"))
     save_adapter_checkpoint(random_faceid_state_dict(pipe.unet, seed), os.path.join(folder, "adapter", ADAPTER_FILE))
@@ -531,10 +510,6 @@ def _build_tiny(folder: str, seed: int) -> None:
 def _build_pulid(folder: str, unet, seed: int) -> None:
     """PuLID's files: a random v1.1 checkpoint, the tiny EVA tower it reads (``eva_clip/``) and a
     random face parser in facexlib's format (fp16, as small as it gets)."""
-    from safetensors.torch import save_file
-
-    from idgen.adapters.face_parsing import BiSeNet
-
     eva = tiny_eva_tower(seed)
     eva.save_pretrained(os.path.join(folder, "eva_clip"))
     save_file({k: v.contiguous() for k, v in random_pulid_state_dict(unet, eva, seed).items()},
@@ -548,11 +523,6 @@ def _build_flux(folder: str, seed: int) -> None:
     """The FLUX base (``flux/``), a random PuLID-FLUX file reading PuLID's tiny EVA tower
     (``pulid-flux/``) and a random InfiniteYou model folder (``infiniteyou/``, with a tiny IR-SE
     recognizer beside it)."""
-    from safetensors.torch import save_file
-
-    from idgen.adapters.eva_clip import EVAVisionTower
-    from idgen.adapters.flux import INFINITEYOU_WEIGHT_NAME, INFUSENET_FOLDER
-
     pipe = tiny_flux_pipeline(seed)
     pipe.save_pretrained(os.path.join(folder, "flux"))
     eva = EVAVisionTower.from_pretrained(os.path.join(folder, "pulid", "eva_clip"))
@@ -568,8 +538,6 @@ def _build_flux(folder: str, seed: int) -> None:
 def _drop_empty_components(folder: str) -> None:
     """A saved pipeline's ``model_index.json`` without its unset optional parts (an SDXL base
     names no ControlNet), so any SDXL pipeline class loads it without notices."""
-    import json
-
     path = os.path.join(folder, "model_index.json")
     with open(path) as handle:
         index = json.load(handle)

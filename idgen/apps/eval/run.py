@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from ..errors import IDGenError
+from idgen.errors import IDGenError
+from idgen.testing.presets import TINY_PRESETS, get_preset
+
 from ..session import Session
 from .metrics import ClipScorer, DlibRecognizer, face_similarity
 from .report import Report, Sample, load_identities, write_report
@@ -21,11 +25,6 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     ``clip_model``: CLIP for CLIP-T (hub id or folder; default the tiny preset's for a tiny base,
     else ``DEFAULT_CLIP``), or ``"none"`` to skip it.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..presets import TINY_PRESETS, get_preset
-
     options = session.options
     identities = load_identities(refs)
     face_index = options.face_index

@@ -14,7 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import IDGenError
+from idgen.errors import IDGenError
+from idgen.formats import ID_LORA_NAME
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WEIGHT_FILE = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -90,7 +91,6 @@ def load_loras(pipe, loras: list[LoRASpec]) -> None:
             raise IDGenError(f"LoRA {lora} has no weights for this base model's UNet (it was made for another base "
                              "model, or holds only a text encoder): use a LoRA made for this base")
         names.append(name)
-    from .pipelines.identity import ID_LORA_NAME
 
     weights = [lora.weight for lora in loras]
     identity = [ID_LORA_NAME] if ID_LORA_NAME in pipe.unet.peft_config else []  # at its full strength

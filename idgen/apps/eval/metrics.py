@@ -5,40 +5,22 @@ from __future__ import annotations
 
 import os
 
+import dlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import CLIPModel, CLIPTokenizer
 
-from ..errors import NoFaceError
-from ..faces import FaceAnalyzer, ImageInput, dlib_models_dir, load_image
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIP's preprocessing, differentiable: centre square, bicubic resize, normalise.
-    ``images`` (B, 3, H, W) in [0, 1]."""
-    side = min(images.shape[-2:])
-    top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
-    square = images[..., top : top + side, left : left + side]
-    pixels = F.interpolate(square, size=(size, size), mode="bicubic", align_corners=False)
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
-def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1) for im in images])
+from idgen.errors import NoFaceError
+from idgen.faces import FaceAnalyzer, ImageInput, dlib_models_dir, load_image
+from idgen.images import clip_preprocess, pil_to_tensor
 
 
 class ClipScorer:
     """CLIP-T: cosine between a prompt's and an image's CLIP embeddings."""
 
     def __init__(self, model_name_or_path: str):
-        from transformers import CLIPModel, CLIPTokenizer
-
         self.name = model_name_or_path
         self.model = CLIPModel.from_pretrained(model_name_or_path).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(model_name_or_path)
@@ -59,8 +41,6 @@ class DlibRecognizer:
     name = "dlib_resnet_v1"
 
     def __init__(self):
-        import dlib
-
         models = dlib_models_dir()
         self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(os.path.join(models, "shape_predictor_5_face_landmarks.dat"))

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from typing import Sequence
 
-from .errors import IDGenError
-from .faces import DEFAULT_MAX_PIXELS
+from idgen.errors import IDGenError
+from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
+from idgen.formats import DEFAULT_FACE_PACK, METHODS
+from idgen.version import __version__
+
 from .loras import parse_lora
-from .session import DEFAULT_FACE_PACK, METHODS, check_id_window, check_timesteps
+from .options import SessionOptions, check_id_window, check_timesteps
 
 
 def _positive_int(text: str) -> int:
@@ -180,8 +184,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .version import __version__
-
     parser = argparse.ArgumentParser(prog="idgen", description="Identity-preserving image generation.")
     parser.add_argument("--version", action="version", version=f"idgen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -334,10 +336,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _options(args: argparse.Namespace):
     """The session options of the parsed flags (one --face-index, or one per --face photo)."""
-    import diffusers
-    import transformers
+    import diffusers  # lazy: off `idgen --help`'s path
+    import transformers  # lazy: off `idgen --help`'s path
 
-    from .session import SessionOptions
 
     for library in (diffusers, transformers):  # model loading bars; the denoising bar stays
         library.utils.logging.disable_progress_bar()
@@ -347,7 +348,7 @@ def _options(args: argparse.Namespace):
 
 
 def _session(args: argparse.Namespace):
-    from .session import start_session
+    from .session import start_session  # lazy: off `idgen --help`'s path
 
     return start_session(_options(args))
 
@@ -429,7 +430,7 @@ def _check_photomaker(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .eval.run import evaluate
+    from .eval.run import evaluate  # lazy: off `idgen --help`'s path
 
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -443,7 +444,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from .demo import serve
+    from .demo import serve  # lazy: off `idgen --help`'s path
 
     serve(_options(args), args.host, args.port)
 
@@ -453,9 +454,7 @@ VERIFY_EXIT = {"unreadable": 2, "damaged": 3, "none": 1, "idgen": 0}
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    import json
-
-    from .watermark import describe, verify
+    from idgen.watermark import describe, verify  # lazy: off `idgen --help`'s path
 
     reports = [verify(path) for path in args.images]
     if args.json:
@@ -467,10 +466,10 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> None:
-    from idgen.train.data import prepare_data
-    from idgen.train.tune import TuneConfig, tune
+    from idgen.train.data import prepare_data  # lazy: off `idgen --help`'s path
+    from idgen.train.tune import TuneConfig, tune  # lazy: off `idgen --help`'s path
 
-    from .session import start_session
+    from .session import start_session  # lazy: off `idgen --help`'s path
 
     session = start_session(base=args.base, adapter=args.adapter, weight_name=args.weight_name,
                             face_model=args.face_model)
@@ -482,7 +481,7 @@ def run_tune(args: argparse.Namespace) -> None:
     print(f"{report.total} photo(s) of the person in {data}, {len(report.skipped)} skipped", file=sys.stderr)
     if not 1 <= report.total <= 20:
         raise IDGenError(f"tuning takes 1 to 20 photos of one person; {args.folder} gave {report.total}")
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: off `idgen --help`'s path
 
     native = UNet2DConditionModel.load_config(session.base, subfolder="unet")["sample_size"] * 8  # without loading it
     config = TuneConfig(base=session.base, data=data, output_dir=args.out, init_adapter=session.adapter_file,
@@ -492,10 +491,9 @@ def run_tune(args: argparse.Namespace) -> None:
 
 
 def run_prepare_data(args: argparse.Namespace) -> None:
-    from idgen.train.data import prepare_data
+    from idgen.train.data import prepare_data  # lazy: off `idgen --help`'s path
 
-    from .faces import FaceAnalyzer
-    from .session import face_pack
+    from .session import face_pack  # lazy: off `idgen --help`'s path
 
     report = prepare_data(args.folder, args.out, FaceAnalyzer(face_pack(args.face_model), detector=args.detector),
                           min_face_size=args.min_face_size)
@@ -517,7 +515,7 @@ def _output_paths(out: str, count: int) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from idgen.adapters.regions import columns
+    from idgen.adapters.regions import columns  # lazy: off `idgen --help`'s path
 
     paths = _output_paths(args.out, args.num_images)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
@@ -579,14 +577,14 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     fix_identity, fix_regions = identity, None
     if args.fix_faces and args.people:  # each face takes the identity of the region it lies in
-        from .facefix import people_identities
+        from .facefix import people_identities  # lazy: off `idgen --help`'s path
 
         fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
                                                       args.face_order)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         extra = {}
         if args.fix_faces:
-            from .facefix import fix_faces
+            from .facefix import fix_faces  # lazy: off `idgen --help`'s path
 
             image, extra = fix_faces(session, pipe, image, fix_identity, args.prompt, args.seed + i, args.fix_strength,
                                      negative_prompt=args.negative_prompt, keep_faceless=True, regions=fix_regions)
@@ -597,12 +595,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_fix(args: argparse.Namespace) -> None:
-    from .faces import load_image
-
     session = _session(args)
     if not session.method.uses_prompt:
         raise IDGenError("face fix inpaints with FaceID or InstantID: Arc2Face generates whole portraits only")
-    from .facefix import fix_faces
+    from .facefix import fix_faces  # lazy: off `idgen --help`'s path
 
     photo = load_image(args.image, session.options.max_pixels)  # a bad photo fails before the models load
     id_embeds = session.identity(args.face)
