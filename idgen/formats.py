@@ -21,6 +21,12 @@ FACEID_REPO = "h94/IP-Adapter-FaceID"
 INSTANTID_REPO = "InstantX/InstantID"
 INSTANTID_WEIGHT_NAME = "ip-adapter.bin"
 INFINITEYOU_REPO = "ByteDance/InfiniteYou"
+#: Base families as users name them.
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1", "arc2face": "SD1.5"}
+#: Checkpoint formats (``idgen.adapters.detect_format``'s names) as users name them.
+FORMAT_TITLES = {"faceid": "FaceID", "faceid_plus": "FaceID-Plus", "faceid_portrait": "FaceID-Portrait",
+                 "instantid": "InstantID", "pulid": "PuLID", "pulid_v1": "PuLID", "photomaker": "PhotoMaker",
+                 "pulid_flux": "PuLID-FLUX", "infiniteyou": "InfiniteYou"}
 #: Name of the peft adapter that holds an identity adapter's own LoRA (FaceID).
 ID_LORA_NAME = "faceid"
 
@@ -170,7 +176,22 @@ def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> t
     return method, adapter, weight_name
 
 
-def method_of(format: str, family: str) -> Method | None:
+def method_of(format: str, family: str | None = None) -> Method | None:
     """The row of checkpoint ``format`` on a base ``family`` ("sd15", "sdxl", "flux" or "arc2face"):
-    what a pipeline holding such an adapter reads from the photos, and its defaults."""
-    return next((m for m in METHODS.values() if m.checkpoint_format == format and m.family == family), None)
+    what a pipeline holding such an adapter reads from the photos, and its defaults. Without a
+    family: the format's first row (where it was made for)."""
+    return next((m for m in METHODS.values() if m.checkpoint_format == format and family in (None, m.family)), None)
+
+
+def formats_run_by(pipeline: str) -> tuple[str, ...]:
+    """The checkpoint formats the pipeline class named ``pipeline`` runs."""
+    return tuple(dict.fromkeys(m.checkpoint_format for m in METHODS.values() if m.pipeline == pipeline and m.checkpoint_format))
+
+
+def wrong_pipeline_message(format: str, path: str, pipeline: str) -> str:
+    """One line for a ``format`` checkpoint at ``path`` given to ``pipeline``, which does not run it."""
+    home = method_of(format)
+    if home is None:
+        return f"{path} is a {format} adapter, which no idgen pipeline runs: pass an identity adapter checkpoint"
+    title, family = FORMAT_TITLES.get(format, format), FAMILY_NAMES[home.family]
+    return f"{path} is a {title} adapter, made for {family}: load it into {home.pipeline} with an {family} base"

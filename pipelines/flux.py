@@ -107,6 +107,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     """FLUX.1 with an identity adapter: PuLID-FLUX or InfiniteYou (``load_identity_adapter``),
     called like the other idgen pipelines (``face_image=``, ``id_embeds=``, ``id_scale=``)."""
 
+    base_family = "flux"
     identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = OnDenoiser()
     adapter_format: str | None = OnDenoiser()
     #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``) and ArcFace (facexlib's IR-SE50).
@@ -128,12 +129,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         return self.adapter_format == "pulid_flux"
 
     @property
-    def raw_id_embeds(self) -> bool:  # PuLID reads antelopev2's raw vectors; InfiniteYou unit ones
-        return self.is_pulid
-
-    @property
-    def per_photo_id_embeds(self) -> bool:  # PuLID's IDFormer reads each photo; InfiniteYou one vector
-        return self.is_pulid
+    def identity_format(self) -> str | None:
+        return self.adapter_format
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -366,7 +363,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         prompt: str | list[str] | None = None,
         face_image: FaceImages | None = None,
         id_embeds: torch.Tensor | None = None,
-        id_scale: IDScale = 1.0,
+        id_scale: IDScale | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
         id_start_step: int = 0,
@@ -390,7 +387,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         or one per prompt) or ``id_embeds``.
 
         ``id_scale``: a float, or per block a dict (``"double"``, ``"single"`` or a block prefix such
-        as ``"transformer_blocks.4"``). The identity acts at the steps inside
+        as ``"transformer_blocks.4"``); None: the method's default (``idgen.formats``). The identity acts at the steps inside
         ``id_guidance_start/end`` (fractions of the loop) from step ``id_start_step`` on (PuLID's
         "timestep to start inserting ID"). True CFG (``true_cfg_scale`` > 1 with
         ``negative_prompt``) gives PuLID's negative branch its unconditional identity
@@ -439,7 +436,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         tokens: torch.Tensor,
         negative_tokens: torch.Tensor | None,
         num_images_per_prompt: int = 1,
-        id_scale: IDScale = 1.0,
+        id_scale: IDScale | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
         id_start_step: int = 0,
@@ -448,6 +445,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     ) -> Iterator[None]:
         """Condition the transformer on the identity while the block runs, in this thread; plain
         again after, and for every other caller meanwhile."""
+        id_scale = self.default_id_scale(id_scale)
         tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
         if negative_tokens is not None:
             negative_tokens = negative_tokens.repeat_interleave(num_images_per_prompt, dim=0)

@@ -42,7 +42,7 @@ from idgen.adapters.pulid import PULID_DEFAULTS, eva_face_pixels, pulid_settings
 from idgen.adapters.regions import Regions
 from idgen.errors import CheckpointError, IdentityInputError, ModelNotFoundError, NoFaceError
 from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load_image
-from idgen.formats import ID_LORA_NAME
+from idgen.formats import ID_LORA_NAME, Method, formats_run_by, method_of, wrong_pipeline_message
 from idgen.watermark import embed
 
 FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
@@ -179,11 +179,37 @@ class FaceInputMixin:
     """Face photos -> ArcFace ``id_embeds``: shared by every idgen pipeline."""
 
     _face_analyzer: FaceAnalyzer | None = None
-    #: Whether identities from photos keep the recognizer's raw scale (InstantID) or unit norm.
-    raw_id_embeds: bool = False
-    #: Whether several photos of one person stay apart, (n, 512) per identity (FaceID-Portrait),
-    #: instead of being averaged into one vector.
-    per_photo_id_embeds: bool = False
+    #: The base family this pipeline runs ("sd15", "sdxl", "flux", "arc2face"): with the loaded
+    #: checkpoint format, it picks the method's row in ``idgen.formats``.
+    base_family: str = "sd15"
+
+    @property
+    def identity_format(self) -> str | None:
+        """The loaded identity's checkpoint format (``idgen.adapters.detect_format``'s name), or None."""
+        return None
+
+    @property
+    def identity_method(self) -> Method | None:
+        """The registry's row (``idgen.formats``) for the loaded identity on this pipeline's family:
+        what it reads from the photos and its defaults."""
+        return None if self.identity_format is None else method_of(self.identity_format, self.base_family)
+
+    @property
+    def raw_id_embeds(self) -> bool:
+        """Whether identities from photos keep the recognizer's raw scale (InstantID, PuLID) or unit norm."""
+        return self.identity_method is not None and self.identity_method.raw_id_embeds
+
+    @property
+    def per_photo_id_embeds(self) -> bool:
+        """Whether several photos of one person stay apart, (n, 512) per identity (FaceID-Portrait,
+        PuLID), instead of being averaged into one vector."""
+        return self.identity_method is not None and self.identity_method.per_photo
+
+    def default_id_scale(self, id_scale: IDScale | None) -> IDScale:
+        """``id_scale``, or when None the method's (its reference demo's: InstantID and PuLID 0.8)."""
+        if id_scale is not None:
+            return id_scale
+        return 1.0 if self.identity_method is None else self.identity_method.id_scale
 
     @property
     def face_analyzer(self) -> FaceAnalyzer:
@@ -428,8 +454,8 @@ class IdentityPipelineMixin(PuLIDInputMixin):
     pipelines sharing the UNet, attention processors and the user's LoRAs see the base model.
     """
 
-    #: Adapter formats this pipeline runs.
-    supported_adapter_formats: tuple[str, ...] = ("faceid", "faceid_portrait", "faceid_plus")
+    #: Adapter formats this pipeline runs (the registry's rows for it).
+    supported_adapter_formats: tuple[str, ...] = formats_run_by("IDStableDiffusionPipeline")
     identity_adapter: IdentityAdapter | None = OnDenoiser()
     adapter_spec: AdapterSpec | None = OnDenoiser()
     #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
@@ -445,16 +471,12 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         return None if self.identity_adapter is None else self.identity_adapter.projection
 
     @property
-    def per_photo_id_embeds(self) -> bool:
-        return self.adapter_spec is not None and self.adapter_spec.format in ("faceid_portrait", *PULID_FORMATS)
-
-    @property
-    def raw_id_embeds(self) -> bool:
-        return self.adapter_spec is not None and self.adapter_spec.format in ("instantid", *PULID_FORMATS)
+    def identity_format(self) -> str | None:
+        return None if self.adapter_spec is None else self.adapter_spec.format
 
     @property
     def is_pulid(self) -> bool:
-        return self.adapter_spec is not None and self.adapter_spec.format in PULID_FORMATS
+        return self.identity_method is not None and self.identity_method.face_eva
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -506,7 +528,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
             state_dict = load_adapter_state_dict(path)
         spec = detect_format(state_dict, path)
         if spec.format not in self.supported_adapter_formats:
-            raise CheckpointError(self._unsupported_format_message(spec, path))
+            raise CheckpointError(wrong_pipeline_message(spec.format, path, type(self).__name__))
         check_adapter(self.unet, state_dict, spec, path)
         encoder = pulid = None
         if spec.format in PULID_FORMATS:
@@ -580,20 +602,6 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         if self._image_encoder_before is not _NO_ENCODER:  # FaceID-Plus's image encoder goes too
             self.register_modules(image_encoder=self._image_encoder_before)
             self._image_encoder_before = _NO_ENCODER
-
-    def _unsupported_format_message(self, spec: AdapterSpec, path: str) -> str:
-        if spec.format in PULID_FORMATS:
-            return (f"{path} is a PuLID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline with an SDXL "
-                    "base (PuLID ships with SDXL-Lightning bases)")
-        if spec.format == "instantid":
-            return (
-                f"{path} is an InstantID adapter, made for SDXL: load it into IDStableDiffusionXLPipeline "
-                "with an SDXL base (and its IdentityNet as the controlnet)"
-            )
-        return (
-            f"{path} is a {spec.format} adapter, which {type(self).__name__} does not run "
-            f"(it runs: {', '.join(self.supported_adapter_formats)}): use the matching idgen pipeline"
-        )
 
     # ---------------------------------------------------------------- the identity LoRA
     @property
@@ -968,7 +976,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         tokens: torch.Tensor,
         negative_tokens: torch.Tensor,
         num_images_per_prompt: int = 1,
-        id_scale: IDScale = 1.0,
+        id_scale: IDScale | None = None,
         id_guidance_start: float = 0.0,
         id_guidance_end: float = 1.0,
         loop: Any = None,
@@ -990,6 +998,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         tokens per prompt row). ``num_zero`` and ``ortho``: PuLID's (``pulid_settings``).
         """
         num_zero, ortho = self.pulid_settings(num_zero, ortho)
+        id_scale = self.default_id_scale(id_scale)
         if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0:
             raise ValueError(
                 f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {id_guidance_start} and {id_guidance_end}"

@@ -38,7 +38,8 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
     >>> image = pipe("a photo of a woman img as an astronaut", face_image=["me1.jpg", "me2.jpg"]).images[0]
     """
 
-    raw_id_embeds = True  # PhotoMaker was trained on insightface's raw vectors
+    base_family = "sdxl"
+    identity_format = "photomaker"  # its row: insightface's raw vectors, one per photo
     id_encoder: PhotoMakerEncoder | None = None
     _image_encoder_before: Any = _NO_ENCODER
 
@@ -133,7 +134,7 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         cropped as CLIPImageProcessor does)."""
         photos = [load_image(photo, self.max_pixels) for photo in face_image]
         if id_embeds is None:
-            id_embeds = torch.from_numpy(self.face_analyzer.embeddings(photos, face_index, raw=True))
+            id_embeds = torch.from_numpy(self.face_analyzer.embeddings(photos, face_index, raw=self.raw_id_embeds))
         id_embeds = torch.as_tensor(id_embeds).reshape(-1, self.id_encoder.config.id_embed_dim)
         if len(id_embeds) != len(photos):
             raise IdentityInputError(f"id_embeds holds {len(id_embeds)} vectors for {len(photos)} photos: one per photo")

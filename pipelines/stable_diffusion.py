@@ -85,7 +85,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         face_image: FaceImages | None = None,
         id_embeds: torch.Tensor | None = None,
-        id_scale: IDScale = 1.0,
+        id_scale: IDScale | None = None,
         negative_face_image: FaceImages | None = None,
         negative_id_embeds: torch.Tensor | None = None,
         face_index: int = 0,
@@ -128,8 +128,10 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
             face_image: a photo (path, PIL, RGB array or bytes); a list of photos of one
                 person (averaged, weighted by ``face_weights``); or one photo per prompt.
             id_embeds: ArcFace embeddings, (512,) or (N, 512) with N = 1 or one per prompt.
-            id_scale: weight of the identity attention: a float (1.0 as trained), or a dict
-                per block or layer such as ``{"down": 0.0, "mid": 1.0, "up": 0.8}``.
+            id_scale: weight of the identity attention: a float, or a dict per block or layer such
+                as ``{"down": 0.0, "mid": 1.0, "up": 0.8}``; None: the method's default in
+                ``idgen.formats`` (1.0 as trained; InstantID and PuLID 0.8, as their demos), the
+                same the command line uses.
             negative_face_image / negative_id_embeds: an identity to steer away from, through
                 the unconditional branch (default: zeros, as the reference does).
             face_index: which face of each photo, largest first.

@@ -37,6 +37,7 @@ from idgen.adapters.context import call_hook
 from idgen.adapters.regions import Regions, place_kps, regional_cross_attention
 from idgen.errors import IdentityInputError
 from idgen.faces import ImageInput, draw_kps, load_image
+from idgen.formats import formats_run_by
 
 from .identity import (
     FaceImages,
@@ -78,7 +79,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     """
 
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "controlnet"]
-    supported_adapter_formats = ("faceid", "faceid_portrait", "faceid_plus", "instantid", "pulid", "pulid_v1")
+    supported_adapter_formats = formats_run_by("IDStableDiffusionXLPipeline")
+    base_family = "sdxl"
 
     def __init__(
         self,
@@ -269,7 +271,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         prompt: str | list[str] | None = None,
         face_image: FaceImages | None = None,
         id_embeds: torch.Tensor | None = None,
-        id_scale: IDScale = 1.0,
+        id_scale: IDScale | None = None,
         negative_face_image: FaceImages | None = None,
         negative_id_embeds: torch.Tensor | None = None,
         face_index: int = 0,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("idgen", "pipelines", "adapters", "train")
@@ -203,3 +204,18 @@ def test_the_adapter_checkpoint_is_read_once(monkeypatch, preset):
     pipe = session.load()
     assert reads == [session.adapter_file] and session.adapter_state is None
     assert pipe.adapter_spec.format == "instantid"
+
+
+def test_python_and_cli_defaults_come_from_one_registry_row(preset, astronaut):
+    """InstantID's call without ``id_scale`` is its registry row's 0.8, the scale the CLI's session uses."""
+    from idgen import start_session
+    from idgen.formats import METHODS
+
+    session = start_session(base="tiny-sdxl")
+    pipe = session.load()
+    assert pipe.identity_method is METHODS["instantid"] and session.id_scale == pipe.identity_method.id_scale == 0.8
+    assert pipe.raw_id_embeds and not pipe.per_photo_id_embeds
+    kwargs = dict(prompt="a person", face_image=astronaut, num_inference_steps=2, height=64, width=64, output_type="pt")
+    default = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(default, pipe(generator=torch.Generator().manual_seed(0), id_scale=0.8, **kwargs).images)
+    assert not torch.equal(default, pipe(generator=torch.Generator().manual_seed(0), id_scale=1.0, **kwargs).images)
