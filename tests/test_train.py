@@ -102,7 +102,7 @@ def test_bad_configs_fail_before_training(tmp_path, data, photos, analyzer):
     prepare_data(str(tmp_path), str(empty), analyzer, progress=False)  # a folder with no photo
     with pytest.raises(IDGenError, match="no usable face photo"):
         train(config(empty, tmp_path / "run0"))
-    with pytest.raises(IDGenError, match="instantid is an SDXL adapter"):
+    with pytest.raises(IDGenError, match="instantid is made for SDXL but base tiny is SD1.5"):
         train(config(data, tmp_path / "run1", adapter_format="instantid", lora_rank=None))
     from idgen.adapters import save_adapter_checkpoint
     from idgen.testing.presets import random_faceid_state_dict, tiny_sdxl_pipeline

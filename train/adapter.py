@@ -38,7 +38,7 @@ from idgen.adapters.context import checkpoint as identity_checkpoint
 from idgen.adapters.context import open_identity
 from idgen.adapters.eva_clip import load_eva_tower
 from idgen.errors import IDGenError
-from idgen.formats import ID_LORA_NAME, base_family
+from idgen.formats import FAMILY_NAMES, ID_LORA_NAME, base_family, method_of
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.testing.presets import TINY_PRESETS, get_preset
 
@@ -187,15 +187,13 @@ def load_base(config: AdapterTrainConfig):
     """The frozen base pipeline, its identity adapter to train, and the face-pack info."""
     base = get_preset(config.base).base if config.base in TINY_PRESETS else config.base
     family = base_family(base)
-    if (family == "flux") != (config.adapter_format == "pulid_flux"):
-        raise IDGenError(f"base {config.base} is {family} and adapter_format {config.adapter_format} is "
-                         f"{'FLUX.1' if config.adapter_format == 'pulid_flux' else 'for SD1.5/SDXL'}: a FLUX base trains "
-                         "pulid_flux, SD bases faceid or instantid")
+    if method_of(config.adapter_format, family) is None:
+        made_for = FAMILY_NAMES[method_of(config.adapter_format).family]
+        raise IDGenError(f"adapter_format {config.adapter_format} is made for {made_for} but base {config.base} is "
+                         f"{FAMILY_NAMES[family]}: a FLUX base trains pulid_flux, SD1.5 faceid, SDXL faceid or instantid")
     if family == "flux":
         return load_flux_base(config, base), False
     sdxl = family == "sdxl"
-    if config.adapter_format == "instantid" and not sdxl:
-        raise IDGenError(f"adapter_format instantid is an SDXL adapter but base {config.base} is not SDXL: use an SDXL base")
     pipe = (IDStableDiffusionXLPipeline if sdxl else IDStableDiffusionPipeline).from_pretrained(base)
     state = config.init_adapter or init_identity_adapter_state_dict(
         pipe.unet, config.adapter_format, config.num_tokens, config.lora_rank, config.seed
@@ -403,7 +401,7 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     pixels = batch["pixels"].to(device, weight_dtype)
     captions, drop_id = dropouts(config, batch["caption"], generators)
     id_embeds = batch["id_embeds"].float()
-    if config.adapter_format == "instantid":  # InstantID is trained on the raw, un-normalised vector
+    if method_of(config.adapter_format).raw_id_embeds:  # InstantID is trained on the raw, un-normalised vector
         id_embeds = id_embeds * batch["embedding_norm"][:, None]
     id_embeds = torch.where(drop_id[:, None], torch.zeros_like(id_embeds), id_embeds).to(device)
 
@@ -527,7 +525,7 @@ def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: i
     """A row of images, one per fixed validation identity (the first photos of the dataset)."""
     count = min(config.num_validation_identities, len(dataset))
     ids = dataset.id_embeds[:count]
-    if config.adapter_format == "instantid":
+    if method_of(config.adapter_format).raw_id_embeds:
         ids = ids * dataset.embedding_norm[:count, None]
     images = []
     for i in range(count):

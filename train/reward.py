@@ -29,6 +29,7 @@ from idgen.adapters import identity_adapter_state_dict, save_adapter_checkpoint
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
+from idgen.formats import method_of
 from idgen.testing.presets import TINY_PRESETS, get_preset
 
 from .adapter import ID_LORA_NAME, AdapterTrainConfig, fit, load_base, prepare_models, sample_generators, start_run, training_loss
@@ -88,7 +89,7 @@ class ReFL:
 
     def ids(self, batch) -> torch.Tensor:
         ids = batch["id_embeds"].float()
-        if self.config.adapter_format == "instantid":
+        if method_of(self.config.adapter_format).raw_id_embeds:
             ids = ids * batch["embedding_norm"][:, None]
         return ids.to(self.device)
 
