@@ -17,7 +17,8 @@ do nothing, so a pipeline that shares the UNet runs it plain.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class IdentityAttention(nn.Module):
         self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
-    def attend(self, call: "IdentityCall", name: str, query: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def attend(self, call: IdentityCall, name: str, query: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states`` (the text attention's output) plus this layer's identity attention
         for ``query``, as ``call`` sets it (only the identity with ``call.text_enabled`` off)."""
         key, value, scale = call.layers[name]
@@ -182,7 +183,8 @@ class IdentityCall:
     ``on_unet(args, kwargs)`` runs ahead of every UNet forward (the pipeline sets the tokens for
     the batch and the step's scales there); ``fusion`` runs the base stream beside
     (``idgen.adapters.fusion.StreamFusion``); ``observer`` sees every query
-    (training's face-attention loss: ``observer(layer, name, query, identity_keys)``); ``text_enabled = False`` drops the text branch (Infinite-ID's
+    (training's face-attention loss: ``observer(layer, name, query, identity_keys)``);
+    ``text_enabled = False`` drops the text branch (Infinite-ID's
     identity-enhanced training: the identity branch learns without the prompt to lean on).
     """
 

@@ -12,7 +12,7 @@ checkpoint), so its state dict loads as is.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,8 @@ A FaceID LoRA is part of the UNet's weights and acts in both streams.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -217,7 +217,7 @@ def check_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec, pat
         )
     names = list(unet.attn_processors)
     found: dict[int, set[str]] = {}
-    for key, tensor in state_dict["ip_adapter"].items():
+    for key in state_dict["ip_adapter"]:
         match = _IP_KEY.match(key)
         if not match:
             raise CheckpointError(f"{path}: unexpected key ip_adapter.{key}; this is not an identity adapter layout")

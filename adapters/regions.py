@@ -10,7 +10,8 @@ identity, and outside every region no identity acts at all (text attention is ne
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Regions:
 
     # ---------------------------------------------------------------- building
     @classmethod
-    def from_spec(cls, regions: Sequence[Any]) -> "Regions":
+    def from_spec(cls, regions: Sequence[Any]) -> Regions:
         """Regions from one mask or box per person (masks and boxes may be mixed)."""
         if isinstance(regions, (str, bytes)) or not isinstance(regions, (list, tuple)) or not regions:
             raise IdentityInputError("regions= takes a list with one mask or (x0, y0, x1, y1) box per person, "
@@ -94,7 +95,7 @@ class Regions:
         return cls(len(regions), render)
 
     @classmethod
-    def around(cls, centres: np.ndarray) -> "Regions":
+    def around(cls, centres: np.ndarray) -> Regions:
         """One region per point of ``centres`` (P, 2), given as fractions of the width and height:
         every pixel belongs to the nearest point (faces of a group photo -> each person's part)."""
         centres = np.asarray(centres, np.float64).reshape(-1, 2)

@@ -94,7 +94,7 @@ def bench_face_analysis(repeats: int) -> dict:
     results = {}
     for name, analyzer in backends.items():
         faces_per_pass = sum(len(analyzer.analyze(p)) for p in photos)
-        seconds = statistics.median(timed(lambda: [analyzer.analyze(p) for p in photos], repeats))
+        seconds = statistics.median(timed(lambda analyzer=analyzer: [analyzer.analyze(p) for p in photos], repeats))
         results[name] = {"images_per_second": len(photos) / seconds, "faces_per_second": faces_per_pass / seconds}
     if len(backends) == 1:
         results["scrfd (buffalo_l)"] = f"not measured: no pack at {pack} (insightface's model zoo is not reachable here)"

@@ -102,7 +102,7 @@ def main() -> None:
     photos = real_photos()
     images = photos + generated(args.generated)
     psnr, rows = [], {name: {"bits": [], "found": [], "damaged": []} for name in ATTACKS}
-    for i, (name, image) in enumerate(images):
+    for name, image in images:
         settings = {"image": name}
         marked = watermark.embed(image, settings)
         error = np.asarray(marked, np.float64) - np.asarray(image, np.float64)

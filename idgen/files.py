@@ -6,7 +6,7 @@ import contextlib
 import io
 import os
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from PIL.PngImagePlugin import PngInfo
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import cv2
 import numpy as np
@@ -94,7 +94,7 @@ def _canonical(width: int, height: int) -> int:
     return 256 if side >= 256 else 128 if side >= 128 else 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Which DCT coefficients of a ``size`` x ``size`` luminance carry each bit, and their +-1 signs."""
     scale = size / 256

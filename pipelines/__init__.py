@@ -12,7 +12,8 @@ from .stable_diffusion_xl import (
     load_identitynet,
 )
 
-__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDFluxPipeline", "IDPhotoMakerPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline",
+__all__ = ["FaceInputMixin", "IDArc2FacePipeline", "IDFluxPipeline", "IDPhotoMakerPipeline", "IDStableDiffusionImg2ImgPipeline",
+           "IDStableDiffusionInpaintPipeline",
            "IDStableDiffusionPipeline",
            "IDStableDiffusionXLImg2ImgPipeline", "IDStableDiffusionXLInpaintPipeline", "IDStableDiffusionXLPipeline",
            "IdentityPipelineMixin", "load_identitynet"]

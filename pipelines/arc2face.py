@@ -10,7 +10,7 @@ share face input, not their conditioning path.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
         arc2face: str = "FoivosPar/Arc2Face",
         base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         **kwargs,
-    ) -> "IDArc2FacePipeline":
+    ) -> IDArc2FacePipeline:
         """Load the official layout: ``encoder/`` (CLIP text encoder) and ``arc2face/`` (UNet)
         from ``arc2face``; tokenizer, VAE and scheduler from ``base_model``."""
         hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}

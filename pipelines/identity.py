@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load
 from idgen.formats import ID_LORA_NAME, Method, formats_run_by, method_of, wrong_pipeline_message
 from idgen.watermark import embed
 
-FaceImages = Union[ImageInput, Sequence[ImageInput], Sequence[Sequence[ImageInput]]]
+FaceImages = ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]]
 
 #: FaceID-Plus's image encoder (CLIP ViT-H/14), in ``models/image_encoder`` of this repo.
 PLUS_IMAGE_ENCODER = "h94/IP-Adapter"
@@ -93,9 +94,9 @@ class OnDenoiser:
         model.__dict__.setdefault(_IDENTITY_RECORD, {})[self.name] = value
 
 
-IDScale = Union[float, dict]
+IDScale = float | dict
 #: Where several people go: one mask or (x0, y0, x1, y1) box per person, or "faces" (of kps_image).
-RegionsInput = Union[str, Sequence[Any]]
+RegionsInput = str | Sequence[Any]
 
 
 class _DropMessages(logging.Filter):
@@ -559,7 +560,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
                 self._install_identity(before)
             raise
 
-    def _identity_parts(self) -> "_IdentityParts | None":
+    def _identity_parts(self) -> _IdentityParts | None:
         """The loaded identity, as ``_install_identity`` puts it in again (None without one)."""
         if self.identity_adapter is None:
             return None
@@ -568,7 +569,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         return _IdentityParts(self.identity_adapter, self.adapter_spec, self._id_lora, encoder, pulid,
                               self._fused_id_lora is not None)
 
-    def _install_identity(self, parts: "_IdentityParts") -> None:
+    def _install_identity(self, parts: _IdentityParts) -> None:
         """Put a built identity into the pipeline and its UNet: the image encoders, the hooks, the
         LoRA (fused into the UNet's weights, or through peft)."""
         if parts.image_encoder is not None:  # unloading puts the pipeline's own image_encoder back
@@ -854,7 +855,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         regions: RegionsInput | None = None,
         kps_image: ImageInput | None = None,
         face_order: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, "PeopleLayout | None"]:
+    ) -> tuple[torch.Tensor, torch.Tensor, PeopleLayout | None]:
         """A call's identity tokens and negative tokens: one person (``encode_id_tokens``), or with
         ``regions`` several, side by side (``encode_people_tokens``), with where each goes."""
         if regions is None:
@@ -985,7 +986,7 @@ class IdentityPipelineMixin(PuLIDInputMixin):
         fusion_tokens: list[list[int]] | None = None,
         num_zero: int | None = None,
         ortho: str | None = None,
-    ) -> Iterator["IdentityTokens"]:
+    ) -> Iterator[IdentityTokens]:
         """Condition the UNet on the identity for one generation call.
 
         ``tokens`` hold one row per prompt. At every UNet call the identity keys/values match

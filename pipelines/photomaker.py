@@ -12,7 +12,8 @@ path is the text's, not adapter attention.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline

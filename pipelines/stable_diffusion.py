@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
@@ -120,7 +121,7 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
     ):
         """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
 

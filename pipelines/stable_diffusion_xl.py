@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,14 +326,15 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
     ):
         """Generate SDXL images of the person in ``face_image`` (or given ``id_embeds``).
 
         Identity arguments are those of ``IDStableDiffusionPipeline``. With IdentityNet:
         ``kps_image`` takes the pose (keypoints) from another photo, ``face_kps`` (5, 2) gives
         them in output pixels; with one identity per prompt each prompt takes its own photo's pose,
-        or its own of ``kps_image`` (a list, one photo per prompt) or ``face_kps`` (N, 5, 2); ``image`` holds the images of any further ControlNets;
+        or its own of ``kps_image`` (a list, one photo per prompt) or ``face_kps`` (N, 5, 2);
+        ``image`` holds the images of any further ControlNets;
         ``controlnet_conditioning_scale`` (one value, or one per ControlNet), ``guess_mode`` and
         ``control_guidance_start/end`` work as in diffusers. With no ControlNet the call runs
         plain SDXL's loop (``StableDiffusionXLPipeline.__call__``) on this pipeline. Other

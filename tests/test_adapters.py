@@ -88,7 +88,8 @@ def test_bin_and_safetensors_forms_load_the_same_tensors(tmp_path, unet):
 def test_format_detection(unet):
     faceid_plus = random_faceid_plus_state_dict(unet, clip_embed_dim=48)
     instantid = {
-        "image_proj": {"latents": torch.zeros(1, 16, 1280), "proj_in.weight": torch.zeros(1280, 512), "proj_out.weight": torch.zeros(2048, 1280)},
+        "image_proj": {"latents": torch.zeros(1, 16, 1280), "proj_in.weight": torch.zeros(1280, 512),
+                       "proj_out.weight": torch.zeros(2048, 1280)},
         "ip_adapter": {},
     }
     spec = detect_format(faceid_plus)

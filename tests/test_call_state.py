@@ -56,7 +56,7 @@ def test_threads_sharing_a_unet_get_their_own_identity(pipe):
     for _ in range(3):
         start, results, errors = threading.Barrier(len(jobs)), {}, []
 
-        def work(name):
+        def work(name, start=start, results=results, errors=errors):
             try:
                 start.wait()
                 results[name] = jobs[name]()
@@ -78,7 +78,7 @@ def test_outside_a_call_the_unet_runs_plain(pipe):
     a pipeline call equals the same call with the hooks taken off."""
     unet = pipe.unet
     sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
-    assert getattr(unet.get_submodule(pipe.identity_adapter.names[0]).to_q, "_diffusers_hook").get_hook(HOOK_NAME)
+    assert unet.get_submodule(pipe.identity_adapter.names[0]).to_q._diffusers_hook.get_hook(HOOK_NAME)
     with torch.no_grad():
         hooked = unet(sample, 10, text).sample
         pipe.identity_adapter.detach()
@@ -190,7 +190,7 @@ def test_a_cache_enabled_before_loading_is_refused(flux_presets, analyzer, astro
     with pytest.raises(ValueError, match="enable the cache"):
         pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
     assert pipe.identity_adapter is None and not any(  # nothing of it stayed
-        "idgen_identity" in getattr(block, "_diffusers_hook").hooks for block in pipe.transformer.transformer_blocks)
+        "idgen_identity" in block._diffusers_hook.hooks for block in pipe.transformer.transformer_blocks)
     pipe.transformer.disable_cache()
     pipe.load_identity_adapter(preset.adapter, image_encoder=preset.image_encoder, face_parser=preset.face_parser)
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))  # the order that works

@@ -85,7 +85,8 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = open(tmp_path / "demo.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "idgen", "demo", "--port", str(port), "--steps", "2", "--height", "64", "--width", "64"],
+    server = subprocess.Popen([sys.executable, "-m", "idgen", "demo", "--port", str(port), "--steps", "2",
+                               "--height", "64", "--width", "64"],
                               stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
     blank = tmp_path / "no_face.png"
     Image.new("RGB", (256, 256), (40, 80, 120)).save(blank)

@@ -95,7 +95,7 @@ class AestheticReward(nn.Module):
         self.size = clip.config.image_size
 
     @classmethod
-    def from_pretrained(cls, clip_model: str, head_file: str) -> "AestheticReward":
+    def from_pretrained(cls, clip_model: str, head_file: str) -> AestheticReward:
         """``clip_model``: hub id or folder; ``head_file``: a local ``.pth``/``.safetensors`` or
         ``repo_id/filename`` on the hub (e.g. the LAION ``sac+logos+ava1-l14-linearMSE.pth``)."""
         clip = CLIPVisionModelWithProjection.from_pretrained(clip_model)

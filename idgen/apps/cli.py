@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image

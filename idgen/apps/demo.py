@@ -200,7 +200,7 @@ def build_demo(app: DemoApp):
         files.change(app.preview, inputs=[files, face_index], outputs=detected)
         face_index.change(app.preview, inputs=[files, face_index], outputs=detected)
 
-        def generate(*values, progress=gr.Progress(track_tqdm=True)):  # the bar follows diffusers' tqdm
+        def generate(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008  # gradio reads the bar from this default
             return app.generate(*values)
 
         run.click(generate, inputs=[files, pose, prompt, negative, style, id_scale, identitynet, steps, guidance, seed,

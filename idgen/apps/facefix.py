@@ -7,8 +7,9 @@ back and blended in. Pixels outside the oval's feather are the input's, exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -53,7 +53,7 @@ class SessionOptions:
     start_merge_step: int | None = None  # PhotoMaker: steps with the prompt alone (default: 20% of the steps)
 
     @classmethod
-    def from_namespace(cls, args: Any) -> "SessionOptions":
+    def from_namespace(cls, args: Any) -> SessionOptions:
         """The options found on a parsed argparse namespace."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 

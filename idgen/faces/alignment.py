@@ -77,7 +77,7 @@ def align_face(rgb: np.ndarray, kps: np.ndarray, size: int = 112, template: str 
 KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
 
 
-def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) -> "Image.Image":
+def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) -> Image.Image:
     """The IdentityNet condition image, drawn as InstantID's was trained on.
 
     Black canvas of ``image_size`` (width, height); an ellipse from each eye and mouth corner to

@@ -11,8 +11,9 @@ import contextlib
 import glob
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime

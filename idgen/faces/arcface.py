@@ -215,7 +215,7 @@ class DifferentiableArcFace(nn.Module):
         self.size = size
 
     @classmethod
-    def from_onnx(cls, path: str) -> "DifferentiableArcFace":
+    def from_onnx(cls, path: str) -> DifferentiableArcFace:
         return cls(OnnxRecognizer(path))
 
     def forward(self, images: torch.Tensor, kps: torch.Tensor) -> torch.Tensor:

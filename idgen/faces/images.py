@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 #: File suffixes read as images when a folder of photos is given.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -318,7 +318,7 @@ def random_pulid_flux_state_dict(transformer, eva, seed: int = 0, dim: int = 64)
     return {k: v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in adapter.state_dict().items()}
 
 
-def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict, "torch.nn.Module"]:
+def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict, torch.nn.Module]:
     """InfiniteYou's two parts, random, for ``transformer``: ``image_proj_model.bin``'s contents
     (``{"image_proj": resampler}``, tokens as wide as its text) and an InfuseNet (a
     ``FluxControlNetModel`` with 2 double and 2 single blocks, residuals given a gain)."""
