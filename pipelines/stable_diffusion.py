@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,62 +14,85 @@ from idgen.faces import ImageInput
 
 from .identity import FaceImages, IdentityPipelineMixin, IDScale, RegionsInput
 
-#: Arguments the identity call handles itself; the rest go to the diffusers loop.
-_PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "clip_skip",
-                "cross_attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds")
-_IDENTITY_ARGS = ("face_image", "id_embeds", "id_scale", "negative_face_image", "negative_id_embeds", "face_index",
-                  "face_weights", "id_guidance_start", "id_guidance_end", "face_clip_embeds", "s_scale", "regions",
-                  "kps_image", "face_order", "id_fusion", "recover_words")
+
+@dataclass(frozen=True)
+class IdentityArgs:
+    """The identity arguments of one SD1.5 call, as ``IDStableDiffusionPipeline.__call__`` documents them."""
+
+    face_image: FaceImages | None = None
+    id_embeds: torch.Tensor | None = None
+    id_scale: IDScale | None = None
+    negative_face_image: FaceImages | None = None
+    negative_id_embeds: torch.Tensor | None = None
+    face_index: int = 0
+    face_weights: Sequence[float] | None = None
+    id_guidance_start: float = 0.0
+    id_guidance_end: float = 1.0
+    face_clip_embeds: torch.Tensor | None = None
+    s_scale: float = 1.0
+    regions: RegionsInput | None = None
+    kps_image: ImageInput | None = None
+    face_order: Sequence[int] | None = None
+    id_fusion: str | None = None
+    recover_words: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kps_image, (list, tuple)) or (self.kps_image is not None and self.regions is None):
+            raise ValueError("kps_image= on SD1.5 places several people around the faces of one group photo: pass "
+                             "regions= ('faces', or one mask or box per person) with one photo")
 
 
-def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, arguments: dict[str, Any]):
+@dataclass(frozen=True)
+class PromptArgs:
+    """The prompt arguments of one call, encoded once per prompt before diffusers' loop runs."""
+
+    prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    clip_skip: int | None = None
+    cross_attention_kwargs: dict[str, Any] | None = None
+    ip_adapter_image: Any = None
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None
+
+
+def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, text: PromptArgs, identity: IdentityArgs,
+                   loop: dict[str, Any]):
     """The identity call of every SD1.5 pipeline: check inputs, encode the prompt and the identity
-    once per prompt, then run the diffusers pipeline's own loop (``parent_call``) with the UNet
-    conditioned on the identity. ``arguments`` are ``IDStableDiffusionPipeline.__call__``'s (its
-    defaults fill the missing ones) plus the loop's own (image, strength, ...)."""
-    defaults = {name: p.default for name, p in inspect.signature(IDStableDiffusionPipeline.__call__).parameters.items()}
-    loop = {name: value for name, value in arguments.items() if name not in (*_PROMPT_ARGS, *_IDENTITY_ARGS)}
-    args = {name: arguments.get(name, defaults[name]) for name in (*_PROMPT_ARGS, *_IDENTITY_ARGS)}
-    named = {name for name, p in inspect.signature(parent_call).parameters.items() if p.kind is not p.VAR_KEYWORD}
-    unknown = sorted(set(loop) - named)
-    if unknown:
-        raise TypeError(f"{type(pipe).__name__}() got unexpected keyword argument(s) {', '.join(unknown)}")
-
+    once per prompt, then run the diffusers pipeline's own loop (``parent_call``, given ``loop``:
+    its remaining arguments) with the UNet conditioned on the identity."""
     # 1. Check inputs
-    pipe._check_identity_call(args["ip_adapter_image"], args["ip_adapter_image_embeds"])
+    pipe._check_identity_call(text.ip_adapter_image, text.ip_adapter_image_embeds)
     device = pipe._execution_device
 
     # 2. Encode the prompt once per prompt (the parent repeats it per image)
-    lora_scale = (args["cross_attention_kwargs"] or {}).get("scale")
+    lora_scale = (text.cross_attention_kwargs or {}).get("scale")
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        args["prompt"], device, 1, True, args["negative_prompt"], args["prompt_embeds"], args["negative_prompt_embeds"],
-        lora_scale=lora_scale, clip_skip=args["clip_skip"],
+        text.prompt, device, 1, True, text.negative_prompt, text.prompt_embeds, text.negative_prompt_embeds,
+        lora_scale=lora_scale, clip_skip=text.clip_skip,
     )
 
     # 3. Encode the identity (several people: side by side, each in a region)
-    if isinstance(args["kps_image"], (list, tuple)) or (args["kps_image"] is not None and args["regions"] is None):
-        raise ValueError("kps_image= on SD1.5 places several people around the faces of one group photo: pass "
-                         "regions= ('faces', or one mask or box per person) with one photo")
     tokens, negative_tokens, people = pipe.encode_call_identity(
-        args["face_image"], args["id_embeds"], args["negative_face_image"], args["negative_id_embeds"],
-        prompt_embeds.shape[0], args["face_index"], args["face_weights"], args["face_clip_embeds"], args["s_scale"],
-        args["regions"], args["kps_image"], args["face_order"],
+        identity.face_image, identity.id_embeds, identity.negative_face_image, identity.negative_id_embeds,
+        prompt_embeds.shape[0], identity.face_index, identity.face_weights, identity.face_clip_embeds, identity.s_scale,
+        identity.regions, identity.kps_image, identity.face_order,
     )
-    if people is not None and people.pose_size is not None and "height" in named:  # the group photo's aspect
-        loop["width"], loop["height"] = pipe.output_size(people.pose_size, loop.get("height"), loop.get("width"))
+    if people is not None and people.pose_size is not None and "height" in loop:  # the group photo's aspect
+        loop["width"], loop["height"] = pipe.output_size(people.pose_size, loop["height"], loop["width"])
 
     # 4. Denoise and decode: the parent's loop, the UNet conditioned on the identity
-    images_per_prompt = loop.get("num_images_per_prompt", 1)
-    fusion_tokens = pipe.fusion_tokens(args["id_fusion"], args["prompt"], images_per_prompt, args["recover_words"])
+    images_per_prompt = loop["num_images_per_prompt"]
+    fusion_tokens = pipe.fusion_tokens(identity.id_fusion, text.prompt, images_per_prompt, identity.recover_words)
     with pipe.identity_conditioning(
-        tokens, negative_tokens, images_per_prompt, args["id_scale"], args["id_guidance_start"],
-        args["id_guidance_end"], regions=people and people.regions, id_fusion=args["id_fusion"],
+        tokens, negative_tokens, images_per_prompt, identity.id_scale, identity.id_guidance_start,
+        identity.id_guidance_end, regions=people and people.regions, id_fusion=identity.id_fusion,
         fusion_tokens=fusion_tokens,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                             cross_attention_kwargs=args["cross_attention_kwargs"], ip_adapter_image=args["ip_adapter_image"],
-                             ip_adapter_image_embeds=args["ip_adapter_image_embeds"], **loop)
-    return pipe._watermarked(output, loop.get("output_type", "pil"))
+                             cross_attention_kwargs=text.cross_attention_kwargs, ip_adapter_image=text.ip_adapter_image,
+                             ip_adapter_image_embeds=text.ip_adapter_image_embeds, **loop)
+    return pipe._watermarked(output, loop["output_type"])
 
 
 class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
@@ -161,8 +184,17 @@ class IDStableDiffusionPipeline(IdentityPipelineMixin, StableDiffusionPipeline):
 
         Every other argument is ``StableDiffusionPipeline.__call__``'s.
         """
-        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        return _identity_call(self, super().__call__, arguments)
+        text = PromptArgs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, cross_attention_kwargs,
+                          ip_adapter_image, ip_adapter_image_embeds)
+        identity = IdentityArgs(face_image, id_embeds, id_scale, negative_face_image, negative_id_embeds, face_index,
+                                face_weights, id_guidance_start, id_guidance_end, face_clip_embeds, s_scale, regions,
+                                kps_image, face_order, id_fusion, recover_words)
+        loop = dict(height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                    guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                    generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
+                    guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return _identity_call(self, super().__call__, text, identity, loop)
 
 
 class IDStableDiffusionImg2ImgPipeline(IdentityPipelineMixin, StableDiffusionImg2ImgPipeline):
@@ -174,10 +206,60 @@ class IDStableDiffusionImg2ImgPipeline(IdentityPipelineMixin, StableDiffusionImg
     """
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.8, **kwargs: Any):
-        """Identity arguments as in ``IDStableDiffusionPipeline``; ``image``, ``strength`` and the
-        rest are ``StableDiffusionImg2ImgPipeline.__call__``'s."""
-        return _identity_call(self, super().__call__, dict(prompt=prompt, image=image, strength=strength, **kwargs))
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
+        *,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+        regions: RegionsInput | None = None,
+        kps_image: ImageInput | None = None,
+        face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
+    ):
+        """Identity arguments (keyword only) as in ``IDStableDiffusionPipeline``; the others are
+        ``StableDiffusionImg2ImgPipeline.__call__``'s."""
+        text = PromptArgs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, cross_attention_kwargs,
+                          ip_adapter_image, ip_adapter_image_embeds)
+        identity = IdentityArgs(face_image, id_embeds, id_scale, negative_face_image, negative_id_embeds, face_index,
+                                face_weights, id_guidance_start, id_guidance_end, face_clip_embeds, s_scale, regions,
+                                kps_image, face_order, id_fusion, recover_words)
+        loop = dict(image=image, strength=strength, num_inference_steps=num_inference_steps, timesteps=timesteps,
+                    sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                    generator=generator, output_type=output_type, return_dict=return_dict,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return _identity_call(self, super().__call__, text, identity, loop)
 
 
 class IDStableDiffusionInpaintPipeline(IdentityPipelineMixin, StableDiffusionInpaintPipeline):
@@ -186,9 +268,65 @@ class IDStableDiffusionInpaintPipeline(IdentityPipelineMixin, StableDiffusionInp
     ``face_image`` (the rest keeps ``image``'s content)."""
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
-                 strength: float = 1.0, **kwargs: Any):
-        """Identity arguments as in ``IDStableDiffusionPipeline``; ``image``, ``mask_image``,
-        ``strength`` and the rest are ``StableDiffusionInpaintPipeline.__call__``'s."""
-        return _identity_call(self, super().__call__,
-                              dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, **kwargs))
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
+        *,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+        regions: RegionsInput | None = None,
+        kps_image: ImageInput | None = None,
+        face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
+    ):
+        """Identity arguments (keyword only) as in ``IDStableDiffusionPipeline``; the others are
+        ``StableDiffusionInpaintPipeline.__call__``'s."""
+        text = PromptArgs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, cross_attention_kwargs,
+                          ip_adapter_image, ip_adapter_image_embeds)
+        identity = IdentityArgs(face_image, id_embeds, id_scale, negative_face_image, negative_id_embeds, face_index,
+                                face_weights, id_guidance_start, id_guidance_end, face_clip_embeds, s_scale, regions,
+                                kps_image, face_order, id_fusion, recover_words)
+        loop = dict(image=image, mask_image=mask_image, masked_image_latents=masked_image_latents, height=height,
+                    width=width, padding_mask_crop=padding_mask_crop, strength=strength,
+                    num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                    guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                    generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return _identity_call(self, super().__call__, text, identity, loop)

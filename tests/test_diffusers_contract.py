@@ -397,3 +397,19 @@ def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
     assert np.abs(both - alone).max() > 1e-3 and np.abs(both - style_only).max() > 1e-3
     pipe.unload_ip_adapter()
     assert np.array_equal(run(pipe, id_embeds=identity, **size), alone)
+
+
+@pytest.mark.parametrize("ours", ["IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline"])
+def test_sd_signatures_spell_out_every_diffusers_argument(ours):
+    """Every argument of the diffusers pipeline an SD1.5 pipeline stands for is in its ``__call__``,
+    with diffusers' default, and nothing hides behind ``**kwargs`` (diffusers' signature tests read it)."""
+    import inspect
+
+    from idgen import pipelines
+
+    cls = getattr(pipelines, ours)
+    parent = next(base for base in cls.__mro__[1:] if base.__module__.startswith("diffusers."))
+    mine = inspect.signature(cls.__call__).parameters
+    theirs = {name: p for name, p in inspect.signature(parent.__call__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    assert not [p for p in mine.values() if p.kind is p.VAR_KEYWORD]
+    assert {name: mine[name].default for name in theirs if name in mine} == {name: p.default for name, p in theirs.items()}
