@@ -1,8 +1,9 @@
 """diffusers pipelines with identity conditioning."""
 
 from .arc2face import IDArc2FacePipeline
+from .face_inputs import FaceInputMixin
 from .flux import IDFluxPipeline
-from .identity import FaceInputMixin, IdentityPipelineMixin
+from .identity import IdentityPipelineMixin
 from .photomaker import IDPhotoMakerPipeline
 from .stable_diffusion import IDStableDiffusionImg2ImgPipeline, IDStableDiffusionInpaintPipeline, IDStableDiffusionPipeline
 from .stable_diffusion_xl import (

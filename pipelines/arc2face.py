@@ -19,7 +19,7 @@ from transformers import CLIPTextModel
 
 from idgen.adapters.context import call_hook
 
-from .identity import FaceImages, FaceInputMixin
+from .face_inputs import FaceImages, FaceInputMixin
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"

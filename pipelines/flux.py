@@ -60,7 +60,9 @@ from idgen.errors import CheckpointError, ModelNotFoundError, NoFaceError
 from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.faces.analyzer import check_face_weights, mean_identity
 
-from .identity import FaceImages, IDScale, OnDenoiser, PuLIDInputMixin, id_window, layer_id_scales
+from .face_inputs import FaceImages, IDScale, PuLIDInputMixin
+from .identity import id_window, layer_id_scales
+from .shared import OnDenoiser
 
 #: InfiniteYou's residual groups, the names its per-block ``id_scale`` takes ("double", "single").
 _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")

@@ -25,7 +25,8 @@ from idgen.adapters.photomaker import PhotoMakerEncoder, build_photomaker_clip, 
 from idgen.errors import CheckpointError, IdentityInputError
 from idgen.faces import ImageInput, load_image
 
-from .identity import FaceInputMixin, _quiet_lora_loading
+from .face_inputs import FaceInputMixin
+from .id_lora import quiet_lora_loading
 
 PHOTOMAKER_LORA_NAME = "photomaker"
 _NO_ENCODER = object()
@@ -66,7 +67,7 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         self.register_modules(image_encoder=clip_model)
         self.id_encoder = encoder.to(self.unet.device, self.unet.dtype)
         try:
-            with _quiet_lora_loading():
+            with quiet_lora_loading():
                 self.load_lora_weights(lora, adapter_name=PHOTOMAKER_LORA_NAME)
         except Exception as err:
             self.unload_identity_adapter()

@@ -12,7 +12,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from idgen.faces import ImageInput
 
-from .identity import FaceImages, IdentityPipelineMixin, IDScale, RegionsInput
+from .face_inputs import FaceImages, IDScale, RegionsInput
+from .identity import IdentityPipelineMixin
 
 
 @dataclass(frozen=True)

@@ -40,16 +40,10 @@ from idgen.errors import IdentityInputError
 from idgen.faces import ImageInput, draw_kps, load_image
 from idgen.formats import formats_run_by
 
-from .identity import (
-    FaceImages,
-    IdentityPipelineMixin,
-    IdentityTokens,
-    IDScale,
-    PeopleLayout,
-    RegionsInput,
-    per_person,
-    shared_modules,
-)
+from .face_inputs import FaceImages, IDScale, RegionsInput, per_person
+from .id_tokens import PeopleLayout
+from .identity import IdentityPipelineMixin, IdentityTokens
+from .shared import shared_modules
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -68,7 +68,7 @@ def test_plus_needs_the_face_for_clip_and_an_encoder(encoder, cache, astronaut, 
     with pytest.raises(IdentityInputError, match="FaceID-Plus also reads CLIP features of the face"):
         pipe("p", id_embeds=pipe.encode_identity(str(astronaut)), **COMMON)
     bare = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base)
-    monkeypatch.setattr("idgen.pipelines.identity.PLUS_IMAGE_ENCODER", "/no/such/encoder")  # fails without network
+    monkeypatch.setattr("idgen.pipelines.id_tokens.PLUS_IMAGE_ENCODER", "/no/such/encoder")  # fails without network
     with pytest.raises(ModelNotFoundError, match="pass image_encoder="):
         bare.load_identity_adapter(checkpoint)
 
