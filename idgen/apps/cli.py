@@ -183,11 +183,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write no invisible watermark (it marks every image as made by idgen; `idgen verify` reads it)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idgen", description="Identity-preserving image generation.")
-    parser.add_argument("--version", action="version", version=f"idgen {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    """The ``generate`` command's arguments."""
     gen = commands.add_parser(
         "generate",
         help="make images of the person in a face photo",
@@ -230,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fix-strength", type=_strength, default=0.6, help="strength of --fix-faces (default 0.6)")
     gen.set_defaults(run=run_generate)
 
+
+def _add_fix(commands: argparse._SubParsersAction) -> None:
+    """The ``fix`` command's arguments."""
     fix = commands.add_parser(
         "fix",
         help="repaint the faces of a photo as the person in --face",
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(fix)
     fix.set_defaults(run=run_fix)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    """The ``eval`` command's arguments."""
     ev = commands.add_parser(
         "eval",
         help="generate for reference identities and prompts, and report FaceSim, detection rate and CLIP-T",
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(ev)
     ev.set_defaults(run=run_eval)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    """The ``demo`` command's arguments."""
     demo = commands.add_parser("demo", help="serve the Gradio demo (http://127.0.0.1:7860)",
                                description="Serve the Gradio demo; the models load once, at start.")
     _add_model_arguments(demo)
@@ -273,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860)
     demo.set_defaults(run=run_demo)
 
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    """The ``verify`` command's arguments."""
     verify = commands.add_parser(
         "verify",
         help="tell whether images carry idgen's invisible watermark",
@@ -283,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     verify.set_defaults(run=run_verify)
 
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    """The ``tune`` command's arguments."""
     tune_cmd = commands.add_parser(
         "tune",
         help="learn a small LoRA on a few photos of one person, on top of the identity adapter",
@@ -305,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_cmd.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     tune_cmd.set_defaults(run=run_tune)
 
+
+def _add_prepare_data(commands: argparse._SubParsersAction) -> None:
+    """The ``prepare-data`` command's arguments."""
     prep = commands.add_parser(
         "prepare-data",
         help="detect, align and embed a folder of face photos once, for training",
@@ -319,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
     prep.add_argument("--min-face-size", type=_positive_int, default=64, help="smallest face side kept, in pixels")
     prep.set_defaults(run=run_prepare_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idgen", description="Identity-preserving image generation.")
+    parser.add_argument("--version", action="version", version=f"idgen {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_generate(commands)
+    _add_fix(commands)
+    _add_eval(commands)
+    _add_demo(commands)
+    _add_verify(commands)
+    _add_tune(commands)
+    _add_prepare_data(commands)
     return parser
 
 

@@ -311,7 +311,6 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     if options.c2pa_cert or options.c2pa_key:
         if not (options.c2pa_cert and options.c2pa_key):
             raise IDGenError("Content Credentials need both --c2pa-cert (certificate chain) and --c2pa-key (its key)")
-
         signer = Signer(options.c2pa_cert, options.c2pa_key)
     base, adapter, face_model, random_parts = options.base, options.adapter, options.face_model, []
     if base in TINY_PRESETS:
@@ -335,6 +334,7 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
     adapter_file = adapter_state = None
     if method.family != "arc2face":
         adapter_file = resolve_checkpoint_file(adapter, weight_name, options.subfolder)
+
         def photomaker() -> str:
             photomaker_state_dicts(adapter_file)  # the layout checked as PhotoMaker's
             if method.family != "sdxl":
@@ -357,6 +357,19 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
         if found != method.checkpoint_format:  # a trained or renamed checkpoint: its keys decide
             method = method_of(found, method.family) or method
     identitynet = _identitynet(method, adapter, options.identitynet)
+    _check_method_options(method, options, adapter)
+    analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
+                            max_pixels=options.max_pixels)
+    if analyzer.recognizer_random:
+        random_parts.append("face recognizer")
+    steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
+    guidance = method.guidance if options.guidance is None else options.guidance
+    return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
+                   random_parts, signer, loras, adapter_state)
+
+
+def _check_method_options(method: Method, options: SessionOptions, adapter: str) -> None:
+    """Each method-specific option is refused in one line on the methods that run without it."""
     if options.image_encoder and not (method.face_clip or method.face_eva):
         raise IDGenError(f"--image-encoder is FaceID-Plus's and PuLID's; the {method.name} adapter {adapter} runs "
                          "without it: leave it out")
@@ -373,19 +386,10 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             raise IDGenError(f"{flag} is {'InfiniteYou' if owner == 'infiniteyou' else 'FLUX'}'s; the {method.name} "
                              f"adapter {adapter} runs without it: leave it out")
     if method.pulid_attention:  # a bad --num-zero fails now, not after the base model loads
-
         try:
             pulid_settings(method.checkpoint_format, options.num_zero, options.ortho)
         except ValueError as err:
             raise IDGenError(str(err)) from None
-    analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
-                            max_pixels=options.max_pixels)
-    if analyzer.recognizer_random:
-        random_parts.append("face recognizer")
-    steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
-    guidance = method.guidance if options.guidance is None else options.guidance
-    return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
-                   random_parts, signer, loras, adapter_state)
 
 
 def _flux_format(raw: dict, adapter_file: str) -> str:
