@@ -164,7 +164,14 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
 
     def _run_loop(self, loop, **kwargs: Any):
         """Run ``loop``'s denoising with ``kwargs`` (and the call's ``_loop_inputs``); arguments its
-        pipeline does not take must keep their defaults, else a ValueError names them."""
+        pipeline does not take must keep their defaults, else a ValueError names them.
+
+        Without an IdentityNet this pipeline (a ``StableDiffusionXLControlNetPipeline``, whose loop
+        needs a ControlNet) runs plain SDXL's loop, ``StableDiffusionXLPipeline.__call__``, on
+        itself: one class holds SDXL with and without IdentityNet, so loading, ``from_pipe`` and
+        saving are the same for both. What that loop reads and the ControlNet class lacks or
+        defines otherwise is set here: ``default_sample_size``, ``check_inputs`` and
+        ``guidance_rescale``; ``tests/test_sdxl.py`` pins that list against diffusers' source."""
         if loop is not self:
             call = type(loop).__call__
         else:

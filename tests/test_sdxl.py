@@ -260,3 +260,22 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main(["generate", "--face", str(astronaut), "--kps-image", str(pose), "--prompt", "p", "--out", str(out)]) == 2
     assert "--kps-image needs InstantID" in capsys.readouterr().err
+
+
+def test_plain_sdxl_loop_finds_everything_it_reads_on_our_pipeline(xl):
+    """Without IdentityNet, ``StableDiffusionXLPipeline.__call__`` runs on our ControlNet-class
+    pipeline: every ``self.`` attribute that loop reads exists here, and the ones we set for it
+    (``default_sample_size``, ``check_inputs``, ``guidance_rescale``) are plain SDXL's in kind."""
+    import inspect
+    import re
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=None)
+    source = inspect.getsource(StableDiffusionXLPipeline.__call__).split('"""', 2)[2]  # the code, not the docstring
+    read = set(re.findall(r"self\.(\w+)", source)) - set(re.findall(r"self\.(\w+) = ", source))  # the loop sets these
+    assert {"default_sample_size", "check_inputs", "guidance_rescale"} <= read
+    missing = sorted(name for name in read if not (hasattr(type(pipe), name) or hasattr(pipe, name)))
+    assert missing == []
+    assert pipe.default_sample_size == pipe.unet.config.sample_size and pipe.guidance_rescale == 0.0
+    assert pipe.check_inputs.__func__ is IDStableDiffusionXLPipeline.check_inputs
