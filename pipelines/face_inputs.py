@@ -72,6 +72,11 @@ class FaceInputMixin:
         PuLID), instead of being averaged into one vector."""
         return self.identity_method is not None and self.identity_method.per_photo
 
+    @property
+    def is_pulid(self) -> bool:
+        """Whether the loaded identity is PuLID's (SDXL or FLUX), which also reads EVA features of the face."""
+        return self.identity_method is not None and self.identity_method.face_eva
+
     def default_id_scale(self, id_scale: IDScale | None) -> IDScale:
         """``id_scale``, or when None the method's (its reference demo's: InstantID and PuLID 0.8)."""
         if id_scale is not None:

@@ -128,10 +128,6 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
             self.default_sample_size = self.vae.config.sample_size // self.vae_scale_factor
 
     @property
-    def is_pulid(self) -> bool:
-        return self.adapter_format == "pulid_flux"
-
-    @property
     def identity_format(self) -> str | None:
         return self.adapter_format
 

@@ -108,10 +108,6 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
     def identity_format(self) -> str | None:
         return None if self.adapter_spec is None else self.adapter_spec.format
 
-    @property
-    def is_pulid(self) -> bool:
-        return self.identity_method is not None and self.identity_method.face_eva
-
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         """diffusers' ``from_pipe``. The identity is the UNet's (``OnDenoiser``): the new pipeline has
