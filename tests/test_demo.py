@@ -44,12 +44,14 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     from idgen.watermark import verify
 
     assert verify(results[0][0])["status"] == "idgen" and verify(results[0][0])["metadata_matches"]
-    # Each image has its own seed: the second one alone, from seed 4, is the same image (to one
-    # 8-bit level: a batch of 2 and a batch of 1 round float32 differently).
+    # Each image has its own seed: the second one alone, from seed 4, is the same image up to
+    # float32 rounding, which differs between a batch of 2 and a batch of 1 and which the random
+    # tiny model amplifies to a few 8-bit levels (1 on one CPU, 2 on another); another seed is
+    # another image (over 10 levels apart).
     alone = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 4, 1)
     other = app.generate([str(astronaut)], None, "a person", "", "cinematic", 0.8, 0.8, 2, 5.0, 5, 1)
     difference = lambda a, b: np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(b, dtype=int)).max()
-    assert difference(alone[0][0], second) <= 1 and difference(other[0][0], second) > 10
+    assert difference(alone[0][0], second) <= 4 and difference(other[0][0], second) > 10
     with pytest.raises(gr.Error, match="face_index=1 but .* has 1 face"):
         app.generate([str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 1)
     blank = Image.new("RGB", (200, 200), (40, 80, 120))
@@ -117,9 +119,13 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
             assert page.locator("#gallery img").count() >= 1
             page.screenshot(path=os.path.join(ARTIFACTS, "demo.png"), full_page=True)
 
+            # A fresh page, the photo without a face alone (a second upload adds to the list); the click
+            # waits for the upload to land, else it would run on the files the page held before.
+            page.goto(url)
             page.locator("#faces input[type=file]").set_input_files(str(blank))
+            page.locator("#faces").get_by_text(blank.name).wait_for(timeout=60_000)
             page.locator("#generate").click()
-            page.get_by_text("no face found").first.wait_for(timeout=60_000)
+            page.get_by_text(f"no face found in {blank.name}").first.wait_for(timeout=60_000)
             page.screenshot(path=os.path.join(ARTIFACTS, "demo-no-face.png"), full_page=True)
 
             # The app keeps working after the error; a fresh page: two photos, each another person, side by side.
