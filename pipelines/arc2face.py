@@ -10,11 +10,13 @@ share face input, not their conditioning path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import CLIPTextModel
 
 from idgen.adapters.context import call_hook
@@ -94,21 +96,47 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
         negative_id_embeds: torch.Tensor | None = None,
         face_index: int = 0,
         face_weights: Sequence[float] | None = None,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 25,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 3.0,
-        **kwargs,
+        negative_prompt: None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: None = None,
+        negative_prompt_embeds: None = None,
+        ip_adapter_image: None = None,
+        ip_adapter_image_embeds: None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
     ):
         """Generate images of the person in ``face_image`` (or given ArcFace ``id_embeds``).
 
         ``face_image`` takes one photo, a list of photos of one person (averaged), or a list
         of lists (one identity per sample); ``id_embeds`` (512,) or (N, 512). The negative
         branch is the empty prompt, or ``negative_face_image`` / ``negative_id_embeds``.
-        Other arguments are ``StableDiffusionPipeline.__call__``'s. ``prompt`` stands first, as in
-        the other pipelines, and must stay None: there is no prompt.
+        ``num_inference_steps`` and ``guidance_scale`` default to Arc2Face's own (25, 3.0). Every
+        argument of ``StableDiffusionPipeline.__call__`` is here in its place; those of the text
+        prompt (``prompt``, ``negative_prompt``, their embeddings, ``clip_skip``) and of diffusers'
+        IP-Adapter must stay None: the identity is the whole condition.
         """
         # 1. Check inputs and encode the identity
-        if prompt is not None:
-            raise ValueError("Arc2Face takes no prompt: the identity is its whole condition")
+        given = dict(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                     negative_prompt_embeds=negative_prompt_embeds, ip_adapter_image=ip_adapter_image,
+                     ip_adapter_image_embeds=ip_adapter_image_embeds, clip_skip=clip_skip)
+        refused = [name for name, value in given.items() if value is not None]
+        if refused:
+            raise ValueError(f"Arc2Face takes no {', '.join(refused)}: the identity is its whole condition (face_image= "
+                             "or id_embeds=; negative_face_image= or negative_id_embeds= for the negative branch)")
         id_embeds, negative_id_embeds = self.prepare_id_embeds(
             face_image, id_embeds, negative_face_image, negative_id_embeds, 1, face_index, face_weights
         )
@@ -124,10 +152,11 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
 
         # 3. Denoise and decode: the parent's loop
         output = super().__call__(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            **kwargs,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            output_type=output_type, return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        return self._watermarked(output, kwargs.get("output_type", "pil"))
+        return self._watermarked(output, output_type)

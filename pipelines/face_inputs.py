@@ -106,6 +106,21 @@ class FaceInputMixin:
         output). The CLI, demo and ``idgen eval`` write it themselves, with their settings' hash."""
         self._watermark = enabled
 
+    @property
+    def _has_ip_adapter(self) -> bool:
+        """Whether diffusers' IP-Adapter is loaded into the denoiser beside the identity adapter."""
+        model = OnDenoiser.model(self)
+        return getattr(model, "encoder_hid_proj", None) is not None and \
+            getattr(model.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+    def _check_identity_call(self, ip_adapter_image: Any, ip_adapter_image_embeds: Any) -> None:
+        """An identity adapter is loaded, and diffusers' IP-Adapter inputs come with an IP-Adapter."""
+        if self.identity_adapter is None:
+            raise RuntimeError("no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating")
+        if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and not self._has_ip_adapter:
+            raise ValueError("ip_adapter_image(_embeds) feed diffusers' IP-Adapter, and none is loaded: the identity "
+                             "goes in face_image= or id_embeds=; pipe.load_ip_adapter(...) adds a style or image reference")
+
     def _watermarked(self, output: Any, output_type: str | None) -> Any:
         """``output`` with its images marked, when the watermark is on."""
         if not self._watermark:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -374,13 +374,32 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         infusenet_conditioning_scale: float = 1.0,
         infusenet_guidance_start: float = 0.0,
         infusenet_guidance_end: float = 1.0,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image: Any = None,
+        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        **kwargs: Any,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
+        max_sequence_length: int = 512,
     ):
         """FluxPipeline's call with the identity of ``face_image`` (one photo, several of one person,
         or one per prompt) or ``id_embeds``.
@@ -396,8 +415,8 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         InfuseNet's residuals are scaled by ``infusenet_conditioning_scale`` times ``id_scale`` and
         act where both ``infusenet_guidance_start/end`` and the identity window allow.
         """
-        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
-            raise ValueError("use face_image= or id_embeds= with an identity adapter, not ip_adapter_image(_embeds)")
+        # 1. Check inputs
+        self._check_identity_call(ip_adapter_image, ip_adapter_image_embeds)
         if not 0.0 <= id_guidance_start < id_guidance_end <= 1.0 or not 0.0 <= infusenet_guidance_start < infusenet_guidance_end <= 1.0:
             raise ValueError("need 0 <= start < end <= 1 for id_guidance_start/end and infusenet_guidance_start/end")
         if id_start_step < 0:
@@ -406,8 +425,10 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                                                      or (infusenet_guidance_start, infusenet_guidance_end) != (0.0, 1.0)):
             raise ValueError("control_image= and infusenet_* are InfiniteYou's: this pipeline has no InfuseNet loaded")
         batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
-        if prompt is None and kwargs.get("prompt_embeds") is not None:
-            batch_size = len(kwargs["prompt_embeds"])
+        if prompt is None and prompt_embeds is not None:
+            batch_size = len(prompt_embeds)
+
+        # 2. Encode the identity; InfiniteYou's pose for InfuseNet
         tokens, negative_tokens = self.encode_id_tokens(face_image, id_embeds, batch_size, face_index, face_weights,
                                                         negative_face_image, negative_id_embeds)
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -422,11 +443,24 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         if window[0] >= window[1]:
             raise ValueError(f"InfuseNet's window {infusenet_guidance_start}-{infusenet_guidance_end} and the identity's "
                              f"{id_guidance_start}-{id_guidance_end} do not overlap: the identity would never act")
+
+        # 3. Encode the prompt, denoise and decode: FluxPipeline's own call, the transformer conditioned on the identity
         with self.identity_conditioning(tokens, negative_tokens, num_images_per_prompt, id_scale, *window,
                                         id_start_step, control, infusenet_conditioning_scale):
-            output = super().__call__(prompt=prompt, height=height, width=width,
-                                      num_images_per_prompt=num_images_per_prompt, generator=generator,
-                                      output_type=output_type, return_dict=return_dict, **kwargs)
+            output = super().__call__(
+                prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+                true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+                sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                generator=generator, latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                negative_ip_adapter_image=negative_ip_adapter_image,
+                negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                output_type=output_type, return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                max_sequence_length=max_sequence_length,
+            )
         return self._watermarked(output, output_type)
 
     @contextlib.contextmanager

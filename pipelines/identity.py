@@ -233,24 +233,7 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
             self.register_modules(image_encoder=self._image_encoder_before)
             self._image_encoder_before = _NO_ENCODER
 
-
     # ---------------------------------------------------------------- calling
-    @property
-    def _has_ip_adapter(self) -> bool:
-        """Whether diffusers' IP-Adapter is loaded into the UNet beside the identity adapter."""
-        return getattr(self.unet, "encoder_hid_proj", None) is not None and \
-            getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
-
-    def _check_identity_call(self, ip_adapter_image, ip_adapter_image_embeds) -> None:
-        if self.identity_adapter is None:
-            raise RuntimeError(
-                "no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating"
-            )
-        if (ip_adapter_image is not None or ip_adapter_image_embeds is not None) and not self._has_ip_adapter:
-            raise ValueError("ip_adapter_image(_embeds) feed diffusers' IP-Adapter, and none is loaded: the identity "
-                             "goes in face_image= or id_embeds=; pipe.load_ip_adapter(...) adds a style or image reference")
-
-
     @contextlib.contextmanager
     def identity_conditioning(
         self,

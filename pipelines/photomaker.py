@@ -12,11 +12,12 @@ path is the text's, not adapter attention.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import CLIPImageProcessor
 
 from idgen.adapters.checkpoints import resolve_checkpoint_file
@@ -178,13 +179,39 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         trigger_word: str = "img",
         start_merge_step: int = 10,
         face_index: int = 0,
+        prompt_2: None = None,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        clip_skip: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: None = None,
+        ip_adapter_image_embeds: None = None,
         output_type: str = "pil",
-        **kwargs: Any,
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
     ):
         """Generate SDXL images of the person in ``face_image`` (one photo, or several of one person).
 
@@ -196,7 +223,9 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
             start_merge_step: steps 0..start_merge_step denoise with the prompt alone (the trigger
                 word removed); later steps with the identity fused in. Lower: more likeness; higher:
                 more of the prompt's style.
-        Other arguments are ``StableDiffusionXLPipeline.__call__``'s.
+        Every other argument is ``StableDiffusionXLPipeline.__call__``'s; the prompt's own embeddings
+        (``prompt_embeds``, ``pooled_prompt_embeds``), ``prompt_2`` and diffusers' IP-Adapter inputs
+        must stay None: PhotoMaker builds the prompt embeddings from ``prompt=`` and the photos.
         """
         # 1. Check inputs
         if self.id_encoder is None:
@@ -205,8 +234,10 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
             raise IdentityInputError("PhotoMaker reads CLIP features of the photos themselves: pass face_image=")
         if not isinstance(prompt, (str, list)) or not prompt:
             raise ValueError("PhotoMaker finds the person's class word and trigger word in the text: pass prompt=")
-        for name in ("prompt_embeds", "pooled_prompt_embeds", "ip_adapter_image", "ip_adapter_image_embeds"):
-            if kwargs.get(name) is not None:
+        given = dict(prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                     ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
+        for name, value in given.items():
+            if value is not None:
                 raise ValueError(f"{name}= is not taken by PhotoMaker: its prompt embeddings come from prompt=")
         photos = list(face_image) if isinstance(face_image, (list, tuple)) else [face_image]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -217,9 +248,9 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         embeds, pooled, mask = self.encode_trigger_prompt(prompts, trigger_word, len(tokens), device, clip_skip)
         text_only = [self.text_only_prompt(text, trigger_word) for text in prompts]
         prompt_embeds, negative_prompt_embeds, pooled_text, negative_pooled = self.encode_prompt(
-            text_only, None, device, 1, guidance_scale > 1.0, negative_prompt, kwargs.pop("negative_prompt_2", None),
-            negative_prompt_embeds=kwargs.pop("negative_prompt_embeds", None),
-            negative_pooled_prompt_embeds=kwargs.pop("negative_pooled_prompt_embeds", None), clip_skip=clip_skip,
+            text_only, None, device, 1, guidance_scale > 1.0, negative_prompt, negative_prompt_2,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            clip_skip=clip_skip,
         )
 
         # 3. Fuse the identity into the class word's copies
@@ -231,8 +262,14 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         with self._merged_after(start_merge_step, fused, pooled):
             output = super().__call__(
                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_text, negative_pooled_prompt_embeds=negative_pooled,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, output_type=output_type, **kwargs,
+                pooled_prompt_embeds=pooled_text, negative_pooled_prompt_embeds=negative_pooled, height=height,
+                width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                denoising_end=denoising_end, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                eta=eta, generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale,
+                original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
         return self._watermarked(output, output_type)

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -432,6 +433,82 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         return self._watermarked(output, output_type)
 
 
+@dataclass(frozen=True)
+class SDXLIdentityArgs:
+    """The identity and ControlNet arguments of ``IDStableDiffusionXLPipeline.__call__`` (see its
+    docstring), carried as they are from the SDXL img2img and inpainting calls."""
+
+    face_image: FaceImages | None = None
+    id_embeds: torch.Tensor | None = None
+    id_scale: IDScale | None = None
+    negative_face_image: FaceImages | None = None
+    negative_id_embeds: torch.Tensor | None = None
+    face_index: int = 0
+    face_weights: Sequence[float] | None = None
+    id_guidance_start: float = 0.0
+    id_guidance_end: float = 1.0
+    face_clip_embeds: torch.Tensor | None = None
+    s_scale: float = 1.0
+    num_zero: int | None = None
+    ortho: str | None = None
+    face_kps: np.ndarray | None = None
+    kps_image: ImageInput | None = None
+    regions: RegionsInput | None = None
+    face_order: Sequence[int] | None = None
+    id_fusion: str | None = None
+    recover_words: Sequence[str] | None = None
+    controlnet_conditioning_scale: float | list[float] = 0.8
+    guess_mode: bool = False
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
+
+
+@dataclass(frozen=True)
+class SDXLTextArgs:
+    """The arguments diffusers' SDXL img2img and inpainting share with its text-to-image call,
+    carried as they are to ``IDStableDiffusionXLPipeline.__call__``."""
+
+    prompt: str | list[str] | None = None
+    prompt_2: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 50
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    denoising_end: float | None = None
+    guidance_scale: float = 5.0
+    negative_prompt: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    num_images_per_prompt: int = 1
+    eta: float = 0.0
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    ip_adapter_image: Any = None
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None
+    output_type: str = "pil"
+    return_dict: bool = True
+    cross_attention_kwargs: dict[str, Any] | None = None
+    guidance_rescale: float = 0.0
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    clip_skip: int | None = None
+    callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None
+    callback_on_step_end_tensor_inputs: list[str] = field(default_factory=lambda: ["latents"])
+
+
+def _as_kwargs(args: SDXLIdentityArgs | SDXLTextArgs) -> dict[str, Any]:
+    """A call's argument record as keyword arguments (the values themselves, not copies)."""
+    return {item.name: getattr(args, item.name) for item in fields(args)}
+
+
 class _IDStableDiffusionXLRedraw(IDStableDiffusionXLPipeline):
     """Shared by SDXL img2img and inpainting: the identity call of ``IDStableDiffusionXLPipeline``
     around the loop of diffusers' matching pipeline (with ControlNet or without), which shares
@@ -463,12 +540,17 @@ class _IDStableDiffusionXLRedraw(IDStableDiffusionXLPipeline):
         self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
                                                 do_binarize=True, do_convert_grayscale=True)
 
-    def _redraw(self, image: Any, control_image: Any, loop_inputs: dict[str, Any], kwargs: dict[str, Any]):
-        if self.controlnets and kwargs.get("height") is None and kwargs.get("width") is None:
-            kwargs["height"], kwargs["width"] = self.image_processor.get_default_height_width(image)
+    def _redraw(self, image: Any, control_image: Any, loop_inputs: dict[str, Any], text: SDXLTextArgs,
+                identity: SDXLIdentityArgs):
+        """``IDStableDiffusionXLPipeline.__call__`` with the redraw loop's own inputs (``image``,
+        ``strength``, ...) handed to that loop; with ControlNets the output takes ``image``'s size."""
+        if self.controlnets and text.height is None and text.width is None:
+            height, width = self.image_processor.get_default_height_width(image)
+            text = replace(text, height=height, width=width)
         self._loop_inputs = {"image": image, **loop_inputs}
         try:
-            return IDStableDiffusionXLPipeline.__call__(self, image=control_image, **kwargs)
+            return IDStableDiffusionXLPipeline.__call__(self, image=control_image, **_as_kwargs(text),
+                                                        **_as_kwargs(identity))
         finally:
             self._loop_inputs = {}
 
@@ -486,16 +568,94 @@ class IDStableDiffusionXLImg2ImgPipeline(_IDStableDiffusionXLRedraw):
     _loop_classes = (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.3,
-                 control_image: Any = None, denoising_start: float | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5, **kwargs: Any):
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
+        *,
+        control_image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+        num_zero: int | None = None,
+        ortho: str | None = None,
+        face_kps: np.ndarray | None = None,
+        kps_image: ImageInput | None = None,
+        regions: RegionsInput | None = None,
+        face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
+    ):
         """``image`` redrawn at ``strength`` (or from ``denoising_start`` on, after a base model's
-        ``denoising_end``); ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner;
-        every other argument is ``IDStableDiffusionXLPipeline``'s (its ``image=``, further
-        ControlNets' images, is ``control_image=`` here)."""
+        ``denoising_end``); ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner.
+        The positional arguments are ``StableDiffusionXLImg2ImgPipeline.__call__``'s; the keyword-only
+        ones are ``IDStableDiffusionXLPipeline``'s identity and ControlNet arguments, with
+        ``control_image`` for further ControlNets' images and ``height``/``width`` for the
+        ControlNet loop (default: ``image``'s size)."""
+        text = SDXLTextArgs(
+            prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas, denoising_end, guidance_scale,
+            negative_prompt, negative_prompt_2, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
+            ip_adapter_image_embeds, output_type, return_dict, cross_attention_kwargs, guidance_rescale, original_size,
+            crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+            negative_target_size, clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        identity = SDXLIdentityArgs(
+            face_image, id_embeds, id_scale, negative_face_image, negative_id_embeds, face_index, face_weights,
+            id_guidance_start, id_guidance_end, face_clip_embeds, s_scale, num_zero, ortho, face_kps, kps_image,
+            regions, face_order, id_fusion, recover_words, controlnet_conditioning_scale, guess_mode,
+            control_guidance_start, control_guidance_end)
         return self._redraw(image, control_image, dict(
             strength=strength, denoising_start=denoising_start, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score), dict(prompt=prompt, **kwargs))
+            negative_aesthetic_score=negative_aesthetic_score), text, identity)
 
 
 class IDStableDiffusionXLInpaintPipeline(_IDStableDiffusionXLRedraw):
@@ -505,15 +665,95 @@ class IDStableDiffusionXLInpaintPipeline(_IDStableDiffusionXLRedraw):
     _loop_classes = (StableDiffusionXLInpaintPipeline, StableDiffusionXLControlNetInpaintPipeline)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
-                 masked_image_latents: torch.Tensor | None = None, strength: float = 0.9999,
-                 padding_mask_crop: int | None = None, control_image: Any = None, denoising_start: float | None = None,
-                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **kwargs: Any):
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 0.9999,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # diffusers' own default
+        *,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        face_image: FaceImages | None = None,
+        id_embeds: torch.Tensor | None = None,
+        id_scale: IDScale | None = None,
+        negative_face_image: FaceImages | None = None,
+        negative_id_embeds: torch.Tensor | None = None,
+        face_index: int = 0,
+        face_weights: Sequence[float] | None = None,
+        id_guidance_start: float = 0.0,
+        id_guidance_end: float = 1.0,
+        face_clip_embeds: torch.Tensor | None = None,
+        s_scale: float = 1.0,
+        num_zero: int | None = None,
+        ortho: str | None = None,
+        face_kps: np.ndarray | None = None,
+        kps_image: ImageInput | None = None,
+        regions: RegionsInput | None = None,
+        face_order: Sequence[int] | None = None,
+        id_fusion: str | None = None,
+        recover_words: Sequence[str] | None = None,
+    ):
         """``image`` repainted under ``mask_image`` at ``strength``; ``masked_image_latents``,
         ``padding_mask_crop`` (repaint a crop around the mask, pasted back), ``denoising_start`` and
-        the aesthetic scores as in diffusers' SDXL inpainting; every other argument is
-        ``IDStableDiffusionXLPipeline``'s (``control_image=`` for further ControlNets' images)."""
+        the aesthetic scores as in diffusers' SDXL inpainting. The positional arguments are
+        ``StableDiffusionXLInpaintPipeline.__call__``'s; the keyword-only ones are
+        ``IDStableDiffusionXLPipeline``'s identity and ControlNet arguments (``control_image`` for
+        further ControlNets' images)."""
+        text = SDXLTextArgs(
+            prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas, denoising_end, guidance_scale,
+            negative_prompt, negative_prompt_2, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
+            ip_adapter_image_embeds, output_type, return_dict, cross_attention_kwargs, guidance_rescale, original_size,
+            crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+            negative_target_size, clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        identity = SDXLIdentityArgs(
+            face_image, id_embeds, id_scale, negative_face_image, negative_id_embeds, face_index, face_weights,
+            id_guidance_start, id_guidance_end, face_clip_embeds, s_scale, num_zero, ortho, face_kps, kps_image,
+            regions, face_order, id_fusion, recover_words, controlnet_conditioning_scale, guess_mode,
+            control_guidance_start, control_guidance_end)
         return self._redraw(image, control_image, dict(
             mask_image=mask_image, masked_image_latents=masked_image_latents, strength=strength,
             padding_mask_crop=padding_mask_crop, denoising_start=denoising_start, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score), dict(prompt=prompt, **kwargs))
+            negative_aesthetic_score=negative_aesthetic_score), text, identity)

@@ -69,6 +69,9 @@ def test_generation_from_photos_and_embeddings(arc2face, analyzer, astronaut):
     # prompt stands first, as in the other pipelines: positional calls fail with the same message
     with pytest.raises(ValueError, match="no prompt"):
         arc2face("a person", id_embeds=emb)
+    # diffusers' prompt arguments are in the signature, and refused in one line naming them
+    with pytest.raises(ValueError, match="takes no negative_prompt, clip_skip: the identity is its whole condition"):
+        arc2face(id_embeds=emb, negative_prompt="blurry", clip_skip=1)
     # numpy arrays are embeddings too (float64 included), as in the other pipelines
     assert np.abs(run(arc2face, id_embeds=emb.numpy().astype(np.float64)) - from_photo).max() <= 1e-5
 

@@ -235,15 +235,6 @@ def test_custom_timesteps_and_sigmas_follow_the_real_schedule(pipe):
         pipe.scheduler = default
 
 
-def test_diffusers_arguments_are_in_the_signature():
-    wanted = {"height", "width", "guidance_scale", "num_images_per_prompt", "generator", "latents", "output_type",
-              "return_dict", "timesteps", "sigmas", "eta", "callback_on_step_end"}
-    for cls in (IDStableDiffusionPipeline, IDStableDiffusionXLPipeline):
-        parameters = inspect.signature(cls.__call__).parameters
-        assert wanted <= set(parameters), wanted - set(parameters)
-        assert not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
 def test_output_files_follow_the_umask(tmp_path):
     from idgen.files import atomic_path
 
@@ -399,17 +390,44 @@ def test_diffusers_ip_adapter_beside_the_identity(preset, xl, family):
     assert np.array_equal(run(pipe, id_embeds=identity, **size), alone)
 
 
-@pytest.mark.parametrize("ours", ["IDStableDiffusionPipeline", "IDStableDiffusionImg2ImgPipeline", "IDStableDiffusionInpaintPipeline"])
-def test_sd_signatures_spell_out_every_diffusers_argument(ours):
-    """Every argument of the diffusers pipeline an SD1.5 pipeline stands for is in its ``__call__``,
-    with diffusers' default, and nothing hides behind ``**kwargs`` (diffusers' signature tests read it)."""
-    import inspect
+#: Each idgen pipeline: the diffusers pipeline whose arguments and defaults its ``__call__`` takes,
+#: the ones whose argument names it takes too (its ControlNet loop), and the defaults it sets on
+#: purpose (its method's own).
+STANDS_FOR = {
+    "IDStableDiffusionPipeline": ("StableDiffusionPipeline", (), {}),
+    "IDStableDiffusionImg2ImgPipeline": ("StableDiffusionImg2ImgPipeline", (), {}),
+    "IDStableDiffusionInpaintPipeline": ("StableDiffusionInpaintPipeline", (), {}),
+    "IDStableDiffusionXLPipeline": ("StableDiffusionXLPipeline", ("StableDiffusionXLControlNetPipeline",),
+                                    {"num_inference_steps": 30}),
+    "IDStableDiffusionXLImg2ImgPipeline": ("StableDiffusionXLImg2ImgPipeline",
+                                           ("StableDiffusionXLControlNetImg2ImgPipeline",), {}),
+    "IDStableDiffusionXLInpaintPipeline": ("StableDiffusionXLInpaintPipeline",
+                                           ("StableDiffusionXLControlNetInpaintPipeline",), {}),
+    "IDFluxPipeline": ("FluxPipeline", (), {}),
+    "IDArc2FacePipeline": ("StableDiffusionPipeline", (), {"num_inference_steps": 25, "guidance_scale": 3.0}),
+    "IDPhotoMakerPipeline": ("StableDiffusionXLPipeline", (), {}),
+}
+
+
+@pytest.mark.parametrize("ours", list(STANDS_FOR))
+def test_signatures_spell_out_every_diffusers_argument(ours):
+    """Every argument of the diffusers pipeline an idgen pipeline stands for is in its ``__call__``,
+    with diffusers' default unless the method sets its own, and nothing hides behind ``**kwargs``
+    (diffusers' signature tests read it)."""
+    import diffusers
 
     from idgen import pipelines
 
-    cls = getattr(pipelines, ours)
-    parent = next(base for base in cls.__mro__[1:] if base.__module__.startswith("diffusers."))
-    mine = inspect.signature(cls.__call__).parameters
-    theirs = {name: p for name, p in inspect.signature(parent.__call__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    parent, others, own = STANDS_FOR[ours]
+    mine = inspect.signature(getattr(pipelines, ours).__call__).parameters
+
+    def arguments(name: str) -> dict[str, inspect.Parameter]:
+        parameters = inspect.signature(getattr(diffusers, name).__call__).parameters
+        return {key: p for key, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
+
     assert not [p for p in mine.values() if p.kind is p.VAR_KEYWORD]
-    assert {name: mine[name].default for name in theirs if name in mine} == {name: p.default for name, p in theirs.items()}
+    theirs = arguments(parent)
+    assert {name: mine[name].default for name in theirs if name in mine} == \
+        {name: own.get(name, p.default) for name, p in theirs.items()}
+    for other in others:
+        assert set(arguments(other)) - set(mine) == set()

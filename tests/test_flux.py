@@ -390,3 +390,43 @@ def test_one_photo_for_a_batch_of_prompts(pulid, infiniteyou, astronaut):
         alone = torch.stack([pipe(prompt, generator=torch.Generator().manual_seed(i), **kwargs).images[0]
                              for i, prompt in enumerate(prompts)])
         torch.testing.assert_close(batch, alone, atol=FP32_ATOL, rtol=0)
+
+
+def _flux_ip_adapter_state_dict(transformer, clip_dim: int = 16, seed: int = 0) -> dict:
+    """A random FLUX IP-Adapter in XLabs' layout (the one ``load_ip_adapter`` reads): a linear
+    projection to 4 tokens and image keys/values for every double-stream block."""
+    generator = torch.Generator().manual_seed(seed)
+    text, inner = transformer.config.joint_attention_dim, transformer.inner_dim
+    state = {"image_proj": {"proj.weight": torch.randn(text * 4, clip_dim, generator=generator) * 0.2,
+                            "proj.bias": torch.zeros(text * 4), "norm.weight": torch.ones(text),
+                            "norm.bias": torch.zeros(text)}, "ip_adapter": {}}
+    for index in range(len(transformer.transformer_blocks)):
+        for part in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{index}.{part}.weight"] = torch.randn(inner, text, generator=generator) * 0.3
+            state["ip_adapter"][f"{index}.{part}.bias"] = torch.zeros(inner)
+    return state
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["pulid-flux", "infiniteyou"])
+def test_diffusers_ip_adapter_beside_the_identity(presets, analyzer, astronaut, which):
+    """diffusers' FLUX IP-Adapter (a style or image reference) loads beside PuLID-FLUX or
+    InfiniteYou and both act, each at its own scale: IP-Adapter scale 0 is the identity alone (to
+    float32 rounding); either scale changes the image without the other; unloading it gives the
+    identity alone exactly. Without an IP-Adapter its inputs are refused in one line."""
+    pipe = _load(presets[which], analyzer)
+    call = dict(face_image=astronaut)
+    alone = run(pipe, **call)
+    reference = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(2))
+    embeds = dict(ip_adapter_image_embeds=[reference], negative_ip_adapter_image_embeds=[torch.zeros_like(reference)])
+    with pytest.raises(ValueError, match="none is loaded"):
+        run(pipe, **call, **embeds)
+    pipe.load_ip_adapter(_flux_ip_adapter_state_dict(pipe.transformer), subfolder=None, weight_name=None,
+                         image_encoder_pretrained_model_name_or_path=None)
+    pipe.set_ip_adapter_scale(0.0)
+    torch.testing.assert_close(run(pipe, **call, **embeds), alone, atol=FP32_ATOL, rtol=0)
+    pipe.set_ip_adapter_scale(1.0)
+    both = run(pipe, **call, **embeds)
+    reference_only = run(pipe, **call, id_scale=0.0, **embeds)
+    assert (both - alone).abs().max() > 1e-3 and (both - reference_only).abs().max() > 1e-3
+    pipe.unload_ip_adapter()
+    assert torch.equal(run(pipe, **call), alone)

@@ -84,6 +84,8 @@ def test_errors(pipe, astronaut, checkpoint, preset):
         latents(pipe, prompt="img in a garden", face_image=[astronaut])
     with pytest.raises(IdentityInputError, match="pass face_image="):
         latents(pipe)
+    with pytest.raises(ValueError, match="prompt_2= is not taken by PhotoMaker"):
+        latents(pipe, prompt="a photo of a woman img", face_image=[astronaut], prompt_2="a garden")
     sd15 = IDStableDiffusionPipeline.from_pretrained(preset.base)
     with pytest.raises(CheckpointError, match="PhotoMaker checkpoint.*IDPhotoMakerPipeline"):
         sd15.load_identity_adapter(str(checkpoint))
