@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class IdentityAdapter(nn.Module):
         self.plain_notice: str | None = None
 
     def items(self) -> Iterable[tuple[str, IdentityAttention]]:
-        return zip(self.names, self.layers)
+        return zip(self.names, cast(Iterable[IdentityAttention], self.layers))
 
     def layer(self, name: str) -> IdentityAttention:
         return self._by_name[name]
@@ -130,7 +130,7 @@ class IdentityAdapter(nn.Module):
         ``to_out[0]``; with ``fusion`` also every self-attention's ``to_k``, ``to_v``, ``to_out[0]``
         and every cross-attention's ``to_q`` and ``to_k`` (``idgen.adapters.fusion``)."""
         targets = []
-        cross = {name: unet.get_submodule(name) for name in self.names}
+        cross: dict[str, Any] = {name: unet.get_submodule(name) for name in self.names}
         if fusion:
             for name, module in unet.named_modules():
                 if name.endswith(".attn1"):
@@ -209,7 +209,7 @@ class IdentityCall:
                        for name, layer in self.owner.items()}
         self.regions, self.num_zero, self.ortho = regions, num_zero, ortho
 
-    def pre_forward(self, role: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pre_forward(self, role: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kind, _, name = role.partition(":")
         if kind == "unet":
             if self.on_unet is not None:

@@ -37,7 +37,8 @@ class CallState(Protocol):
 
     owner: Any
 
-    def pre_forward(self, role: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
+    def pre_forward(self, role: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The forward's arguments, changed or not (None: unchanged)."""
 
     def post_forward(self, role: str, module: torch.nn.Module, output: Any) -> Any: ...
 
@@ -98,9 +99,8 @@ class IdentityHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         state = current(self.owner)
-        if state is None:
-            return args, kwargs
-        return state.pre_forward(self.role, module, args, kwargs)
+        changed = None if state is None else state.pre_forward(self.role, module, args, kwargs)
+        return (args, kwargs) if changed is None else changed
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         state = current(self.owner)

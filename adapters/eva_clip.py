@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,9 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 class EVARotary(nn.Module):
     """The rotary tables as the official buffers ``freqs_cos`` / ``freqs_sin``."""
+
+    freqs_cos: torch.Tensor
+    freqs_sin: torch.Tensor
 
     def __init__(self, head_dim: int, grid: int, pretrain_grid: int):
         super().__init__()
@@ -213,4 +217,4 @@ def load_eva_tower(source: str | os.PathLike | None = None, dtype: torch.dtype |
         raise ModelNotFoundError(f"PuLID reads EVA02-CLIP-L features of the face, whose weights could not be loaded: "
                                  f"{err}; or pass image_encoder= (a file, a folder or an EVAVisionTower)") from None
     tower = build_eva_tower(eva_state_dict(read_checkpoint(path), path), path)
-    return tower.to(dtype) if dtype is not None else tower
+    return cast(Any, tower).to(dtype) if dtype is not None else tower  # ModelMixin.to: its wrapper hides the types

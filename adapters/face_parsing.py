@@ -8,6 +8,7 @@ parameter names are facexlib's, so the published file loads as is.
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
+    layer1: nn.Sequential  # set by facexlib's names in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -134,14 +140,15 @@ class BiSeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat8, context8, context16 = self.cp(x)
         outputs = (self.conv_out(self.ffm(feat8, context8)), self.conv_out16(context8), self.conv_out32(context16))
-        return tuple(F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=True) for out in outputs)
+        first, second, third = (F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=True) for out in outputs)
+        return first, second, third
 
 
 def load_face_parser(source: str | os.PathLike | nn.Module | None = None) -> BiSeNet:
     """facexlib's BiSeNet from a ``parsing_bisenet.pth`` file (read with ``weights_only=True``),
     by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
-        return source.eval()
+        return cast(BiSeNet, source.eval())  # any module with its forward
 
     state, path = release_weights(source, BISENET_URL, "PuLID keeps only the face for EVA-CLIP using facexlib's face parser",
                                   "face_parser= (or --face-parser)", "facexlib's parsing_bisenet.pth")

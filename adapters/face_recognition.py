@@ -10,6 +10,7 @@ the keys, so smaller test networks of the same layout load too.
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import numpy as np
 import torch
@@ -81,7 +82,8 @@ def build_irse(state: dict[str, torch.Tensor], path: str = "recognizer") -> IRSE
     """The recognizer sized from its keys, with its weights (eval mode)."""
     try:
         count = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("body."))
-        units = [tuple(int(s) for s in state[f"body.{i}.res_layer.1.weight"].shape[1::-1]) for i in range(count)]
+        units = [(int(state[f"body.{i}.res_layer.1.weight"].shape[1]), int(state[f"body.{i}.res_layer.1.weight"].shape[0]))
+                 for i in range(count)]
         model = IRSEArcFace(units, int(state["input_layer.0.weight"].shape[0]), int(state["output_layer.3.weight"].shape[0]))
         model.load_state_dict(state, strict=True)
     except (KeyError, ValueError, RuntimeError) as err:
@@ -95,7 +97,7 @@ def load_irse_recognizer(source: str | os.PathLike | nn.Module | None = None) ->
     """facexlib's IR-SE50 from a ``recognition_arcface_ir_se50.pth`` file (read with
     ``weights_only=True``), by default downloaded once from facexlib's release; a module passes through."""
     if isinstance(source, nn.Module):
-        return source.eval()
+        return cast(IRSEArcFace, source.eval())  # any module with its embed()
 
     state, path = release_weights(source, IRSE50_URL, "InfiniteYou reads the identity with facexlib's ArcFace",
                                   "face_recognizer= (or --face-recognizer)", "facexlib's recognition_arcface_ir_se50.pth")

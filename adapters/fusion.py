@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 FUSIONS = ("adain", "freecure")
 #: Words whose look FreeCure takes from the base model when the caller names none.
@@ -50,7 +49,7 @@ def attribute_tokens(tokenizer: Any, prompt: str, words: Sequence[str] | None) -
     spoken = re.findall(r"[a-z]+", prompt.lower())
     wanted = [w.lower() for w in words] if words is not None else [w for w in spoken if w in ATTRIBUTE_WORDS]
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    positions = []
+    positions: list[int] = []
     for word in dict.fromkeys(wanted):
         pieces = tokenizer(word, add_special_tokens=False).input_ids
         for start in range(len(ids) - len(pieces) + 1):
@@ -66,7 +65,7 @@ class StreamFusion:
     tokens of each prompt row (prompts times images per prompt); with CFG the unconditional rows
     come first and use their prompt row's mask."""
 
-    def __init__(self, unet: nn.Module, mode: str, token_positions: list[list[int]] | None = None):
+    def __init__(self, unet: Any, mode: str, token_positions: list[list[int]] | None = None):
         if mode not in FUSIONS:
             raise ValueError(f"id_fusion={mode!r}: choose one of {', '.join(FUSIONS)}, or None")
         unet = getattr(unet, "_orig_mod", unet)

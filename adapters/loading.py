@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -249,7 +250,7 @@ def check_adapter(unet, state_dict: dict[str, StateDict], spec: AdapterSpec, pat
         if spec.lora_rank is not None and len(lora_parts) != 8:
             raise CheckpointError(f"{path}: layer {index} ({name}) has an incomplete LoRA ({sorted(lora_parts)})")
         if lora_parts:
-            _check_lora_shapes(unet, state_dict["ip_adapter"], index, name, spec.lora_rank, path)
+            _check_lora_shapes(unet, state_dict["ip_adapter"], index, name, cast(int, spec.lora_rank), path)
 
 
 def _check_lora_shapes(unet, ip_adapter: StateDict, index: int, name: str, rank: int, path: str) -> None:

@@ -10,6 +10,8 @@ the model bit for bit.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ LoRALayers = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def _weight(model: nn.Module, path: str) -> nn.Parameter:
     layer = model.get_submodule(path)
-    return getattr(layer, "base_layer", layer).weight  # under a peft wrapper: the base layer's
+    return cast(nn.Parameter, getattr(layer, "base_layer", layer).weight)  # under a peft wrapper: the base layer's
 
 
 class FusedLoRA:

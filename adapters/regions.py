@@ -11,7 +11,7 @@ identity, and outside every region no identity acts at all (text attention is ne
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ class RegionalAttention(ModelHook):
             return forward(hidden_states, encoder_hidden_states, *args, **kwargs)
         weights = holder["now"][hidden_states.shape[1]].to(hidden_states.dtype)
         people = encoder_hidden_states.chunk(len(weights), dim=1)
-        return sum(weight * forward(hidden_states, tokens, *args, **kwargs) for weight, tokens in zip(weights, people))
+        return cast(torch.Tensor, sum(weight * forward(hidden_states, tokens, *args, **kwargs) for weight, tokens in zip(weights, people)))
 
 
 def regional_cross_attention(model: torch.nn.Module, owner: Any) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -99,7 +100,7 @@ def read(path: str) -> dict | None:
     active = data.get("manifests", {}).get(data.get("active_manifest"), {})
     actions = [action for assertion in active.get("assertions", []) if assertion.get("label", "").startswith("c2pa.actions")
                for action in assertion.get("data", {}).get("actions", [])]
-    created = next((a for a in actions if a.get("action") == "c2pa.created"), {})
+    created: dict[str, Any] = next((a for a in actions if a.get("action") == "c2pa.created"), {})
     signature = active.get("signature_info", {})
     return {
         "claim_generator": ", ".join(f"{g.get('name')} {g.get('version', '')}".strip()

@@ -166,7 +166,7 @@ def resolve_method(base: str, adapter: str | None, weight_name: str | None) -> t
     family = [m for m in METHODS.values() if m.family == base_family(base)]
     if adapter is None:
         method = next(m for m in family if m.default_adapter)
-        adapter = method.default_adapter
+        adapter = str(method.default_adapter)
     else:
         method = next((m for m in family if m.recognises(adapter, weight_name)), family[-1])
     if weight_name is None and method.recognises(adapter, None):

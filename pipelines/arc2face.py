@@ -143,16 +143,16 @@ class IDArc2FacePipeline(FaceInputMixin, StableDiffusionPipeline):
         device = self._execution_device
 
         # 2. Write the identity into the text encoder's input
-        prompt_embeds = self.encode_id_prompt(id_embeds, device)
+        id_prompt_embeds = self.encode_id_prompt(id_embeds, device)
         if negative_id_embeds is not None:
-            negative = self._batch_id_embeds(negative_id_embeds, len(prompt_embeds), "negative_id_embeds")
-            negative_prompt_embeds = self.encode_id_prompt(negative, device)
+            negative = self._batch_id_embeds(negative_id_embeds, len(id_prompt_embeds), "negative_id_embeds")
+            negative_id_prompt_embeds = self.encode_id_prompt(negative, device)
         else:
-            _, negative_prompt_embeds = self.encode_prompt(None, device, 1, True, prompt_embeds=prompt_embeds)
+            _, negative_id_prompt_embeds = self.encode_prompt(None, device, 1, True, prompt_embeds=id_prompt_embeds)
 
         # 3. Denoise and decode: the parent's loop
         output = super().__call__(
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
+            prompt_embeds=id_prompt_embeds, negative_prompt_embeds=negative_id_prompt_embeds, height=height, width=width,
             num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
             output_type=output_type, return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,

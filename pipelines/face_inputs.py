@@ -4,7 +4,7 @@ reads from its ``face_image=``, with the input types it accepts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from idgen.faces import DEFAULT_MAX_PIXELS, Face, FaceAnalyzer, ImageInput, load
 from idgen.formats import Method, method_of
 from idgen.watermark import embed
 
-from .shared import OnDenoiser
+from .shared import OnDenoiser, on_denoiser
 
 FaceImages = ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]]
 
@@ -127,6 +127,7 @@ class FaceInputMixin:
             return output
 
         images = output[0] if isinstance(output, tuple) else output.images
+        marked: Any
         if output_type == "pil":
             marked = [embed(image) for image in images]
         elif output_type == "np":
@@ -169,7 +170,7 @@ class FaceInputMixin:
     def _face_groups(face_image: FaceImages, batch_size: int) -> list[list[ImageInput]]:
         """The photos of each identity: one photo; one per prompt; or several of one person."""
         if not isinstance(face_image, (list, tuple)):
-            return [[face_image]]
+            return [[cast(ImageInput, face_image)]]
         if face_image and all(isinstance(item, (list, tuple)) for item in face_image):
             return [list(item) for item in face_image]
         if batch_size > 1 and len(face_image) == batch_size:
@@ -215,7 +216,7 @@ class FaceInputMixin:
             id_embeds = self.encode_identity(face_image, batch_size, face_index, face_weights)
         if negative_face_image is not None:  # its largest face: face_index picks among the face photos'
             negative_id_embeds = self.encode_identity(negative_face_image, batch_size)
-        return as_tensor(id_embeds), as_tensor(negative_id_embeds)
+        return cast(torch.Tensor, as_tensor(id_embeds)), as_tensor(negative_id_embeds)  # one of the two was given
 
     @staticmethod
     def _batch_id_embeds(id_embeds: torch.Tensor, batch_size: int, name: str, row_ndim: int = 1) -> torch.Tensor:
@@ -241,8 +242,8 @@ class PuLIDInputMixin(FaceInputMixin):
     parsed face, joined with the ArcFace vectors by its ID encoder into identity tokens."""
 
     #: PuLID's face encoders: EVA02-CLIP's vision tower and the face parser (set by loading PuLID).
-    eva_encoder = OnDenoiser()
-    face_parser = OnDenoiser()
+    eva_encoder = on_denoiser()
+    face_parser = on_denoiser()
 
     def _check_identity_inputs(self, face_image: Any, id_embeds: Any) -> None:
         """Exactly one of ``face_image`` and ``id_embeds``; PuLID takes both (its EVA-CLIP reads the
@@ -314,14 +315,15 @@ class PuLIDInputMixin(FaceInputMixin):
 
         def tokens(arcface: torch.Tensor, eva: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
             cond = torch.cat([arcface.float().to(device), eva[0].to(device)], dim=-1)
-            return projection(cond.to(projection.dtype), [level.to(device, projection.dtype) for level in eva[1]])
+            dtype = cast(torch.dtype, projection.dtype)
+            return projection(cond.to(dtype), [level.to(device, dtype) for level in eva[1]])
 
         return tokens(id_embeds, positive_eva), tokens(negative_id_embeds, negative_eva)
 
 
 def per_person(face_index: int | Sequence[int], people: int) -> list[int]:
     """``face_index`` for each of ``people``: one index for all, or one each."""
-    indices = list(face_index) if isinstance(face_index, (list, tuple)) else [face_index] * people
+    indices = list(face_index) if isinstance(face_index, (list, tuple)) else [cast(int, face_index)] * people
     if len(indices) != people:
         raise IdentityInputError(f"face_index has {len(indices)} values for {people} people: give one, or one per person")
     return indices

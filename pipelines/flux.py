@@ -52,7 +52,6 @@ from idgen.adapters.face_recognition import load_irse_recognizer
 from idgen.adapters.flux import (
     INFINITEYOU_WEIGHT_NAME,
     INFUSENET_FOLDER,
-    PuLIDFluxAdapter,
     infiniteyou_projection,
     pulid_flux_adapter,
 )
@@ -62,7 +61,7 @@ from idgen.faces.analyzer import check_face_weights, mean_identity
 
 from .face_inputs import FaceImages, IDScale, PuLIDInputMixin
 from .identity import id_window, layer_id_scales
-from .shared import OnDenoiser
+from .shared import on_denoiser
 
 #: InfiniteYou's residual groups, the names its per-block ``id_scale`` takes ("double", "single").
 _INFUSENET_GROUPS = ("transformer_blocks", "single_transformer_blocks")
@@ -111,16 +110,17 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
     called like the other idgen pipelines (``face_image=``, ``id_embeds=``, ``id_scale=``)."""
 
     base_family = "flux"
-    identity_adapter: PuLIDFluxAdapter | torch.nn.Module | None = OnDenoiser()
-    adapter_format: str | None = OnDenoiser()
+    #: PuLID-FLUX's ``PuLIDFluxAdapter`` or InfiniteYou's ``InstantIDResampler`` (None: plain FLUX).
+    identity_adapter: Any = on_denoiser()
+    adapter_format: str | None = on_denoiser()
     #: InfiniteYou's InfuseNet (a ``FluxControlNetModel``) and ArcFace (facexlib's IR-SE50).
-    infusenet: FluxControlNetModel | None = OnDenoiser()
-    face_recognizer: torch.nn.Module | None = OnDenoiser()
+    infusenet: Any = on_denoiser()  # FluxControlNetModel | None
+    face_recognizer: Any = on_denoiser()  # IRSEArcFace | None
 
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
-                 transformer: FluxTransformer2DModel, image_encoder: CLIPVisionModelWithProjection = None,
-                 feature_extractor: CLIPImageProcessor = None):
+                 transformer: FluxTransformer2DModel, image_encoder: CLIPVisionModelWithProjection | None = None,
+                 feature_extractor: CLIPImageProcessor | None = None):
         # The signature is FluxPipeline's, types included: diffusers' from_pretrained and from_pipe read it.
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
@@ -569,7 +569,7 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
                 owner.__dict__[_MODEL_HOOKS].remove()
 
 
-def _blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _blocks(transformer: Any) -> list[tuple[str, torch.nn.Module]]:
     return [(f"{group}.{i}", block) for group in _INFUSENET_GROUPS for i, block in enumerate(getattr(transformer, group))]
 
 

@@ -66,6 +66,8 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("sh
 class IdentityLoRAMixin:
     """diffusers' LoRA, QKV-fusion and saving methods, kept true with FaceID's LoRA loaded."""
 
+    _fused_id_lora: FusedLoRA | None  # set by the pipeline (an attribute of its denoiser)
+
     @property
     def _has_id_lora(self) -> bool:
         """Whether this pipeline's identity adapter has its LoRA loaded in the UNet."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -165,12 +165,12 @@ class IdentityTokensMixin:
             if face_order is not None:
                 raise ValueError("face_order= orders the people of regions=: pass regions= too, or leave it out")
             return (*self.encode_id_tokens(face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size,
-                                           face_index, face_weights, face_clip_embeds, s_scale), None)
+                                           cast(int, face_index), face_weights, face_clip_embeds, s_scale), None)
         if face_weights is not None:
             raise ValueError("face_weights= weighs photos of one person; with regions= each face_image entry is a person")
-        layout = PeopleLayout(*self.people_regions(regions, self.count_people(face_image, id_embeds), kps_image,
-                                                   face_order))
-        tokens = self.encode_people_tokens(face_image, id_embeds, negative_face_image, negative_id_embeds, batch_size,
+        people = cast("Sequence[FaceImages] | None", face_image)  # one entry per person
+        layout = PeopleLayout(*self.people_regions(regions, self.count_people(people, id_embeds), kps_image, face_order))
+        tokens = self.encode_people_tokens(people, id_embeds, negative_face_image, negative_id_embeds, batch_size,
                                            face_index, face_clip_embeds, s_scale)
         return (*tokens, layout)
 
@@ -199,7 +199,7 @@ class IdentityTokensMixin:
             photos = None if face_image is None else face_image[p]
             rows.append(self.encode_id_tokens(
                 [photos] if isinstance(photos, (list, tuple)) else photos,  # several photos of this one person
-                None if id_embeds is None else as_tensor(id_embeds)[p], negative_face_image, negative_id_embeds,
+                None if id_embeds is None else cast(torch.Tensor, as_tensor(id_embeds))[p], negative_face_image, negative_id_embeds,
                 batch_size, indices[p], None, None if face_clip_embeds is None else face_clip_embeds[p], s_scale,
             ))
         tokens, negative_tokens = zip(*rows)
@@ -211,7 +211,7 @@ class IdentityTokensMixin:
         if face_image is not None and not isinstance(face_image, (list, tuple)):
             raise IdentityInputError("with regions=, face_image= is a list with one entry per person (a photo, or a "
                                      "list of photos of that person)")
-        people = len(face_image) if face_image is not None else len(as_tensor(id_embeds))
+        people = len(face_image) if face_image is not None else len(cast(torch.Tensor, as_tensor(id_embeds)))
         if people < 1:
             raise IdentityInputError("regions= places several people, but no person was given")
         return people
@@ -227,7 +227,8 @@ class IdentityTokensMixin:
             if regions != "faces" or faces is None:
                 raise IdentityInputError(f"regions={regions!r}: give one mask or box per person, or regions='faces' "
                                          "with kps_image= (a photo with a face per person)")
-            centres = [((f.bbox[0] + f.bbox[2]) / 2 / size[0], (f.bbox[1] + f.bbox[3]) / 2 / size[1]) for f in faces]
+            width, height = cast(tuple[int, int], size)  # the size of kps_image, which has the faces
+            centres = [((f.bbox[0] + f.bbox[2]) / 2 / width, (f.bbox[1] + f.bbox[3]) / 2 / height) for f in faces]
             return Regions.around(np.asarray(centres)), faces, size
         if face_order is not None and group is None:
             raise IdentityInputError("face_order= picks faces of kps_image=: pass the group photo too")

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,7 @@ from idgen.formats import formats_run_by, wrong_pipeline_message
 from .face_inputs import IDScale, PuLIDInputMixin
 from .id_lora import FUSED_LORA_NOTICE, IdentityLoRAMixin
 from .id_tokens import IdentityTokensMixin
-from .shared import OnDenoiser, shared_modules
+from .shared import on_denoiser, shared_modules
 
 SDXL_CROSS_ATTENTION_DIM = 2048
 #: PuLID's checkpoint formats (v1.1, v1).
@@ -90,19 +90,20 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
 
     #: Adapter formats this pipeline runs (the registry's rows for it).
     supported_adapter_formats: tuple[str, ...] = formats_run_by("IDStableDiffusionPipeline")
-    identity_adapter: IdentityAdapter | None = OnDenoiser()
-    adapter_spec: AdapterSpec | None = OnDenoiser()
+    identity_adapter: IdentityAdapter | None = on_denoiser()
+    adapter_spec: AdapterSpec | None = on_denoiser()
     #: The identity adapter's own LoRA (FaceID), fused into the UNet's weights (``_fused_id_lora``)
     #: or run by peft as the adapter ``"faceid"``.
-    _id_lora: LoRALayers | None = OnDenoiser()
-    _fused_id_lora: FusedLoRA | None = OnDenoiser()
+    _id_lora: LoRALayers | None = on_denoiser()
+    _fused_id_lora: FusedLoRA | None = on_denoiser()
     #: The ``image_encoder`` before FaceID-Plus set its own (put back on unload).
-    _image_encoder_before: Any = OnDenoiser(_NO_ENCODER)
+    _image_encoder_before: Any = on_denoiser(_NO_ENCODER)
 
     @property
     def id_projection(self) -> FaceIDProjection | InstantIDResampler | None:
         """The loaded adapter's projection (ArcFace vector -> identity tokens), or None."""
-        return None if self.identity_adapter is None else self.identity_adapter.projection
+        return None if self.identity_adapter is None else cast(FaceIDProjection | InstantIDResampler,
+                                                                self.identity_adapter.projection)
 
     @property
     def identity_format(self) -> str | None:
@@ -195,7 +196,7 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
             return None
         encoder = self.image_encoder if self._image_encoder_before is not _NO_ENCODER else None
         pulid = (self.eva_encoder, self.face_parser) if self.eva_encoder is not None else None
-        return _IdentityParts(self.identity_adapter, self.adapter_spec, self._id_lora, encoder, pulid,
+        return _IdentityParts(self.identity_adapter, cast(AdapterSpec, self.adapter_spec), self._id_lora, encoder, pulid,
                               self._fused_id_lora is not None)
 
     def _install_identity(self, parts: _IdentityParts) -> None:
@@ -268,17 +269,19 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
                 f"need 0 <= id_guidance_start < id_guidance_end <= 1, got {id_guidance_start} and {id_guidance_end}"
             )
         adapter = self.identity_adapter
+        if adapter is None:
+            raise RuntimeError("no identity adapter is loaded: call pipe.load_identity_adapter(...) before generating")
         schedule = loop or self  # the pipeline whose loop runs (its num_timesteps)
         scales = layer_id_scales(adapter.names, id_scale)
         gates = {name: torch.tensor(scales[name], device=tokens.device) for name in adapter.names}
         batches = IdentityTokens(tokens, negative_tokens, num_images_per_prompt)
-        progress = {"step": 0, "shape": None, "on": True}
+        progress: dict[str, Any] = {"step": 0, "shape": None, "on": True}
 
         def on_unet(args: tuple, kwargs: dict) -> None:
             sample = args[0] if args else kwargs["sample"]
             if progress["shape"] != sample.shape:
                 weights = None if regions is None else regions.weights(
-                    *sample.shape[-2:], self.vae_scale_factor, sample.device)
+                    sample.shape[-2], sample.shape[-1], self.vae_scale_factor, sample.device)
                 rows = batches.for_batch(sample.shape[0])
                 if call.fusion is not None:  # the base stream, after the identity rows: no identity
                     rows = torch.cat([rows, torch.zeros_like(rows)])

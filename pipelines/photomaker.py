@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -126,7 +126,7 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
             out = encoder(ids, output_hidden_states=True)
             pooled = out[0]
             hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
-        return torch.cat(hidden, dim=-1).to(self.text_encoder_2.dtype), pooled, mask
+        return torch.cat(hidden, dim=-1).to(self.text_encoder_2.dtype), cast(torch.Tensor, pooled), cast(torch.Tensor, mask)
 
     # ---------------------------------------------------------------- the identity
     @torch.no_grad()
@@ -244,7 +244,7 @@ class IDPhotoMakerPipeline(FaceInputMixin, StableDiffusionXLPipeline):
         device = self._execution_device
 
         # 2. Encode the prompt: alone (trigger word removed), and with the class word repeated
-        tokens = self.encode_photomaker_identity(photos, id_embeds, face_index)
+        tokens = self.encode_photomaker_identity(cast(list[ImageInput], photos), id_embeds, face_index)
         embeds, pooled, mask = self.encode_trigger_prompt(prompts, trigger_word, len(tokens), device, clip_skip)
         text_only = [self.text_only_prompt(text, trigger_word) for text in prompts]
         prompt_embeds, negative_prompt_embeds, pooled_text, negative_pooled = self.encode_prompt(

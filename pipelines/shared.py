@@ -44,6 +44,12 @@ class OnDenoiser:
         model.__dict__.setdefault(_IDENTITY_RECORD, {})[self.name] = value
 
 
+def on_denoiser(default: Any = None) -> Any:
+    """An ``OnDenoiser`` attribute, typed as what it holds: ``identity_adapter: IdentityAdapter |
+    None = on_denoiser()`` reads as an ``IdentityAdapter | None`` on a pipeline."""
+    return OnDenoiser(default)
+
+
 def shared_modules(cls: type, pipeline: Any) -> dict[str, Any]:
     """``pipeline``'s modules that a ``cls`` pipeline takes, by name: diffusers' ``from_pipe`` drops
     a module whose class is not the one ``cls``'s signature names (a TAESD VAE, a subclassed UNet)

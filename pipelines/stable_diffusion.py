@@ -87,7 +87,7 @@ def _identity_call(pipe: IdentityPipelineMixin, parent_call: Callable, text: Pro
     fusion_tokens = pipe.fusion_tokens(identity.id_fusion, text.prompt, images_per_prompt, identity.recover_words)
     with pipe.identity_conditioning(
         tokens, negative_tokens, images_per_prompt, identity.id_scale, identity.id_guidance_start,
-        identity.id_guidance_end, regions=people and people.regions, id_fusion=identity.id_fusion,
+        identity.id_guidance_end, regions=None if people is None else people.regions, id_fusion=identity.id_fusion,
         fusion_tokens=fusion_tokens,
     ):
         output = parent_call(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

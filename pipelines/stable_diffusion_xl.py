@@ -7,7 +7,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def _is_default(value: Any, default: Any) -> bool:
     return value is default or (isinstance(value, (bool, int, float, str, tuple)) and value == default)
 
 
-def load_identitynet(pretrained_model_name_or_path: str, subfolder: str = "ControlNetModel", **kwargs) -> ControlNetModel:
+def load_identitynet(pretrained_model_name_or_path: str, subfolder: str | None = "ControlNetModel", **kwargs) -> ControlNetModel:
     """InstantID's IdentityNet: a diffusers SDXL ``ControlNetModel`` from the InstantID layout
     (``InstantX/InstantID`` or a local copy, ``ControlNetModel/`` subfolder), or a local
     ControlNet folder itself."""
@@ -114,7 +114,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
     def controlnets(self) -> list[ControlNetModel]:
         if self.controlnet is None:
             return []
-        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+        nets = self.controlnet.nets if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+        return cast(list[ControlNetModel], list(nets))
 
     @property
     def has_identitynet(self) -> bool:
@@ -126,7 +127,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         """IdentityNet reads the identity tokens where the other ControlNets read the text; with
         ``regions`` (several people) each position of its cross-attention reads the tokens of the
         person whose region it is in."""
-        net = self.controlnets[0]
+        net: Any = self.controlnets[0]  # a diffusers ControlNetModel (a torch module)
         weights = {}
 
         def tokens(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -134,7 +135,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             kwargs["encoder_hidden_states"] = batches.for_batch(batch).to(kwargs["encoder_hidden_states"].dtype)
             if regions is not None:
                 sample = args[0] if args else kwargs["sample"]
-                weights["now"] = regions.weights(*sample.shape[-2:], self.vae_scale_factor, sample.device, normalise=True)
+                weights["now"] = regions.weights(sample.shape[-2], sample.shape[-1], self.vae_scale_factor, sample.device,
+                                                 normalise=True)
             return args, kwargs
 
         if regions is not None:
@@ -229,7 +231,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         ``face_kps`` (N, 5, 2), from ``kps_image`` as a list of N pose photos, or, without either,
         from ``face_image`` holding one photo (or list of photos) per prompt."""
         if face_kps is not None and np.ndim(face_kps) == 3:
-            poses, given = [(np.asarray(kps), None) for kps in face_kps], "face_kps"
+            poses: list[tuple[np.ndarray, tuple[int, int] | None]] = [(np.asarray(kps), None) for kps in face_kps]
+            given = "face_kps"
         elif isinstance(kps_image, (list, tuple)) and batch_size > 1:
             poses, given = [self._pose(None, None, photo, face_index) for photo in kps_image], "kps_image"
         else:
@@ -414,7 +417,7 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
         loop = self._loop_pipeline()
         with self.identity_conditioning(
             tokens, negative_tokens, num_images_per_prompt, id_scale, id_guidance_start, id_guidance_end, loop,
-            people and people.regions,
+            None if people is None else people.regions,
             id_fusion, self.fusion_tokens(id_fusion, prompt, num_images_per_prompt, recover_words), num_zero, ortho,
         ) as batches:
             if not self.controlnets:
@@ -422,7 +425,8 @@ class IDStableDiffusionXLPipeline(IdentityPipelineMixin, StableDiffusionXLContro
             elif guidance_rescale:
                 raise ValueError("guidance_rescale is not supported by diffusers' SDXL ControlNet loops")
             else:
-                routing = self._identitynet_tokens(batches, people and people.regions) if self.has_identitynet else contextlib.nullcontext()
+                routing = self._identitynet_tokens(batches, None if people is None else people.regions) \
+                    if self.has_identitynet else contextlib.nullcontext()
                 with routing:
                     output = self._run_loop(
                         loop, **{self._control_image_arg: control_images[0] if len(control_images) == 1 else control_images},

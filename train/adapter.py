@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -432,7 +433,7 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
     watcher, trained = None, getattr(model, "module", model)  # under DistributedDataParallel: the model it wraps
     if config.face_attention_loss_weight:  # the identity layers report their maps during this forward
         watcher = FaceAttentionLoss(pipe.unet, trained.adapter)
-        watcher.start(faces, ~drop_id)
+        watcher.start(cast(torch.Tensor, faces), ~drop_id)  # set above for this loss
         trained.observer = watcher.observe
     try:
         prediction = model(noisy, timesteps, text_embeds, id_embeds, added)
@@ -456,7 +457,7 @@ def training_loss(config, pipe, model, batch, micro: int, sdxl: bool, device, we
 def base_prediction(model: TrainableIdentity, noisy, timesteps, text_embeds, added_cond_kwargs=None) -> torch.Tensor:
     """The frozen base model's prediction: no identity open and its LoRA off."""
     model = getattr(model, "module", model)  # under DistributedDataParallel: the model it wraps
-    unet = model.unet
+    unet: Any = model.unet  # a diffusers UNet with peft's adapter switches
     lora = bool(model.lora)
     if lora:
         unet.disable_adapters()

@@ -142,7 +142,8 @@ def prepare_data(
     todo = [f for f in files if (os.path.join(source, f), _signature(os.path.join(folder, f))) not in seen]
 
     rows: dict[str, list] = {"id_embeds": [], "embedding_norm": [], "kps": [], "bbox": [], "aligned": []}
-    new_records, new_skipped = [], []
+    new_records: list[Record] = []
+    new_skipped: list[dict] = []
     shard = f"shard-{len({r['shard'] for r in records}):05d}"
     for file in tqdm(todo, desc="preparing faces", unit="image", disable=not progress):
         path = os.path.join(folder, file)

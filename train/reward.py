@@ -164,7 +164,7 @@ def build_rewards(config: RewardTrainConfig, device) -> tuple[IdentityReward, Ae
     recognizer = DifferentiableArcFace.from_onnx(analyzer.recognizer.model_file).to(device)
     identity = IdentityReward(recognizer, analyzer, config.face_alignment, config.no_face_reward)
     aesthetic = None
-    if config.aesthetic_reward_weight:
+    if config.aesthetic_reward_weight and config.aesthetic_model and config.aesthetic_head:  # checked in the config
         aesthetic = AestheticReward.from_pretrained(config.aesthetic_model, config.aesthetic_head).to(device)
     return identity, aesthetic
 

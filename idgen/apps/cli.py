@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
@@ -604,14 +605,15 @@ def run_generate(args: argparse.Namespace) -> None:
         args.kps_image if infusenet else None,
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
-    fix_identity, fix_regions = identity, None
+    fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
+    fix_regions = None
     if args.fix_faces and args.people:  # each face takes the identity of the region it lies in
         from .facefix import people_identities  # lazy: off `idgen --help`'s path
 
         fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
                                                       args.face_order)
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        extra = {}
+        extra: dict[str, str] = {}
         if args.fix_faces:
             from .facefix import fix_faces  # lazy: off `idgen --help`'s path
 

@@ -125,7 +125,8 @@ class DemoApp:
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
             images = self.pipe(**call).images
-            fix_identity, fix_regions = identity, None
+            fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
+            fix_regions = None
             if fix and people:  # each face takes the identity of the region it lies in
                 fix_identity, fix_regions = people_identities(self.pipe, identity, call["regions"], len(photos),
                                                               _path(pose) if pose is not None else None)
@@ -166,7 +167,9 @@ def build_demo(app: DemoApp):
                 files = gr.File(label="Face photos", file_count="multiple", file_types=["image"], elem_id="faces")
                 detected = gr.Image(label="Detected faces (green: the one used)", interactive=False, elem_id="detected",
                                     height=240)
-                face_index = gr.Number(value=app.session.options.face_index, precision=0, minimum=0,
+                start_index = app.session.options.face_index
+                face_index = gr.Number(value=start_index if isinstance(start_index, int) else start_index[0],
+                                       precision=0, minimum=0,
                                        label="Face number (0 = largest; as on the preview)", elem_id="face_index")
                 people = gr.Checkbox(value=False, label="Several people: each photo is another person (placed around "
                                      "the faces of the pose photo, else side by side)", elem_id="people",

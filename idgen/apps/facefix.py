@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,9 +110,9 @@ def face_fix(
         kwargs = {key: value for key, value in {**call, **person}.items() if key not in ("height", "width")}
         if getattr(pipe, "has_identitynet", False):
             kwargs["face_kps"] = (face.kps - np.array(box[:2])) * (size / side)
-        result = pipe(image=crop.resize((size, size), Image.LANCZOS), mask_image=oval.resize((size, size)),
+        result = pipe(image=crop.resize((size, size), Image.Resampling.LANCZOS), mask_image=oval.resize((size, size)),
                       strength=options.strength, height=size, width=size, **kwargs).images[0]
-        result = np.asarray(result.resize((side, side), Image.LANCZOS), dtype=np.float32)
+        result = np.asarray(result.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
         alpha = np.asarray(oval, dtype=np.float32)[..., None] / 255
         region = out[box[1]:box[3], box[0]:box[2]]
         blended = np.round(region * (1 - alpha) + result * alpha).astype(np.uint8)
@@ -135,14 +135,14 @@ def fix_faces(session, pipe, image: ImageInput, identity: dict[str, Any] | list[
     call = dict(session.call_kwargs(prompt), negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed))
     identity_of = None
     if regions is None:
-        call.update(identity)
+        call.update(cast(dict[str, Any], identity))
     else:
         photo = load_image(image, session.analyzer.max_pixels)
         masks = regions.render(*photo.size)
 
         def identity_of(face) -> dict[str, Any] | None:
             x, y = ((face.bbox[:2] + face.bbox[2:]) / 2).astype(int).clip(0, [photo.width - 1, photo.height - 1])
-            return identity[int(masks[:, y, x].argmax())] if masks[:, y, x].max() > 0 else None
+            return cast(list[dict[str, Any]], identity)[int(masks[:, y, x].argmax())] if masks[:, y, x].max() > 0 else None
 
         image = photo
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS
@@ -30,7 +30,7 @@ class SessionOptions:
     id_start_step: int = 0  # FLUX: loop steps before the identity joins (PuLID-FLUX's "start step")
     true_cfg_scale: float = 1.0  # FLUX: true classifier-free guidance with the negative prompt when > 1
     face_model: str | None = None
-    detector: str = "auto"
+    detector: Literal["auto", "scrfd", "dlib"] = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     face_index: int | list[int] = 0
     steps: int | None = None

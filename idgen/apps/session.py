@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import CLIPVisionModelWithProjection
@@ -212,16 +212,16 @@ class Session:
 
     def _person_indices(self, photos: Sequence[ImageInput], face_index: int | Sequence[int] | None) -> list[int]:
         index = self.options.face_index if face_index is None else face_index
-        return list(index) if isinstance(index, (list, tuple)) else [index] * len(photos)
+        return list(index) if isinstance(index, (list, tuple)) else [cast(int, index)] * len(photos)
 
     @property
     def pulid_settings(self) -> tuple[int, str]:
         """PuLID's num_zero and ortho as run: the options', else its demo's defaults."""
-        return pulid_settings(self.method.checkpoint_format, self.options.num_zero, self.options.ortho)
+        return pulid_settings(cast(str, self.method.checkpoint_format), self.options.num_zero, self.options.ortho)
 
     def call_kwargs(self, prompt: str | None) -> dict[str, Any]:
         """Pipeline call arguments shared by generate, eval and the demo."""
-        call = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.options.height,
+        call: dict[str, Any] = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.options.height,
                     width=self.options.width)
         if self.options.timesteps:
             call.update(timesteps=list(self.options.timesteps))
@@ -387,7 +387,7 @@ def _check_method_options(method: Method, options: SessionOptions, adapter: str)
                              f"adapter {adapter} runs without it: leave it out")
     if method.pulid_attention:  # a bad --num-zero fails now, not after the base model loads
         try:
-            pulid_settings(method.checkpoint_format, options.num_zero, options.ortho)
+            pulid_settings(cast(str, method.checkpoint_format), options.num_zero, options.ortho)
         except ValueError as err:
             raise IDGenError(str(err)) from None
 

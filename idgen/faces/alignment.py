@@ -94,7 +94,7 @@ def draw_kps(image_size: tuple[int, int], kps: np.ndarray, stickwidth: int = 4) 
             angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
             centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
             polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), angle, 0, 360, 1)
-            cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[start])
+            cv2.fillConvexPoly(canvas, np.asarray(polygon), KPS_COLORS[start])
     canvas = (canvas * 0.6).astype(np.uint8)
     for kps in faces:
         for index, (x, y) in enumerate(kps):

@@ -146,7 +146,7 @@ class OnnxRecognizer(nn.Module):
         if op == "Relu":
             return F.relu(args[0])
         if op in ("Add", "Sub", "Mul", "Div"):
-            return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](args[0], args[1])
+            return getattr(torch, op.lower())(args[0], args[1])
         if op == "Flatten":
             return torch.flatten(args[0], attrs.get("axis", 1))
         if op == "Gemm":
@@ -202,7 +202,7 @@ def align_faces(images: torch.Tensor, kps: torch.Tensor, size: int = 112) -> tor
     to_normal = torch.tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1]],
                              dtype=images.dtype, device=images.device)
     theta = to_normal @ torch.cat([inverse, full[:, 2:]], 1) @ to_pixels
-    grid = F.affine_grid(theta, (batch, 3, size, size), align_corners=False)
+    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

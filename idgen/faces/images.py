@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -81,7 +82,7 @@ def load_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
         _check_size(*src.size, max_pixels, name)
         return _to_rgb(ImageOps.exif_transpose(src))
     if isinstance(src, (bytes, bytearray)):
-        stream = io.BytesIO(src)
+        stream: BinaryIO = io.BytesIO(src)
     elif isinstance(src, (str, os.PathLike)):
         if not os.path.exists(src):
             raise ImageError(f"image file {name} does not exist: check the path")

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -205,7 +206,7 @@ def tiny_sdxl_pipeline(seed: int = 0, controlnet=None):
     )
     return IDStableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=scheduler, controlnet=controlnet,
+        tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=cast(Any, scheduler), controlnet=controlnet,
         add_watermarker=False,
     )
 
@@ -295,9 +296,10 @@ def tiny_flux_pipeline(seed: int = 0):
                         norm_num_groups=8, sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.1159, scaling_factor=0.3611)
     text_encoder = CLIPTextModel(tiny_text_encoder(tokenizer).config).eval()
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    t5: dict[str, Any] = dict(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                              decoder_start_token_id=0)
+    text_encoder_2 = T5EncoderModel(T5Config(**t5)).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return IDFluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -318,7 +320,7 @@ def random_pulid_flux_state_dict(transformer, eva, seed: int = 0, dim: int = 64)
     return {k: v + torch.randn(v.shape, generator=generator) * 0.02 for k, v in adapter.state_dict().items()}
 
 
-def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict, torch.nn.Module]:
+def random_infiniteyou(transformer, seed: int = 0, dim: int = 64) -> tuple[dict, FluxControlNetModel]:
     """InfiniteYou's two parts, random, for ``transformer``: ``image_proj_model.bin``'s contents
     (``{"image_proj": resampler}``, tokens as wide as its text) and an InfuseNet (a
     ``FluxControlNetModel`` with 2 double and 2 single blocks, residuals given a gain)."""

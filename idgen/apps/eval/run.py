@@ -33,7 +33,7 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
     # unit vectors, for FaceSim
     references = {name: session.analyzer.identity(photos, face_index) for name, photos in identities.items()}
     second = DlibRecognizer()
-    second_refs = {}
+    second_refs: dict[str, np.ndarray | None] = {}
     for name, photos in identities.items():
         found = [d for d in map(second.descriptor, photos) if d is not None]
         second_refs[name] = np.mean(found, axis=0) if found else None
@@ -59,11 +59,10 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
         os.makedirs(os.path.join(out, "images", name), exist_ok=True)
         image = session.save(image, os.path.join(out, file), pipe, seed, prompt=prompt, identity=name)
         facesim = face_similarity(session.analyzer, image, references[name])
-        descriptor = second.descriptor(image)
+        descriptor, second_ref = second.descriptor(image), second_refs[name]
         report.samples.append(Sample(
             identity=name, prompt=prompt, seed=seed, file=file, face_detected=facesim is not None, facesim=facesim,
-            facesim_second=None if descriptor is None or second_refs[name] is None
-            else second.similarity(descriptor, second_refs[name]),
+            facesim_second=None if descriptor is None or second_ref is None else second.similarity(descriptor, second_ref),
             clip_t=clip.score(image, prompt) if clip else None,
         ))
     write_report(report, out, prompts, {name: photos[0] for name, photos in identities.items()})
