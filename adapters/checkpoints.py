@@ -95,8 +95,14 @@ def release_weights(source: str | os.PathLike | None, url: str, purpose: str, fl
     return read_checkpoint(path), path
 
 
+#: The largest weight magnitude a trained adapter plausibly holds: published adapters stay below
+#: 100; one past this was damaged or written wrongly, and would overflow to black images.
+MAX_WEIGHT = 1e4
+
+
 def validate_tensors(state_dict: dict[str, StateDict], path: str = "checkpoint") -> None:
-    """Every entry is a floating-point tensor with finite values; one line naming the key if not."""
+    """Every entry is a floating-point tensor with finite values of a plausible size
+    (``MAX_WEIGHT``); one line naming the key if not."""
     for group, part in state_dict.items():
         for key, value in part.items():
             name = f"{group}.{key}"
@@ -111,6 +117,12 @@ def validate_tensors(state_dict: dict[str, StateDict], path: str = "checkpoint")
                 raise CheckpointError(
                     f"{path}: {name} holds NaN or Inf values, which would generate black images: the weights "
                     "are damaged (a diverged training run or a bad download); use another checkpoint"
+                )
+            largest = float(value.abs().max()) if value.numel() else 0.0
+            if largest > MAX_WEIGHT:
+                raise CheckpointError(
+                    f"{path}: {name} holds values up to {largest:.3g}, far past any trained adapter's (at most about "
+                    f"{MAX_WEIGHT:g}), which would overflow to black images: the weights are damaged; use another checkpoint"
                 )
 
 

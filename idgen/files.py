@@ -14,18 +14,39 @@ from PIL.PngImagePlugin import PngInfo
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on any
-    error it is removed and ``path`` is left as it was. The file is created with mode 0666 less
-    the umask, as any new file."""
+    error it is removed and ``path`` is left as it was. The file gets mode 0666 less the umask, as
+    any new file, also when the writer replaced it with a file of its own mode (safetensors writes
+    0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     staging = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
-    os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = _create(staging)
     try:
         yield staging
+        os.chmod(staging, mode)
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def _create(path: str) -> int:
+    """Create an empty file at ``path`` as any new file is made; return its mode (0666 less the umask)."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return os.stat(path).st_mode & 0o777
+
+
+def follow_umask(path: str) -> None:
+    """Give the file at ``path`` (a folder: every file in it) the mode of a new file (0666 less the
+    umask): writers such as safetensors make theirs 0600, which others sharing the folder cannot read."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-mode")
+    mode = _create(probe)
+    os.remove(probe)
+    files = [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path]
+    for file in files:
+        if os.path.isfile(file):
+            os.chmod(file, mode)
 
 
 def save_png(image, path: str, metadata: dict[str, str], finish: Callable[[bytes], bytes] | None = None) -> None:

@@ -170,6 +170,7 @@ def _faceid(unet, **changes):
         ("projection_256", "takes 256-d vectors but ArcFace embeddings are 512-d"),
         ("nan", "ip_adapter.1.to_k_ip.weight holds NaN or Inf"),
         ("inf", "image_proj.proj.0.bias holds NaN or Inf"),
+        ("huge", "ip_adapter.1.to_v_ip.weight holds values up to 1e\\+30, far past any trained adapter's"),
     ],
 )
 def test_malformed_adapters_are_refused_at_load_with_one_line(pipe, unet, case, match):
@@ -190,6 +191,8 @@ def test_malformed_adapters_are_refused_at_load_with_one_line(pipe, unet, case, 
         "nan": lambda: _faceid(unet, **{"ip_adapter:1.to_k_ip.weight": torch.full_like(
             _faceid(unet)["ip_adapter"]["1.to_k_ip.weight"], float("nan"))}),
         "inf": lambda: _faceid(unet, **{"image_proj:proj.0.bias": torch.full((1024,), float("inf"))}),
+        "huge": lambda: _faceid(unet, **{"ip_adapter:1.to_v_ip.weight": torch.full_like(
+            _faceid(unet)["ip_adapter"]["1.to_v_ip.weight"], 1e30)}),
     }
     before = pipe.identity_adapter
     with pytest.raises(CheckpointError, match=match) as error:

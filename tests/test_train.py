@@ -460,3 +460,32 @@ def test_face_attention_loss(tmp_path, data):
     assert not torch.equal(plain["image_proj.proj.2.weight"], attended["image_proj.proj.2.weight"])
     with pytest.raises(IDGenError, match="face_attention_loss_weight must not be negative"):
         train(config(data, tmp_path / "bad", face_attention_loss_weight=-1.0))
+
+
+def test_written_weights_follow_the_umask(tmp_path):
+    """Exported adapters (safetensors, which writes 0600) and checkpoint files get the mode of any
+    new file: 0666 less the umask."""
+    import stat
+
+    from accelerate import Accelerator
+
+    from idgen.adapters import save_adapter_checkpoint
+    from idgen.files import follow_umask
+    from idgen.train.checkpoints import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    old = os.umask(0o022)
+    try:
+        save_adapter_checkpoint({"image_proj": {"w": torch.zeros(2)}, "ip_adapter": {"1.to_k_ip.weight": torch.ones(2)}},
+                                str(tmp_path / "adapter.safetensors"))
+        folder = save_checkpoint(Accelerator(cpu=True), str(tmp_path / "run"), 1, 2, model,
+                                 torch.optim.SGD(model.parameters(), lr=0.1))
+        lora = tmp_path / "lora.safetensors"
+        lora.write_bytes(b"x")
+        os.chmod(lora, 0o600)  # as diffusers' save_lora_weights leaves it
+        follow_umask(str(lora))
+    finally:
+        os.umask(old)
+    written = [tmp_path / "adapter.safetensors", lora, *[os.path.join(folder, name) for name in os.listdir(folder)]]
+    assert len(written) >= 5
+    assert {path: stat.S_IMODE(os.stat(path).st_mode) for path in written} == {path: 0o644 for path in written}

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idgen.errors import IDGenError
+from idgen.files import follow_umask
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, SCALER_FILE, STATE_FILE = (
@@ -58,6 +59,7 @@ def save_checkpoint(accelerator, folder: str, step: int, keep: int, model, optim
             state["ema_optimization_step"] = int(ema.optimization_step)
         with open(os.path.join(staging, STATE_FILE), "w") as handle:
             json.dump(state, handle)
+        follow_umask(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for _, old in list_checkpoints(folder)[:-keep] if keep > 0 else []:

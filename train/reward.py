@@ -29,6 +29,7 @@ from idgen.adapters import identity_adapter_state_dict, save_adapter_checkpoint
 from idgen.errors import IDGenError
 from idgen.faces import FaceAnalyzer
 from idgen.faces.arcface import DifferentiableArcFace
+from idgen.files import follow_umask
 from idgen.formats import method_of
 from idgen.testing.presets import TINY_PRESETS, get_preset
 
@@ -216,6 +217,7 @@ def train(config: RewardTrainConfig, resume: str | None = None, overwrite: bool 
             path = os.path.join(config.output_dir, "pytorch_lora_weights.safetensors")
             pipe.save_lora_weights(config.output_dir, unet_lora_layers=get_peft_model_state_dict(
                 pipe.unet, adapter_name=REWARD_LORA_NAME), safe_serialization=True)
+            follow_umask(path)
         else:
             save_adapter_checkpoint(identity_adapter_state_dict(pipe.unet, model.adapter), path)
         accelerator.print(f"exported {path}")

@@ -23,6 +23,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from idgen.errors import IDGenError
+from idgen.files import follow_umask
 
 from .adapter import AdapterTrainConfig, fit, load_base, prepare_models, start_run, training_loss
 from .config import run_training_cli
@@ -82,6 +83,7 @@ def tune(config: TuneConfig, resume: str | None = None, overwrite: bool = False)
         layers = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in
                   get_peft_model_state_dict(pipe.unet, adapter_name=TUNE_LORA_NAME).items()}
         StableDiffusionPipeline.save_lora_weights(config.output_dir, unet_lora_layers=layers, safe_serialization=True)
+        follow_umask(path)
         memory = _peak_memory()
         accelerator.print(f"exported {path} ({config.max_train_steps} steps in {seconds:.1f} s, "
                           f"{config.max_train_steps / seconds:.2f} steps/s{memory}); load it with --lora "

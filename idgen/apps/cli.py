@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -17,6 +18,11 @@ from idgen.version import __version__
 
 from .loras import parse_lora
 from .options import SessionOptions, check_id_window, check_timesteps
+
+#: Request bounds, checked before any model loads (--max-side and --max-images raise theirs).
+MAX_STEPS = 999
+MAX_SIDE = 4096
+MAX_IMAGES = 64
 
 
 def _positive_int(text: str) -> int:
@@ -35,8 +41,23 @@ def _non_negative_int(text: str) -> int:
 
 def _steps(text: str) -> int:
     value = _positive_int(text)
-    if value > 1000:
-        raise argparse.ArgumentTypeError(f"at most 1000 (the timesteps the schedulers were trained on), got {value}")
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_STEPS} (SD schedulers trained on 1000 timesteps, with their "
+                                         f"offset of 1, step past the last one at 1000), got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1 (a torch generator's seed), got {value}")
     return value
 
 
@@ -50,18 +71,25 @@ def _dimension(text: str) -> int:
 def _id_scale(text: str) -> float | dict[str, float]:
     """``0.8`` or ``down=0,mid=1,up=0.8`` (keys: down, mid, up or a layer-name prefix)."""
     if "=" not in text:
-        return float(text)
+        return _id_strength(text)
     scales = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         try:
-            scales[key.strip()] = float(value)
+            scales[key.strip()] = _id_strength(value)
         except ValueError:
             sep = ""
         block = key.strip().split(".")[0]
         if not sep or block not in ("down", "mid", "up", "down_blocks", "mid_block", "up_blocks"):
             raise argparse.ArgumentTypeError(f"expected a number or down=..,mid=..,up=.., got {text!r}")
     return scales
+
+
+def _id_strength(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"identity strengths are finite and not negative (0 turns it off), got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -136,7 +164,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: downloaded from facexlib's release)")
     parser.add_argument("--id-start-step", type=_non_negative_int, default=0, metavar="N",
                         help="FLUX: loop steps before the identity joins (PuLID-FLUX: 0 realistic, 4 stylised)")
-    parser.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="X",
+    parser.add_argument("--true-cfg-scale", type=_finite, default=1.0, metavar="X",
                         help="FLUX: true classifier-free guidance with --negative-prompt when above 1 (then set --guidance 1)")
     parser.add_argument("--face-model", default=None,
                         help=f"insightface pack name or folder, or 'tiny' (default: {DEFAULT_FACE_PACK}; the preset's for tiny)")
@@ -146,7 +174,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"largest photo accepted, in pixels (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--steps", type=_steps, default=None, help="denoising steps (default 30; Arc2Face 25)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
+    parser.add_argument("--guidance", type=_finite, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
     parser.add_argument("--id-scale", type=_id_scale, default=None,
                         help="identity strength: a number, or per block as down=0,mid=1,up=0.8 "
                         "(default 1.0; InstantID 0.8, as its reference runs it)")
@@ -174,6 +202,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "more for the compiler (on CPU it is not faster: bench/README.md)")
     parser.add_argument("--height", type=_dimension, default=None)
     parser.add_argument("--width", type=_dimension, default=None)
+    parser.add_argument("--max-side", type=_positive_int, default=MAX_SIDE, metavar="PIXELS",
+                        help=f"largest --height/--width accepted (default {MAX_SIDE}): a larger image needs more memory "
+                        "than most machines have")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     parser.add_argument("--c2pa-cert", default=None, metavar="PEM",
@@ -214,14 +245,18 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--kps-image", default=None, metavar="PHOTO",
                      help="InstantID: take the face position and pose from this photo; with --people, a photo with a "
                           "face per person that places them (any method)")
-    gen.add_argument("--identitynet-scale", type=float, default=0.8, help="InstantID: IdentityNet strength")
+    gen.add_argument("--identitynet-scale", type=_finite, default=0.8, help="InstantID: IdentityNet strength")
     gen.add_argument("--id-fusion", choices=("adain", "freecure"), default=None,
                      help="merge the identity with the base model's own take on the prompt: Infinite-ID's AdaIN-mean "
                           "mixed attention, or FreeCure's recovery of the attributes the prompt names (hair, smile, ...)")
     gen.add_argument("--recover-words", default=None, metavar="WORD,WORD",
                      help="with --id-fusion freecure: the prompt's words to recover (default: its attribute words)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=_seed, default=0, help="image i has seed + i (default 0)")
     gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--max-images", type=_positive_int, default=MAX_IMAGES, metavar="N",
+                     help=f"largest --num-images accepted (default {MAX_IMAGES})")
+    gen.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",
+                     help="images rendered together (default 4): memory follows it, not --num-images")
     gen.add_argument("--fix-faces", action="store_true",
                      help="then repaint every face found in each image with the identity (small faces in full-body "
                      "images), as `idgen fix` does")
@@ -409,6 +444,17 @@ def check_arguments(args: argparse.Namespace) -> None:
         _face_index(args)
     if getattr(args, "timesteps", None):
         check_timesteps(args.timesteps, args.steps)
+    for flag in ("height", "width"):
+        if (getattr(args, flag, None) or 0) > getattr(args, "max_side", MAX_SIDE):
+            raise IDGenError(f"--{flag} {getattr(args, flag)} is over --max-side {args.max_side}: pass --max-side "
+                             f"{getattr(args, flag)} to allow it (memory grows with the pixels)")
+    if args.command == "generate":
+        if args.num_images > args.max_images:
+            raise IDGenError(f"--num-images {args.num_images} is over --max-images {args.max_images}: pass --max-images "
+                             f"{args.num_images} to allow it (images are rendered --batch-size at a time)")
+        if args.seed + args.num_images > 2**64:
+            raise IDGenError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed, "
+                             "2**64 - 1 (image i has seed + i): choose a smaller --seed")
     for text in getattr(args, "lora", None) or []:
         parse_lora(text)
     if args.command == "fix":
@@ -547,6 +593,8 @@ def _output_paths(out: str, count: int) -> list[str]:
 def run_generate(args: argparse.Namespace) -> None:
     from idgen.adapters.regions import columns  # lazy: off `idgen --help`'s path
 
+    from .guard import finite_call  # lazy: off `idgen --help`'s path
+
     paths = _output_paths(args.out, args.num_images)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
@@ -565,12 +613,7 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe = session.load()
 
     identity = dict(session.clip_inputs(pipe, args.face, people=args.people), id_embeds=id_embeds)
-    call = dict(
-        session.call_kwargs(args.prompt),
-        **identity,
-        num_images_per_prompt=args.num_images,
-        generator=session.generators(args.seed, args.num_images),
-    )
+    call = dict(session.call_kwargs(args.prompt), **identity)
     if negative_id_embeds is not None:
         call.update(negative_id_embeds=negative_id_embeds)
     kps_image = args.kps_image or (args.face if args.people else args.face[0])  # people: each posed in their region
@@ -590,7 +633,6 @@ def run_generate(args: argparse.Namespace) -> None:
                     controlnet_conditioning_scale=args.identitynet_scale)
     if infusenet:  # posed like --kps-image when given, else free (the reference's black control)
         call.update(control_image=args.kps_image)
-    result = pipe(**call)
     settings = dict(
         prompt=args.prompt if method.uses_prompt else None,
         negative_prompt=args.negative_prompt if method.uses_prompt else None,
@@ -612,17 +654,21 @@ def run_generate(args: argparse.Namespace) -> None:
 
         fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
                                                       args.face_order)
-    for i, (image, path) in enumerate(zip(result.images, paths)):
-        extra: dict[str, str] = {}
-        if args.fix_faces:
-            from .facefix import fix_faces  # lazy: off `idgen --help`'s path
+    for start in range(0, args.num_images, args.batch_size):  # memory follows the batch, not the count
+        count = min(args.batch_size, args.num_images - start)
+        images = finite_call(pipe, **call, num_images_per_prompt=count,
+                             generator=session.generators(args.seed + start, count)).images
+        for i, (image, path) in enumerate(zip(images, paths[start:start + count]), start):
+            extra: dict[str, str] = {}
+            if args.fix_faces:
+                from .facefix import fix_faces  # lazy: off `idgen --help`'s path
 
-            image, extra = fix_faces(session, pipe, image, fix_identity, args.prompt, args.seed + i, args.fix_strength,
-                                     negative_prompt=args.negative_prompt, keep_faceless=True, regions=fix_regions)
-            if extra["face_fix"] == "no face found":
-                print(f"idgen: warning: no face found to fix in {path}; it is kept as generated", file=sys.stderr)
-        session.save(image, path, pipe, args.seed + i, **settings, **extra)
-        print(path)
+                image, extra = fix_faces(session, pipe, image, fix_identity, args.prompt, args.seed + i, args.fix_strength,
+                                         negative_prompt=args.negative_prompt, keep_faceless=True, regions=fix_regions)
+                if extra["face_fix"] == "no face found":
+                    print(f"idgen: warning: no face found to fix in {path}; it is kept as generated", file=sys.stderr)
+            session.save(image, path, pipe, args.seed + i, **settings, **extra)
+            print(path)
 
 
 def run_fix(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from idgen.errors import IDGenError
 from idgen.faces import KPS_COLORS, FaceAnalyzer, load_image
 
 from .facefix import fix_faces, people_identities
+from .guard import finite_call
 from .session import Session, SessionOptions, start_session
 
 #: Prompt templates: "{prompt}" is the user's text.
@@ -124,7 +125,7 @@ class DemoApp:
                 call.update(controlnet_conditioning_scale=float(identitynet_scale))
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
-            images = self.pipe(**call).images
+            images = finite_call(self.pipe, **call).images
             fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
             fix_regions = None
             if fix and people:  # each face takes the identity of the region it lies in

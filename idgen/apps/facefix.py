@@ -19,6 +19,8 @@ from idgen import pipelines
 from idgen.errors import IDGenError, NoFaceError
 from idgen.faces import Face, FaceAnalyzer, ImageInput, load_image
 
+from .guard import finite_call
+
 
 @dataclass(frozen=True)
 class FaceFixOptions:
@@ -110,7 +112,7 @@ def face_fix(
         kwargs = {key: value for key, value in {**call, **person}.items() if key not in ("height", "width")}
         if getattr(pipe, "has_identitynet", False):
             kwargs["face_kps"] = (face.kps - np.array(box[:2])) * (size / side)
-        result = pipe(image=crop.resize((size, size), Image.Resampling.LANCZOS), mask_image=oval.resize((size, size)),
+        result = finite_call(pipe, image=crop.resize((size, size), Image.Resampling.LANCZOS), mask_image=oval.resize((size, size)),
                       strength=options.strength, height=size, width=size, **kwargs).images[0]
         result = np.asarray(result.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
         alpha = np.asarray(oval, dtype=np.float32)[..., None] / 255

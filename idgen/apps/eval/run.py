@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from idgen.errors import IDGenError
 from idgen.testing.presets import TINY_PRESETS, get_preset
 
+from ..guard import finite_call
 from ..session import Session
 from .metrics import ClipScorer, DlibRecognizer, face_similarity
 from .report import Report, Sample, load_identities, write_report
@@ -54,7 +55,7 @@ def evaluate(session: Session, refs: str, prompts: list[str], seeds: list[int], 
         call = dict(session.call_kwargs(prompt), **inputs[name], generator=torch.Generator().manual_seed(seed))
         if getattr(pipe, "has_identitynet", False):
             call.update(kps_image=identities[name][0])
-        image = pipe(**call).images[0]
+        image = finite_call(pipe, **call).images[0]
         file = os.path.join("images", name, f"{index:03d}-seed{seed}.png")
         os.makedirs(os.path.join(out, "images", name), exist_ok=True)
         image = session.save(image, os.path.join(out, file), pipe, seed, prompt=prompt, identity=name)
