@@ -5,6 +5,7 @@ reads and writes weights through these."""
 from __future__ import annotations
 
 import os
+from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from idgen.errors import CheckpointError, ModelNotFoundError
 from idgen.files import atomic_path
+from idgen.network import download
 
 StateDict = dict[str, torch.Tensor]
 
@@ -81,14 +83,11 @@ def read_checkpoint(path: str) -> dict:
 
 def release_weights(source: str | os.PathLike | None, url: str, purpose: str, flag: str, name: str) -> tuple[dict, str]:
     """A helper network's weights and where they came from: the file ``source`` (``read_checkpoint``),
-    or by default ``url``, downloaded once into torch's hub cache (``weights_only=True``). The
-    errors say ``purpose`` and the argument (``flag``) that takes the file ``name``."""
+    or by default ``url``, downloaded once into torch's hub cache (with a timeout, never under
+    ``HF_HUB_OFFLINE``). The errors say ``purpose`` and the argument (``flag``) that takes the file ``name``."""
     if source is None:
-        try:
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, progress=False), url
-        except Exception as err:  # offline
-            raise ModelNotFoundError(f"{purpose} ({url}), which could not be downloaded ({type(err).__name__}): download "
-                                     f"it and pass {flag} with its path") from None
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        return read_checkpoint(download(url, cached, purpose, f"pass {flag} with its path")), url
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"{path} does not exist: pass {name}")

@@ -1,5 +1,6 @@
 """idgen: identity-preserving image generation with diffusers."""
 
+from . import network  # noqa: F401  # first: it switches the libraries' phoning home off before they load
 from .apps.options import SessionOptions
 from .errors import CheckpointError, IdentityInputError, IDGenError, ImageError, ModelNotFoundError, NoFaceError
 from .faces import Face, FaceAnalyzer, draw_kps, load_image

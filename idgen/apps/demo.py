@@ -222,7 +222,6 @@ def _model_note(app: DemoApp) -> str:
 
 def serve(options: SessionOptions, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Load the models once, then serve the UI."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         import gradio  # noqa: F401  # lazy: optional dependency (idgen[demo])
     except ImportError:

@@ -11,6 +11,8 @@ import contextlib
 import glob
 import io
 import os
+import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,12 +21,15 @@ import numpy as np
 import onnxruntime
 
 from ..errors import ModelNotFoundError, NoFaceError
+from ..network import download
 from .alignment import align_face
 from .detection import DlibDetector, ScrfdDetector
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 
 #: Metadata key the project writes into ONNX files whose weights are random.
 RANDOM_WEIGHTS_KEY = "idgen.random_weights"
+#: Where insightface publishes its model packs (``<name>.zip``).
+INSIGHTFACE_RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7"
 
 
 @dataclass
@@ -54,8 +59,9 @@ def insightface_root() -> str:
 def resolve_pack(name_or_path: str, root: str | None = None, download: bool = True) -> str:
     """Folder of an insightface model pack: a folder path, or ``<root>/models/<name>``.
 
-    A missing named pack is downloaded by insightface (as ``FaceAnalysis`` does); a zip that
-    unpacked one level too deep (``<name>/<name>/*.onnx``) is found as well.
+    A missing named pack is downloaded from insightface's release, as ``FaceAnalysis`` does (with
+    a timeout, never under ``HF_HUB_OFFLINE``); a zip that unpacked one level too deep
+    (``<name>/<name>/*.onnx``) is found as well.
     """
     if os.path.isdir(name_or_path):
         folder = name_or_path
@@ -63,17 +69,7 @@ def resolve_pack(name_or_path: str, root: str | None = None, download: bool = Tr
         root = os.path.expanduser(root) if root else insightface_root()
         folder = os.path.join(root, "models", name_or_path)
         if not os.path.isdir(folder) and download and os.sep not in name_or_path:
-            from insightface.utils.storage import ensure_available  # lazy: insightface takes 4 s to import
-
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    ensure_available("models", name_or_path, root=root)
-            except Exception as err:  # any network or zip failure
-                raise ModelNotFoundError(
-                    f"face model pack '{name_or_path}' is not in {folder} and could not be downloaded "
-                    f"({type(err).__name__}): download {name_or_path}.zip from the insightface model zoo "
-                    f"and unpack it so that {folder}/*.onnx exist, or pass the pack folder"
-                ) from None
+            _download_pack(name_or_path, folder)
         if not os.path.isdir(folder):
             raise ModelNotFoundError(
                 f"face model pack '{name_or_path}' not found at {folder}: pass an existing pack folder or name"
@@ -84,6 +80,23 @@ def resolve_pack(name_or_path: str, root: str | None = None, download: bool = Tr
             raise ModelNotFoundError(f"face model pack folder {folder} holds no .onnx model: re-download the pack")
         folder = os.path.dirname(nested[0])
     return folder
+
+
+def _download_pack(name: str, folder: str) -> None:
+    """insightface's ``<name>.zip`` from its release, unpacked into ``folder`` (whole or not at all)."""
+    fix = f"unpack it so that {folder}/*.onnx exist, or pass the pack folder"
+    archive = download(f"{INSIGHTFACE_RELEASES}/{name}.zip", f"{folder}.zip", f"face model pack '{name}'", fix)
+    staging = f"{folder}.tmp-unpack"
+    try:
+        with zipfile.ZipFile(archive) as packed:
+            packed.extractall(staging)  # member names are kept inside staging
+        os.replace(staging, folder)
+    except (zipfile.BadZipFile, OSError) as err:
+        os.remove(archive)
+        raise ModelNotFoundError(f"face model pack '{name}': {archive} could not be unpacked ({type(err).__name__}): "
+                                 f"download it again, or {fix}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_pack_models(folder: str, providers: Sequence[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from idgen.errors import NoFaceError
+from idgen.errors import ModelNotFoundError, NoFaceError
 from idgen.faces import FaceAnalyzer, ImageInput, dlib_models_dir, load_image
 from idgen.images import clip_preprocess, pil_to_tensor
 
@@ -22,8 +22,13 @@ class ClipScorer:
 
     def __init__(self, model_name_or_path: str):
         self.name = model_name_or_path
-        self.model = CLIPModel.from_pretrained(model_name_or_path).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(model_name_or_path)
+        try:
+            self.model = CLIPModel.from_pretrained(model_name_or_path).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_name_or_path)
+        except OSError as err:  # not downloaded and offline, no network, or not a CLIP folder
+            raise ModelNotFoundError(f"CLIP-T's model {model_name_or_path} could not be loaded ({type(err).__name__}): "
+                                     "pass --clip-model with a local CLIP folder, or --clip-model none to leave "
+                                     "CLIP-T out") from None
 
     @torch.no_grad()
     def score(self, image: Image.Image, prompt: str) -> float:
