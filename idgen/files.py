@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -19,7 +21,7 @@ def atomic_path(path: str) -> Iterator[str]:
     0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    staging = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+    staging = os.path.join(folder, f"{temporary_prefix()}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
     mode = _create(staging)
     try:
         yield staging
@@ -28,6 +30,38 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-")
+
+
+def temporary_prefix() -> str:
+    """How the name of a file or folder being written starts: ``.tmp-<pid>-``, so that a later run
+    can tell a killed writer's leftovers (``remove_stale_temporaries``) from a live one's."""
+    return f".tmp-{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove what writers killed mid-write left in ``folder`` (``.tmp-<pid>-*`` of a process that
+    is gone; a live writer's are kept); return the names removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _TEMPORARY.match(name)
+        if match and not _running(int(match.group(1))):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _create(path: str) -> int:
@@ -40,7 +74,7 @@ def follow_umask(path: str) -> None:
     """Give the file at ``path`` (a folder: every file in it) the mode of a new file (0666 less the
     umask): writers such as safetensors make theirs 0600, which others sharing the folder cannot read."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-mode")
+    probe = os.path.join(folder, f"{temporary_prefix()}{uuid.uuid4().hex[:12]}-mode")
     mode = _create(probe)
     os.remove(probe)
     files = [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path]

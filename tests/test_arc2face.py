@@ -92,7 +92,7 @@ def test_cli_arc2face(tmp_path, cache, astronaut, capsys):
     from idgen.apps.cli import main
 
     out = tmp_path / "a2f.png"
-    assert main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--out", str(out),
+    assert main(["generate", "--base", "tiny-arc2face", "--face", str(astronaut), "--out", str(out), "--overwrite",
                  "--steps", "2", "--height", "64", "--width", "64"]) == 0
     meta = Image.open(out).text
     assert meta["method"] == "arc2face" and meta["guidance"] == "3.0"
@@ -106,5 +106,5 @@ def test_cli_arc2face(tmp_path, cache, astronaut, capsys):
     assert err.count("ignoring --prompt, --id-scale, --id-start") == 1
     assert np.array_equal(np.asarray(Image.open(ignored)), np.asarray(Image.open(out)))
     assert "prompt" not in Image.open(ignored).text
-    assert main(["generate", "--face", str(astronaut), "--out", str(out)]) == 2
+    assert main(["generate", "--face", str(astronaut), "--out", str(out), "--overwrite"]) == 2
     assert "--prompt is required" in capsys.readouterr().err

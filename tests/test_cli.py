@@ -166,7 +166,7 @@ def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
     Image.open(astronaut).transpose(Image.FLIP_LEFT_RIGHT).save(mirrored)
     out = tmp_path / "ctl.png"
     code = main(["generate", "--face", str(astronaut), "--face", str(mirrored), "--negative-face", str(mirrored),
-                 "--prompt", "p", "--out", str(out), "--steps", "3", "--height", "64", "--width", "64",
+                 "--prompt", "p", "--out", str(out), "--overwrite", "--steps", "3", "--height", "64", "--width", "64",
                  "--id-scale", "down=0,mid=1,up=0.8", "--id-start", "0.2", "--id-end", "0.9"])
     assert code == 0, capsys.readouterr().err
     meta = Image.open(out).text
@@ -176,7 +176,7 @@ def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["generate", "--face", str(astronaut), "--prompt", "p", *bad])
         assert exit_info.value.code == 2
-    assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out),
+    assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out), "--overwrite",
                  "--id-start", "0.6", "--id-end", "0.5"]) == 2
     assert "--id-start (0.6) must be below --id-end (0.5)" in capsys.readouterr().err
 
@@ -223,7 +223,7 @@ def test_unusable_numbers_are_refused_before_anything_loads(flag, value, expecte
 def test_face_index_is_per_photo_and_not_applied_to_the_negative_face(tmp_path, preset, analyzer, astronaut, group_photo,
                                                                       capsys):
     out = tmp_path / "out.png"
-    common = ["generate", "--prompt", "p", "--out", str(out), "--steps", "1", "--height", "64", "--width", "64"]
+    common = ["generate", "--prompt", "p", "--out", str(out), "--overwrite", "--steps", "1", "--height", "64", "--width", "64"]
     # The second-largest face of the group photo, with the (single-face) astronaut as the negative identity.
     assert main([*common, "--face", str(group_photo), "--face-index", "1", "--negative-face", str(astronaut)]) == 0, \
         capsys.readouterr().err
@@ -305,3 +305,37 @@ def test_nan_weights_stop_before_a_black_image_is_written(part, expected, tmp_pa
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("denoising")]
     assert code == 2 and len(err) == 1 and err[0].startswith("idgen: error:") and expected in err[0], err
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+
+
+def test_out_files_are_never_replaced_silently(tmp_path, preset, astronaut, capsys, monkeypatch):
+    """--out refuses to replace a file unless --overwrite; a killed run's half-written files go on
+    the next start (a live writer's stay); a full disk is one line, exit 2, and no file."""
+    import errno
+
+    from idgen.files import temporary_prefix
+
+    out = tmp_path / "out.png"
+    common = ["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64"]
+    out.write_bytes(b"mine")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".tmp-{dead.stdout.strip()}-abc-out.png", tmp_path / f"{temporary_prefix()}abc-out.png"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    assert main([*common, "--out", str(out)]) == 2
+    assert f"{out} exists: pass --overwrite to replace it" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main([*common, "--out", str(tmp_path / "x.png"), "--num-images", "2"]) == 0
+    assert not stale.exists() and live.exists()
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "x.png"), "--num-images", "2"]) == 2
+    assert "x-0.png (and 1 more) exists: pass --overwrite" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--overwrite"]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full.png"))
+
+    monkeypatch.setattr("idgen.apps.session.save_png", full)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "full.png")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("denoising")]
+    assert err == [f"idgen: error: No space left on device ({tmp_path / 'full.png'}): free space on the disk, or use files "
+                   "and folders this user may read and write (--out, output_dir)"]

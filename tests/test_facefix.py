@@ -52,7 +52,7 @@ def test_faces_are_checked(cache, group_photo):
 def test_fix_from_the_command_line(cache, tmp_path, group_photo, astronaut, capsys):
     out = tmp_path / "fixed.png"
     common = ["fix", "--image", str(group_photo), "--face", str(astronaut), "--steps", "2"]
-    assert main([*common, "--fix-index", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main([*common, "--fix-index", "1", "--out", str(out), "--overwrite"]) == 0, capsys.readouterr().err
     image = Image.open(out)
     assert image.size == Image.open(group_photo).size
     assert image.text["face_fix"].startswith("1 face(s) repainted at strength 0.6 (crops ")
@@ -68,7 +68,7 @@ def test_fix_from_the_command_line(cache, tmp_path, group_photo, astronaut, caps
 def test_generate_fix_faces_keeps_an_image_without_a_face(cache, tmp_path, astronaut, capsys):
     out = tmp_path / "g.png"
     assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "1", "--height", "64", "--width",
-                 "64", "--fix-faces", "--out", str(out)]) == 0
+                 "64", "--fix-faces", "--out", str(out), "--overwrite"]) == 0
     assert "no face found to fix" in capsys.readouterr().err  # the tiny preset paints noise
     assert Image.open(out).text["face_fix"] == "no face found"
 

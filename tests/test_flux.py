@@ -214,20 +214,20 @@ def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
 
     common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]
     out = tmp_path / "flux.png"
-    assert main(["generate", "--base", "tiny-flux", *common, "--id-start-step", "1", "--out", str(out)]) == 0
+    assert main(["generate", "--base", "tiny-flux", *common, "--id-start-step", "1", "--out", str(out), "--overwrite"]) == 0
     meta = Image.open(out).text
     assert (meta["method"], meta["id_start_step"], meta["steps"], meta["guidance"]) == ("pulid-flux", "1", "2", "4.0")
     assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
-    assert main(["generate", "--base", "tiny-infiniteyou", *common, "--kps-image", str(astronaut), "--out", str(out)]) == 0
+    assert main(["generate", "--base", "tiny-infiniteyou", *common, "--kps-image", str(astronaut), "--out", str(out), "--overwrite"]) == 0
     meta = Image.open(out).text
     assert (meta["method"], meta["kps_image"]) == ("infiniteyou", str(astronaut))
     assert meta["face_model"].startswith("facexlib IR-SE50 (") and "InfiniteYou's face recognizer" in meta["random_weights"]
-    assert main(["generate", "--base", "tiny-flux", *common, "--num-zero", "4", "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny-flux", *common, "--num-zero", "4", "--out", str(out), "--overwrite"]) == 2
     assert "--num-zero is PuLID's on SDXL" in capsys.readouterr().err
-    assert main(["generate", "--base", "tiny-sdxl", *common, "--id-start-step", "2", "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny-sdxl", *common, "--id-start-step", "2", "--out", str(out), "--overwrite"]) == 2
     assert "--id-start-step is FLUX's" in capsys.readouterr().err
     sdxl_adapter = get_preset("tiny-faceid-sdxl", root=str(cache)).adapter
-    assert main(["generate", "--base", "tiny-flux", "--adapter", sdxl_adapter, *common, "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny-flux", "--adapter", sdxl_adapter, *common, "--out", str(out), "--overwrite"]) == 2
     assert "is not a FLUX identity adapter" in capsys.readouterr().err
 
     refs = tmp_path / "refs" / "eileen"

@@ -113,8 +113,8 @@ def test_cli_id_fusion(tmp_path, astronaut, capsys):
 
     out = tmp_path / "fused.png"
     assert main(["generate", "--face", str(astronaut), "--prompt", PROMPT, "--id-fusion", "freecure",
-                 "--recover-words", "hair", "--out", str(out), "--steps", "2"]) == 0
+                 "--recover-words", "hair", "--out", str(out), "--overwrite", "--steps", "2"]) == 0
     meta = Image.open(out).text
     assert meta["id_fusion"] == "freecure" and meta["recover_words"] == "hair"
-    assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--recover-words", "hair", "--out", str(out)]) == 2
+    assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--recover-words", "hair", "--out", str(out), "--overwrite"]) == 2
     assert "--recover-words names what --id-fusion freecure recovers" in capsys.readouterr().err

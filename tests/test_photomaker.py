@@ -195,7 +195,7 @@ def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
     from idgen.apps.cli import main
 
     out = tmp_path / "pm.png"
-    common = ["--base", "tiny-sdxl", "--face", str(astronaut), "--steps", "4", "--out", str(out), "--no-watermark"]
+    common = ["--base", "tiny-sdxl", "--face", str(astronaut), "--steps", "4", "--out", str(out), "--overwrite", "--no-watermark"]
     assert main(["generate", "--adapter", str(checkpoint), "--prompt", PROMPT, *common]) == 0
     meta = Image.open(out).text
     assert meta["method"] == "photomaker" and meta["trigger_word"] == "img" and meta["start_merge_step"] == "0"

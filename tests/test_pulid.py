@@ -271,20 +271,20 @@ def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
 
     out = tmp_path / "pulid.png"
     common = ["--face", str(astronaut), "--prompt", "a portrait", "--steps", "2", "--height", "64", "--width", "64"]
-    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "4", "--ortho", "v1", "--out", str(out)]) == 0
+    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "4", "--ortho", "v1", "--out", str(out), "--overwrite"]) == 0
     meta = Image.open(out).text
     assert (meta["method"], meta["num_zero"], meta["ortho"], meta["id_scale"]) == ("pulid", "4", "v1", "0.8")
     assert meta["random_weights"].startswith("random weights in: base, adapter, image encoder, face parser")
-    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "-1", "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny-pulid", *common, "--num-zero", "-1", "--out", str(out), "--overwrite"]) == 2
     assert "PuLID takes num_zero >= 0" in capsys.readouterr().err
-    assert main(["generate", "--base", "tiny", *common, "--num-zero", "4", "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny", *common, "--num-zero", "4", "--out", str(out), "--overwrite"]) == 2
     assert "--num-zero is PuLID's" in capsys.readouterr().err
     people = tmp_path / "people.png"
     assert main(["generate", "--base", "tiny-pulid", *common[:-4], "--face", str(astronaut), "--people", "--height", "64",
                  "--width", "128", "--out", str(people)]) == 0  # two people, each read by EVA from their own photo
     assert Image.open(people).size == (128, 64)
     preset = get_preset("tiny-pulid", root=str(cache))
-    assert main(["generate", "--base", "tiny", "--adapter", preset.adapter, *common, "--out", str(out)]) == 2
+    assert main(["generate", "--base", "tiny", "--adapter", preset.adapter, *common, "--out", str(out), "--overwrite"]) == 2
     assert "made for SDXL" in capsys.readouterr().err
 
     session = start_session(base="tiny-pulid", height=64, width=64)

@@ -242,7 +242,7 @@ def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
     out = tmp_path / "two.png"
     assert main(["generate", "--face", str(astronaut), "--face", str(astronaut), "--face-region", "0,0,128,128",
                  "--face-region", "128,0,256,128", "--width", "256", "--height", "128", "--prompt", "two people",
-                 "--out", str(out), "--steps", "2", "--no-watermark"]) == 0
+                 "--out", str(out), "--overwrite", "--steps", "2", "--no-watermark"]) == 0
     meta = Image.open(out).text
     assert meta["regions"] == "0,0,128,128; 128,0,256,128"
     ids = torch.from_numpy(np.stack([pipe.face_analyzer.identity([astronaut])] * 2))
@@ -263,11 +263,11 @@ def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
         (["--face-region", "0,0,64,64", "--face-region", "64,0,128,64", "--face", str(astronaut), "--face-order", "1,0"],
          "--face-order picks the faces of --kps-image"),
     ):
-        assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out), *flags]) == 2
+        assert main(["generate", "--face", str(astronaut), "--prompt", "p", "--out", str(out), "--overwrite", *flags]) == 2
         assert message in capsys.readouterr().err
     # --fix-faces with several people: each face by its region's identity (the tiny preset paints no face)
     assert main(["generate", "--face", str(astronaut), "--face", str(astronaut), "--people", "--fix-faces", "--prompt",
-                 "p", "--steps", "1", "--out", str(out)]) == 0
+                 "p", "--steps", "1", "--out", str(out), "--overwrite"]) == 0
     assert Image.open(out).text["face_fix"] == "no face found"
 
 
@@ -277,7 +277,7 @@ def test_cli_instantid_people(tmp_path, astronaut):
 
     out = tmp_path / "three.png"
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--face", str(astronaut), "--face",
-                 str(astronaut), "--people", "--width", "192", "--prompt", "three people", "--out", str(out),
+                 str(astronaut), "--people", "--width", "192", "--prompt", "three people", "--out", str(out), "--overwrite",
                  "--steps", "2"]) == 0
     meta = Image.open(out).text
     assert meta["regions"] == "0,0,64,128; 64,0,128,128; 128,0,192,128" and meta["kps_image"] == "face photos"

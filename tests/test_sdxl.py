@@ -244,7 +244,7 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     pose = tmp_path / "pose.jpg"
     ImageOps.mirror(Image.open(astronaut)).save(pose)
     assert main(["generate", "--base", "tiny-sdxl", "--face", str(astronaut), "--kps-image", str(pose),
-                 "--prompt", "a person", "--out", str(out), "--steps", "2", "--height", "128", "--width", "128",
+                 "--prompt", "a person", "--out", str(out), "--overwrite", "--steps", "2", "--height", "128", "--width", "128",
                  "--no-watermark"]) == 0
     meta = Image.open(out).text
     assert meta["method"] == "instantid" and meta["guidance"] == "5.0" and meta["id_scale"] == "0.8"
@@ -258,7 +258,7 @@ def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     expected = pipe("a person", face_image=str(astronaut), kps_image=str(pose), id_scale=0.8, num_inference_steps=2, height=128,
                     width=128, generator=torch.Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
-    assert main(["generate", "--face", str(astronaut), "--kps-image", str(pose), "--prompt", "p", "--out", str(out)]) == 2
+    assert main(["generate", "--face", str(astronaut), "--kps-image", str(pose), "--prompt", "p", "--out", str(out), "--overwrite"]) == 2
     assert "--kps-image needs InstantID" in capsys.readouterr().err
 
 

@@ -156,6 +156,31 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data):
     assert len(losses) == 12 and all(np.isfinite(losses))
 
 
+@pytest.mark.parametrize("step", [-5, 10**8, "4", 4.0, None])
+def test_a_tampered_training_state_is_refused(tmp_path, step):
+    folder = tmp_path / "checkpoints" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"step": step}))
+    with pytest.raises(IDGenError, match="train_state.json gives step .* not the step of checkpoint-4: the checkpoint "
+                       "was edited or mixed up"):
+        resolve_resume(str(folder), str(folder))
+
+
+def test_resumed_metrics_keep_each_step_once(tmp_path):
+    """A killed run logged steps after its last checkpoint (the last line perhaps half): resuming
+    from step 4 drops them, so the resumed run's own lines are the only ones for steps 5 on."""
+    from accelerate import Accelerator
+
+    from idgen.train.adapter import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 0.1}) + "\n" for i in range(1, 7))
+                                            + '{"step": 7, "lo')
+    log = MetricsLog(str(tmp_path), Accelerator(cpu=True), start_step=4)
+    log.log(5, loss=0.2)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_partial_checkpoint_is_never_resumed(tmp_path):
     folder = tmp_path / "checkpoints"
     (folder / "checkpoint-4").mkdir(parents=True)

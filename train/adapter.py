@@ -39,6 +39,7 @@ from idgen.adapters.context import checkpoint as identity_checkpoint
 from idgen.adapters.context import open_identity
 from idgen.adapters.eva_clip import load_eva_tower
 from idgen.errors import IDGenError
+from idgen.files import atomic_path
 from idgen.formats import FAMILY_NAMES, ID_LORA_NAME, base_family, method_of
 from idgen.pipelines import IDFluxPipeline, IDStableDiffusionPipeline, IDStableDiffusionXLPipeline
 from idgen.testing.presets import TINY_PRESETS, get_preset
@@ -274,7 +275,7 @@ def fit(config: AdapterTrainConfig, accelerator, model: nn.Module, dataset, step
         (config.max_train_steps - start_step) * micro_steps, accelerator.process_index, accelerator.num_processes,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.dataloader_num_workers)
-    logger = MetricsLog(config.output_dir, accelerator)
+    logger = MetricsLog(config.output_dir, accelerator, start_step)
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as handle:
             json.dump(asdict(config), handle, indent=1)
@@ -495,21 +496,43 @@ def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.T
     return ((1 + face_weight * mask) * (prediction - target) ** 2).mean()
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a line cut short."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class MetricsLog:
     """Metrics to tensorboard when it is installed, and always to ``metrics.jsonl``."""
 
-    def __init__(self, output_dir: str, accelerator):
+    def __init__(self, output_dir: str, accelerator, start_step: int = 0):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.main = accelerator.is_main_process
         self.board = None
         if self.main:
             os.makedirs(output_dir, exist_ok=True)
+            self._keep_until(start_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is optional
 
                 self.board = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError:
                 pass
+
+    def _keep_until(self, step: int) -> None:
+        """Drop the lines after ``step``: a resumed run logs those steps again (a killed run wrote
+        them after its last checkpoint, the last one perhaps half)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as handle:
+            lines = handle.readlines()
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+        if len(kept) != len(lines):
+            with atomic_path(self.path) as staging, open(staging, "w") as handle:
+                handle.writelines(kept)
 
     def log(self, step: int, **metrics: float) -> None:
         if not self.main:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idgen.errors import IDGenError
-from idgen.files import follow_umask
+from idgen.files import follow_umask, remove_stale_temporaries, temporary_prefix
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, SCALER_FILE, STATE_FILE = (
@@ -43,7 +43,7 @@ def save_checkpoint(accelerator, folder: str, step: int, keep: int, model, optim
     """Save the training state for ``step``. It is written under a hidden name and renamed into
     place, so a kill mid-write leaves the previous checkpoint as the latest good one."""
     final = os.path.join(folder, f"checkpoint-{step}")
-    staging = os.path.join(folder, f".tmp-checkpoint-{step}")
+    staging = os.path.join(folder, f"{temporary_prefix()}checkpoint-{step}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,7 +111,18 @@ def load_checkpoint(path: str, accelerator, model, optimizer, ema=None) -> int:
         for i, param in enumerate(ema.shadow_params):
             param.data.copy_(shadow[f"shadow.{i}"])
         ema.optimization_step = int(state.get("ema_optimization_step", state["step"]))
-    return int(state["step"])
+    return checkpoint_step(path, state)
+
+
+def checkpoint_step(path: str, state: dict) -> int:
+    """The step a checkpoint's ``train_state.json`` gives, checked: a whole number, and the N of
+    its ``checkpoint-N`` folder (a file edited by hand or from another checkpoint is refused)."""
+    step = state.get("step") if isinstance(state, dict) else None
+    named = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or (named and int(named.group(1)) != step):
+        raise IDGenError(f"{os.path.join(path, STATE_FILE)} gives step {step!r}, not the step of {os.path.basename(path)}: "
+                         "the checkpoint was edited or mixed up; resume from another checkpoint or start without --resume")
+    return step
 
 
 def resolve_resume(folder: str, resume: str | None) -> tuple[str, int] | None:
@@ -127,15 +138,19 @@ def resolve_resume(folder: str, resume: str | None) -> tuple[str, int] | None:
     state = os.path.join(resume, STATE_FILE)
     if not os.path.isfile(state):
         raise IDGenError(f"{resume} is not a complete training checkpoint (no train_state.json): pass latest or a checkpoint-N folder")
-    return resume, int(_read(state, "training state")["step"])
+    return resume, checkpoint_step(resume, _read(state, "training state"))
 
 
 def prepare_run_folder(accelerator, output_dir: str, resume: str | None, overwrite: bool) -> None:
     """Refuse to start a fresh run over one that left checkpoints (it would overwrite its adapter,
     append to its metrics from step 1, and leave its checkpoints for a later resume to mix in),
-    unless ``overwrite`` says to replace it: then its checkpoints and metrics are removed first."""
+    unless ``overwrite`` says to replace it: then its checkpoints and metrics are removed first.
+    What a killed run left half-written there (``.tmp-<pid>-*``) is removed in any case."""
     if resume and overwrite:
         raise IDGenError("--resume continues a run and --overwrite replaces it: pass only one")
+    if accelerator.is_main_process:
+        for folder in (output_dir, os.path.join(output_dir, "checkpoints")):
+            remove_stale_temporaries(folder)
     found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
     if not found or resume:
         return

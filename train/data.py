@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from idgen.errors import IDGenError
 from idgen.faces import IMAGE_SUFFIXES, FaceAnalyzer, load_image
-from idgen.files import atomic_path
+from idgen.files import atomic_path, remove_stale_temporaries
 
 INDEX, SKIPPED, INFO = "index.jsonl", "skipped.jsonl", "dataset.json"
 
@@ -124,6 +124,8 @@ def prepare_data(
     info, sha256 = _read_info(out), _recognizer_sha256(analyzer)
     _check_recognizer(out, info, analyzer, sha256)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    for written in (out, os.path.join(out, "shards")):  # what a killed run left half-written
+        remove_stale_temporaries(written)
     source = os.path.abspath(folder)
     records = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, INDEX))]
     skipped = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, SKIPPED))]

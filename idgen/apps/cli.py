@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
+from idgen.files import remove_stale_temporaries
 from idgen.formats import DEFAULT_FACE_PACK, METHODS
 from idgen.version import __version__
 
@@ -239,6 +241,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
                      help="which face of the --negative-face photos, 0 = largest")
     gen.add_argument("--prompt", default=None, help="what to make (required, except for Arc2Face)")
     gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--overwrite", action="store_true", help="replace the --out files if they exist")
     gen.add_argument("--out", default="out.png",
                      help="output PNG; with --num-images N, OUT-0.png ... are written, image i with seed SEED+i")
     _add_model_arguments(gen)
@@ -278,6 +281,7 @@ def _add_fix(commands: argparse._SubParsersAction) -> None:
     fix.add_argument("--prompt", default="a photo of a person", help="what each face crop shows")
     fix.add_argument("--negative-prompt", default=None)
     fix.add_argument("--out", default="fixed.png", help="output PNG (default fixed.png)")
+    fix.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     fix.add_argument("--fix-index", type=int, action="append", default=None, metavar="N",
                      help="which face of --image to repaint, 0 = largest; repeatable (default: every face)")
     fix.add_argument("--strength", type=_strength, default=0.6, help="how much of each face is redrawn (default 0.6)")
@@ -458,9 +462,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for text in getattr(args, "lora", None) or []:
         parse_lora(text)
     if args.command == "fix":
-        _output_paths(args.out, 1)
+        _output_paths(args.out, 1, args.overwrite)
     if args.command == "generate":
-        _output_paths(args.out, args.num_images)
+        _output_paths(args.out, args.num_images, args.overwrite)
         _check_people(args)
         if _uses_prompt(args) and not args.prompt:
             raise IDGenError("--prompt is required (only Arc2Face generates from the identity alone)")
@@ -578,16 +582,24 @@ def run_prepare_data(args: argparse.Namespace) -> None:
     print(f"{report.added} photo(s) added, {len(report.skipped)} skipped, {report.total} in {args.out}")
 
 
-def _output_paths(out: str, count: int) -> list[str]:
+def _output_paths(out: str, count: int, overwrite: bool = False) -> list[str]:
+    """The PNG files ``--out`` names (``out-0.png`` ... for several images), checked: a folder that
+    exists and can be written, no file replaced unless ``overwrite``. What a killed run left there
+    half-written goes."""
     if not out.lower().endswith(".png"):
         raise IDGenError(f"--out {out} must end in .png: images are written as PNG with their settings as metadata")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise IDGenError(f"the folder of --out ({folder}) does not exist: create it or choose another path")
-    if count == 1:
-        return [out]
-    stem = out[: -len(".png")]
-    return [f"{stem}-{i}.png" for i in range(count)]
+    if not os.access(folder, os.W_OK):
+        raise IDGenError(f"the folder of --out ({folder}) cannot be written: choose another path")
+    paths = [out] if count == 1 else [f"{out[: -len('.png')]}-{i}.png" for i in range(count)]
+    taken = [path for path in paths if os.path.exists(path)]
+    if taken and not overwrite:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise IDGenError(f"{taken[0]}{more} exists: pass --overwrite to replace it, or choose another --out")
+    remove_stale_temporaries(folder)
+    return paths
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -595,7 +607,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from .guard import finite_call  # lazy: off `idgen --help`'s path
 
-    paths = _output_paths(args.out, args.num_images)
+    paths = _output_paths(args.out, args.num_images, args.overwrite)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
     method = session.method
@@ -688,6 +700,10 @@ def run_fix(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+#: What the machine, not idgen, says no to: a full disk or quota, a read-only or forbidden place.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Quiet the libraries' own notices; the progress bar and errors are what a user needs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -703,6 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.run(args)
     except IDGenError as err:
         print(f"idgen: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:  # a bug, not the machine: the traceback says where
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"idgen: error: {err.strerror}{where}: free space on the disk, or use files and folders this user may "
+              "read and write (--out, output_dir)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("idgen: interrupted", file=sys.stderr)
