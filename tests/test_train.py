@@ -514,3 +514,41 @@ def test_written_weights_follow_the_umask(tmp_path):
     written = [tmp_path / "adapter.safetensors", lora, *[os.path.join(folder, name) for name in os.listdir(folder)]]
     assert len(written) >= 5
     assert {path: stat.S_IMODE(os.stat(path).st_mode) for path in written} == {path: 0o644 for path in written}
+
+
+def test_a_dataset_stays_inside_its_folder(tmp_path, photos, analyzer):
+    """Links that lead out of the photo folder are not followed (a photo, a caption, a subfolder),
+    and a prepared index whose shard names a path outside the dataset is refused in one line."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "me.jpg").write_bytes((photos / "astronaut.jpg").read_bytes())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not a caption")
+    (outside / "other.jpg").write_bytes((photos / "person0.jpg").read_bytes())
+    os.symlink(outside / "secret.txt", folder / "me.txt")
+    os.symlink(outside / "other.jpg", folder / "linked.jpg")
+    os.symlink(outside, folder / "more")
+    out = tmp_path / "prepared"
+    assert prepare_data(str(folder), str(out), analyzer, progress=False).added == 1
+    records = [json.loads(line) for line in open(out / "index.jsonl")]
+    assert [(r["file"], r["caption"]) for r in records] == [("me.jpg", "")]
+    FaceDataset(str(out), 64)
+    (out / "index.jsonl").write_text(json.dumps({**records[0], "shard": "../../outside/x"}) + "\n")
+    with pytest.raises(IDGenError, match="names the shard '../../outside/x', not one prepare-data writes"):
+        FaceDataset(str(out), 64)
+    (out / "index.jsonl").write_text(json.dumps({**records[0], "row": 7}) + "\n")
+    with pytest.raises(IDGenError, match="record 1 points past the end of its shard"):
+        FaceDataset(str(out), 64)
+    (out / "index.jsonl").write_text("{not json\n")
+    with pytest.raises(IDGenError, match="index.jsonl line 1 is not JSON"):
+        FaceDataset(str(out), 64)
+
+
+def test_a_bad_metadata_line_names_its_line(tmp_path, photos, analyzer):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "me.jpg").write_bytes((photos / "astronaut.jpg").read_bytes())
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "me.jpg", "text": "me"}) + "\n" + '{"file_name": "me.jpg",\n')
+    with pytest.raises(IDGenError, match="metadata.jsonl line 2 is not JSON .*: fix or remove that line"):
+        prepare_data(str(folder), str(tmp_path / "out"), analyzer, progress=False)

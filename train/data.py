@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -77,18 +78,38 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file, one per line; one line naming the line if one is not."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise IDGenError(f"{path} line {number} is not JSON ({getattr(err, 'msg', err)}): fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise IDGenError(f"{path} line {number} is not a JSON object: fix or remove that line")
+            rows.append(row)
+    return rows
+
+
+def _inside(folder: str, path: str) -> bool:
+    """Whether ``path``, links followed, lies inside ``folder`` (links followed too)."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
 def find_images(folder: str) -> list[str]:
-    """Image files below ``folder``, as sorted relative paths."""
+    """Image files below ``folder``, as sorted relative paths; a link that leads out of the folder
+    is not followed (a dataset is what lies in its folder)."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _inside(folder, os.path.join(root, d)))
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files
+                  if f.lower().endswith(IMAGE_SUFFIXES) and _inside(folder, os.path.join(root, f))]
     return sorted(found)
 
 
@@ -97,13 +118,15 @@ def read_captions(folder: str, files: list[str]) -> dict[str, str]:
     ``.txt`` beside each image (the ``.txt`` wins)."""
     captions = {}
     metadata = os.path.join(folder, "metadata.jsonl")
+    if os.path.exists(metadata) and not _inside(folder, metadata):
+        raise IDGenError(f"{metadata} links out of {folder}: a dataset's captions live in its folder; copy the file in")
     for line_number, row in enumerate(_read_jsonl(metadata), 1):
         if "file_name" not in row:
             raise IDGenError(f"{metadata} line {line_number} has no 'file_name': write {{\"file_name\": ..., \"text\": ...}}")
         captions[os.path.normpath(row["file_name"])] = str(row.get("text", ""))
     for file in files:
         sidecar = os.path.join(folder, os.path.splitext(file)[0] + ".txt")
-        if os.path.exists(sidecar):
+        if os.path.exists(sidecar) and _inside(folder, sidecar):  # a link out of the folder is no caption
             with open(sidecar) as handle:
                 captions[file] = handle.read().strip()
     return captions
@@ -207,6 +230,27 @@ def _with_path(record: dict, info: dict) -> dict:
     return record
 
 
+_SHARD = re.compile(r"^shard-\d{5}$")
+_RECORD_KEYS = ("file", "caption", "shard", "row")
+
+
+def _shard_file(prepared: str, name: object) -> str:
+    """A shard's file inside the dataset; a name prepare-data does not write (a path, say) is refused."""
+    if not isinstance(name, str) or not _SHARD.match(name):
+        raise IDGenError(f"{os.path.join(prepared, INDEX)} names the shard {name!r}, not one prepare-data writes "
+                         "(shard-NNNNN): the index was edited or damaged; prepare the dataset again")
+    return os.path.join(prepared, "shards", f"{name}.safetensors")
+
+
+def _checked_record(prepared: str, record: dict, number: int) -> dict:
+    missing = [key for key in _RECORD_KEYS if key not in record]
+    if missing or not isinstance(record.get("row"), int):
+        raise IDGenError(f"{os.path.join(prepared, INDEX)} record {number} lacks {', '.join(missing) or 'a whole row'}: "
+                         "the index was edited or damaged; prepare the dataset again")
+    _shard_file(prepared, record["shard"])
+    return record
+
+
 def _box_side(bbox) -> float:
     """A face box's shorter side, in pixels."""
     return float(min(bbox[2] - bbox[0], bbox[3] - bbox[1]))
@@ -219,7 +263,7 @@ def _face_sizes(out: str, records: list[dict]) -> list[float]:
     sizes = []
     for record in records:
         if "face_size" not in record and record["shard"] not in boxes:
-            boxes[record["shard"]] = load_file(os.path.join(out, "shards", f"{record['shard']}.safetensors"))["bbox"]
+            boxes[record["shard"]] = load_file(_shard_file(out, record["shard"]))["bbox"]
         sizes.append(record["face_size"] if "face_size" in record else _box_side(boxes[record["shard"]][record["row"]]))
     return sizes
 
@@ -235,8 +279,12 @@ class FaceDataset(torch.utils.data.Dataset):
                 f"on a folder with one clear face per photo (see {os.path.join(prepared, SKIPPED)})"
             )
         info = _read_info(prepared)
-        index = [_with_path(r, info) for r in index]
-        shards = {name: load_file(os.path.join(prepared, "shards", f"{name}.safetensors")) for name in {r["shard"] for r in index}}
+        index = [_with_path(_checked_record(prepared, r, number), info) for number, r in enumerate(index, 1)]
+        shards = {name: load_file(_shard_file(prepared, name)) for name in {r["shard"] for r in index}}
+        for number, record in enumerate(index, 1):
+            if not 0 <= record["row"] < len(shards[record["shard"]]["id_embeds"]):
+                raise IDGenError(f"{os.path.join(prepared, INDEX)} record {number} points past the end of its shard "
+                                 f"{record['shard']}: the dataset is damaged; prepare it again")
         self.records = index
         self.id_embeds = torch.stack([shards[r["shard"]]["id_embeds"][r["row"]] for r in index])
         self.embedding_norm = torch.stack([shards[r["shard"]]["embedding_norm"][r["row"]] for r in index])
