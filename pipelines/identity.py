@@ -4,6 +4,7 @@ turning face photos into ArcFace ``id_embeds`` and ``id_embeds`` into identity t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,8 +57,12 @@ def layer_id_scales(names: Sequence[str], id_scale: IDScale, aliases: dict[str, 
 
     Dict keys are ``aliases`` (the UNet's ``"down"``, ``"mid"``, ``"up"``) or any prefix of a layer
     name (``"up_blocks.1"``, ``"up_blocks.1.attentions.0"``, ...); the longest matching prefix wins,
-    and layers no key matches get 0 (as diffusers' ``set_ip_adapter_scale`` does).
+    and layers no key matches get 0 (as diffusers' ``set_ip_adapter_scale`` does). Every value is
+    finite and not negative (0 turns a layer's identity off; NaN would make a black image).
     """
+    values = list(id_scale.values()) if isinstance(id_scale, dict) else [id_scale]
+    if not all(math.isfinite(float(value)) and float(value) >= 0 for value in values):
+        raise ValueError(f"id_scale={id_scale!r}: identity strengths are finite and not negative (0 turns it off)")
     if not isinstance(id_scale, dict):
         return {name: float(id_scale) for name in names}
     prefixes = {aliases.get(key, key): float(value) for key, value in id_scale.items()}

@@ -80,6 +80,9 @@ def test_scale_dicts(pipe):
     assert list(layer_id_scales(names, {"up": 0.5, "up_blocks.1.attentions.1": 0.9}).values()) == [0.0, 0.0, 0.5, 0.9]
     with pytest.raises(ValueError, match="matches no identity layer"):
         layer_id_scales(names, {"side": 1.0})
+    for bad in (float("nan"), -0.5, {"up": float("inf")}, {"down": -1.0}):  # a black image, or an unsaid inversion
+        with pytest.raises(ValueError, match="identity strengths are finite and not negative"):
+            layer_id_scales(names, bad)
 
     full = run(pipe, id_embeds=embedding(1))
     assert np.array_equal(run(pipe, id_embeds=embedding(1), id_scale={"down": 1, "mid": 1, "up": 1}), full)

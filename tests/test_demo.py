@@ -41,6 +41,7 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     assert first.format == "PNG" and first.size == (64, 64)
     assert (first.text["seed"], second.text["seed"]) == ("3", "4") and first.text["method"] == "faceid"
     assert first.text["style"] == "cinematic" and first.text["steps"] == "2" and first.text["id_scale"] == "0.8"
+    assert first.text["faces"] == "astronaut.jpg"  # as the CLI writes it (the upload's name, not a server path)
     from idgen.watermark import verify
 
     assert verify(results[0][0])["status"] == "idgen" and verify(results[0][0])["metadata_matches"]

@@ -43,8 +43,16 @@ def test_only_the_chosen_faces_change(base, cache, group_photo, astronaut):
 def test_faces_are_checked(cache, group_photo):
     session = start_session(steps=2)
     pipe = session.load()
+    pipe.set_progress_bar_config(disable=True)
     with pytest.raises(NoFaceError, match=r"face 9 asked for, but the photo has 6 face\(s\)"):
         _fix(session, pipe, group_photo, [9], embedding(0))
+    # the analyzer's Face objects stand for their numbers: the same repaint as by number
+    faces = session.analyzer.analyze(Image.open(group_photo).convert("RGB"))
+    by_face, _ = _fix(session, pipe, group_photo, [faces[1]], embedding(0))
+    by_number, _ = _fix(session, pipe, group_photo, [1], embedding(0))
+    assert np.array_equal(np.asarray(by_face), np.asarray(by_number))
+    with pytest.raises(TypeError, match="face_fix takes face numbers or Face objects, not str"):
+        _fix(session, pipe, group_photo, ["1"], embedding(0))
     with pytest.raises(NoFaceError, match="no face found to fix"):
         _fix(session, pipe, Image.new("RGB", (256, 256), (90, 140, 200)), None, embedding(0))
 

@@ -133,6 +133,11 @@ def _strength(text: str) -> float:
     return value
 
 
+def _method_defaults(setting: str) -> str:
+    """Each method's default of ``setting`` (steps, guidance), from the method registry, for --help."""
+    return ", ".join(f"{name} {getattr(method, setting):g}" for name, method in METHODS.items()).replace("%", "%%")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run and how: shared by generate and eval."""
     parser.add_argument("--base", default="tiny",
@@ -175,11 +180,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which face of each face photo, 0 = largest; repeat it to give one per --face photo")
     parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"largest photo accepted, in pixels (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--steps", type=_steps, default=None, help="denoising steps (default 30; Arc2Face 25)")
-    parser.add_argument("--guidance", type=_finite, default=None, help="guidance scale (default 7.5; Arc2Face 3.0)")
+    parser.add_argument("--steps", type=_steps, default=None,
+                        help="denoising steps (default: the method's, " + _method_defaults("steps") + ")")
+    parser.add_argument("--guidance", type=_finite, default=None,
+                        help="guidance scale (default: the method's, " + _method_defaults("guidance") + ")")
     parser.add_argument("--id-scale", type=_id_scale, default=None,
                         help="identity strength: a number, or per block as down=0,mid=1,up=0.8 "
-                        "(default 1.0; InstantID 0.8, as its reference runs it)")
+                        "(default 1.0; InstantID and PuLID 0.8, as their references run them)")
     parser.add_argument("--id-start", type=_fraction, default=0.0, help="fraction of the steps before the identity applies")
     parser.add_argument("--id-end", type=_fraction, default=1.0, help="fraction of the steps after which it stops")
     parser.add_argument("--trigger-word", default="img",

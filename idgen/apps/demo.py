@@ -101,7 +101,8 @@ class DemoApp:
             call = dict(self.session.call_kwargs(text), **identity,
                         num_inference_steps=int(steps), guidance_scale=float(guidance),
                         num_images_per_prompt=int(num_images), generator=self.session.generators(seed, int(num_images)))
-            settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style)
+            settings = dict(steps=int(steps), guidance=float(guidance), face_index=face_index, style=style,
+                            faces=", ".join(os.path.basename(p) if isinstance(p, str) else "uploaded image" for p in photos))
             if self.session.method.uses_prompt:
                 call.update(negative_prompt=negative_prompt or None)
                 settings.update(prompt=text, negative_prompt=negative_prompt or None)

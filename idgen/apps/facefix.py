@@ -51,6 +51,19 @@ def inpaint_pipeline(pipe):
                      "use FaceID or InstantID (Arc2Face generates whole portraits only)")
 
 
+def _face_number(face: int | Face, found: list[Face]) -> int:
+    """A face given by number, or as one of the ``Face`` objects found in the photo (its number)."""
+    if isinstance(face, Face):
+        same = [i for i, other in enumerate(found) if np.allclose(other.bbox, face.bbox, atol=1.0)]
+        if not same:
+            raise NoFaceError("a Face given to face_fix is not one found in this photo: pass analyzer.analyze(photo)'s "
+                              "faces, or their numbers")
+        return same[0]
+    if isinstance(face, (int, np.integer)) and not isinstance(face, bool):
+        return int(face)
+    raise TypeError(f"face_fix takes face numbers or Face objects, not {type(face).__name__}")
+
+
 def _crop_box(bbox: np.ndarray, margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A square around the face box, ``margin`` of its side added on each side, inside the image."""
     x1, y1, x2, y2 = bbox
@@ -77,12 +90,13 @@ def face_fix(
     pipe,
     image: ImageInput,
     analyzer: FaceAnalyzer,
-    faces: Sequence[int] | None = None,
+    faces: Sequence[int | Face] | None = None,
     options: FaceFixOptions = FaceFixOptions(),
     identity_of: Callable[[Face], dict[str, Any] | None] | None = None,
     **call: Any,
 ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
-    """Repaint faces ``faces`` (indices, largest first; default all) of ``image``. ``call`` is the
+    """Repaint faces ``faces`` (indices, largest first, or the ``Face`` objects ``analyzer.analyze``
+    found in ``image``; default all) of ``image``. ``call`` is the
     pipeline call for one face: the prompt, the identity (``face_image=`` or ``id_embeds=`` ...),
     steps, guidance, generator; the crop, mask, strength and size are set here. With several
     people, ``identity_of(face)`` gives each face's identity arguments (None: leave it). Returns
@@ -93,7 +107,7 @@ def face_fix(
     if not found:
         raise NoFaceError("no face found to fix: use a photo with a clear face at least "
                           f"{analyzer.detector.min_face_size} pixels wide")
-    chosen = list(range(len(found))) if faces is None else list(faces)
+    chosen = list(range(len(found))) if faces is None else [_face_number(face, found) for face in faces]
     bad = [i for i in chosen if not 0 <= i < len(found)]
     if bad:
         raise NoFaceError(f"face {bad[0]} asked for, but the photo has {len(found)} face(s): use indices below {len(found)}")
