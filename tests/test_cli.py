@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -339,3 +340,16 @@ def test_out_files_are_never_replaced_silently(tmp_path, preset, astronaut, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("denoising")]
     assert err == [f"idgen: error: No space left on device ({tmp_path / 'full.png'}): free space on the disk, or use files "
                    "and folders this user may read and write (--out, output_dir)"]
+
+
+def test_a_prompt_past_the_text_encoder_is_said(tmp_path, preset, astronaut, capsys):
+    """diffusers cuts a prompt at the CLIP text encoder's 77 tokens without a word: the CLI says how
+    many tokens are left out; a prompt that fits says nothing."""
+    common = ["generate", "--face", str(astronaut), "--steps", "1", "--height", "64", "--width", "64"]
+    assert main([*common, "--prompt", "a photo " * 200, "--out", str(tmp_path / "long.png")]) == 0
+    err = capsys.readouterr().err
+    found = re.search(r"idgen: warning: the prompt has (\d+) tokens and the text encoder reads 77: the last (\d+) are "
+                      r"left out; shorten it", err)
+    assert found and int(found[1]) - int(found[2]) == 77, err
+    assert main([*common, "--prompt", "a photo", "--out", str(tmp_path / "short.png")]) == 0
+    assert "warning" not in capsys.readouterr().err

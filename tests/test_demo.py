@@ -73,6 +73,10 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     fixed_pair = app.generate([str(astronaut)] * 2, None, "two people", "", "none", 1.0, 0.8, 2, 5.0, 0, 1, 0, True, True)
     assert Image.open(fixed_pair[0][0]).text["face_fix"] == "no face found"  # each face by its region's identity
     assert build_demo(app) is not None
+    # Results live in the demo's own folder, the newest `keep` of them
+    app.keep = 2
+    kept = app.generate([str(astronaut)], None, "a person", "", "none", 1.0, 0.8, 2, 5.0, 0, 2)
+    assert sorted(os.listdir(app.out_dir)) == sorted(os.path.basename(path) for path, _ in kept)
     # `idgen demo --face-index 1` starts the face picker at 1
     picked = DemoApp(start_session(steps=2, face_index=1), app.pipe)
     field = next(b for b in build_demo(picked).blocks.values() if getattr(b, "elem_id", None) == "face_index")
@@ -110,8 +114,11 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
             )
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
+            for part in ("#prompt textarea", "#generate"):  # where the eye lands: above the fold
+                box = page.locator(part).bounding_box()
+                assert box is not None and box["y"] + box["height"] <= 1000, (part, box)
             page.locator("#faces input[type=file]").set_input_files(str(astronaut))
             page.wait_for_selector("#detected img", timeout=60_000)
             page.locator("#prompt textarea").fill("a photo of a person as an astronaut")

@@ -673,6 +673,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
         fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
                                                       args.face_order)
+    warning = session.prompt_warning(pipe, args.prompt if method.uses_prompt else None)
+    if warning:
+        print(f"idgen: warning: {warning}", file=sys.stderr)
     for start in range(0, args.num_images, args.batch_size):  # memory follows the batch, not the count
         count = min(args.batch_size, args.num_images - start)
         images = finite_call(pipe, **call, num_images_per_prompt=count,

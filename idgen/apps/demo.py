@@ -6,7 +6,9 @@ large upload) shows a readable message in the page, and the app keeps working.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from typing import Any
@@ -58,13 +60,19 @@ def face_preview(analyzer: FaceAnalyzer, image: Any, selected: int = 0) -> Image
 class DemoApp:
     """What a click runs, separate from the UI so it can be called directly."""
 
+    #: Result files kept in the demo's own folder: the oldest go first (a server runs for days).
+    keep = 200
+
     def __init__(self, session: Session, pipe, out_dir: str | None = None):
         self.session, self.pipe, self.analyzer = session, pipe, session.analyzer
         self.has_identitynet = getattr(pipe, "has_identitynet", False)
         method = session.method
         self.adapter_attention = method.uses_prompt and not method.prompt_identity  # id_scale applies
-        # Results are PNG files with the same metadata as the CLI's (the gallery would re-encode images).
+        # Results are PNG files with the same metadata as the CLI's (the gallery would re-encode images),
+        # in a folder of the demo's own (removed when it exits) unless one is given.
         self.out_dir = out_dir or tempfile.mkdtemp(prefix="idgen-demo-")
+        if out_dir is None:
+            atexit.register(shutil.rmtree, self.out_dir, True)
 
     def preview(self, files, face_index: float = 0) -> Image.Image | None:
         import gradio as gr  # lazy: optional dependency (idgen[demo])
@@ -126,6 +134,9 @@ class DemoApp:
                 call.update(controlnet_conditioning_scale=float(identitynet_scale))
                 settings.update(identitynet_scale=float(identitynet_scale),
                                 kps_image="pose photo" if pose is not None else "face photo")
+            warning = self.session.prompt_warning(self.pipe, text if self.session.method.uses_prompt else None)
+            if warning:
+                gr.Warning(warning)
             images = finite_call(self.pipe, **call).images
             fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
             fix_regions = None
@@ -142,12 +153,21 @@ class DemoApp:
                     message = message.replace(photo, os.path.basename(photo))
             raise gr.Error(message) from None
         results = []
+        self._prune(len(fixed))
         for i, (image, fix_settings) in enumerate(fixed):
             path = os.path.join(self.out_dir, f"{uuid.uuid4().hex[:12]}-seed{seed + i}.png")
             self.session.save(image, path, self.pipe, seed + i, **settings, **fix_settings)
             scale = f" · id_scale {float(id_scale):.2f}" if self.adapter_attention else ""
             results.append((path, f"seed {seed + i}{scale} · {text}"))
         return results
+
+
+    def _prune(self, coming: int) -> None:
+        """Remove the oldest results so that ``coming`` new ones leave at most ``keep``."""
+        files = sorted((entry for entry in os.scandir(self.out_dir) if entry.name.endswith(".png")),
+                       key=lambda entry: entry.stat().st_mtime)
+        for entry in files[:max(0, len(files) + coming - self.keep)]:
+            os.remove(entry.path)
 
 
 def _path(item: Any) -> Any:
@@ -167,6 +187,12 @@ def build_demo(app: DemoApp):
         with gr.Row():
             with gr.Column():
                 files = gr.File(label="Face photos", file_count="multiple", file_types=["image"], elem_id="faces")
+                # The prompt and the button first, where the eye lands (as the reference demos); settings below.
+                person = f"a person {app.session.options.trigger_word}" if app.session.method.prompt_identity else "a person"
+                prompt = gr.Textbox(label="Prompt", value=f"a photo of {person}", elem_id="prompt",
+                                    info="PhotoMaker: the class word, then the trigger word" if app.session.method.prompt_identity
+                                    else None)
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
                 detected = gr.Image(label="Detected faces (green: the one used)", interactive=False, elem_id="detected",
                                     height=240)
                 start_index = app.session.options.face_index
@@ -179,10 +205,6 @@ def build_demo(app: DemoApp):
                 pose = gr.Image(label="Pose photo (optional): InstantID's pose; with several people, a photo with a "
                                 "face per person", type="filepath", visible=app.adapter_attention,
                                 elem_id="pose")
-                person = f"a person {app.session.options.trigger_word}" if app.session.method.prompt_identity else "a person"
-                prompt = gr.Textbox(label="Prompt", value=f"a photo of {person}", elem_id="prompt",
-                                    info="PhotoMaker: the class word, then the trigger word" if app.session.method.prompt_identity
-                                    else None)
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE)
                 style = gr.Dropdown(list(STYLES), value="none", label="Style")
                 default_scale = app.session.id_scale
@@ -198,7 +220,6 @@ def build_demo(app: DemoApp):
                 count = gr.Slider(1, 4, value=1, step=1, label="Images")
                 fix = gr.Checkbox(value=False, label="Fix faces (repaint each face found with the identity)",
                                   visible=app.adapter_attention, elem_id="fix_faces")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Results (PNG with settings as metadata)", elem_id="gallery", columns=2,
                                      height=520, format="png")

@@ -236,6 +236,21 @@ class Session:
             call.update(id_start_step=self.options.id_start_step, true_cfg_scale=self.options.true_cfg_scale)
         return call
 
+    @staticmethod
+    def prompt_warning(pipe, prompt: str | None) -> str | None:
+        """What a prompt longer than the text encoder reads loses (diffusers cuts it without a word):
+        the count of tokens past the limit, or None when it fits."""
+        flux = getattr(pipe, "tokenizer_2", None) is not None and getattr(pipe, "transformer", None) is not None
+        tokenizer, limit = (pipe.tokenizer_2, 512) if flux else (getattr(pipe, "tokenizer", None), None)
+        if not prompt or tokenizer is None:
+            return None
+        limit = limit or tokenizer.model_max_length
+        count = len(tokenizer(prompt).input_ids)
+        if count <= limit:
+            return None
+        return (f"the prompt has {count} tokens and the text encoder reads {limit}: the last {count - limit} are "
+                "left out; shorten it")
+
     def generators(self, seed: int, count: int) -> list:
         """One CPU generator per image, seeded ``seed + i``: image i is reproduced alone with seed + i."""
         return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
