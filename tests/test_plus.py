@@ -98,6 +98,12 @@ def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys)
     assert main([*common, "--image-encoder", str(tmp_path / "encoder"), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--image-encoder is FaceID-Plus's and PuLID's; the faceid adapter" in err[0]
+    weights = next((tmp_path / "encoder").glob("*.safetensors"))  # a damaged encoder folder: one line too
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert main([*common, "--adapter", str(adapter), "--image-encoder", str(tmp_path / "encoder"),
+                 "--out", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"could not load the image encoder {tmp_path / 'encoder'}" in err[0], err
 
 
 def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
