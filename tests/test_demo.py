@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -22,6 +23,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def open_page(browser, url: str):
+    """A new page of the demo, once its app has loaded (its upload field exists and stays)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    page.locator("#faces input[type=file]").wait_for(state="attached", timeout=60_000)
+    return page
+
+
+def upload(page, *photos) -> None:
+    """Put ``photos`` into the face photo field and wait until the field lists each of them (a click
+    before that would run on the files the page held before)."""
+    page.locator("#faces input[type=file]").set_input_files([str(photo) for photo in photos])
+    wanted = Counter(os.path.basename(photo) for photo in photos)
+    deadline = time.time() + 60
+    listed = lambda: page.locator("#faces").inner_text().replace("\n", "")  # a name may show as stem, then suffix
+    while not all(listed().count(name) >= count for name, count in wanted.items()):
+        if time.time() > deadline:
+            page.screenshot(path=os.path.join(ARTIFACTS, "demo-upload-failed.png"), full_page=True)
+            raise AssertionError(f"the demo did not list {sorted(wanted)}: {listed()!r}")
+        time.sleep(0.25)
 
 
 def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
@@ -114,12 +138,11 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
             )
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
+            page = open_page(browser, url)
             for part in ("#prompt textarea", "#generate"):  # where the eye lands: above the fold
                 box = page.locator(part).bounding_box()
                 assert box is not None and box["y"] + box["height"] <= 1000, (part, box)
-            page.locator("#faces input[type=file]").set_input_files(str(astronaut))
+            upload(page, astronaut)
             page.wait_for_selector("#detected img", timeout=60_000)
             page.locator("#prompt textarea").fill("a photo of a person as an astronaut")
             page.locator("#generate").click()
@@ -129,16 +152,17 @@ def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
 
             # A fresh page, the photo without a face alone (a second upload adds to the list); the click
             # waits for the upload to land, else it would run on the files the page held before.
-            page.goto(url)
-            page.locator("#faces input[type=file]").set_input_files(str(blank))
-            page.locator("#faces").get_by_text(blank.name).wait_for(timeout=60_000)
+            page.close()
+            page = open_page(browser, url)
+            upload(page, blank)
             page.locator("#generate").click()
             page.get_by_text(f"no face found in {blank.name}").first.wait_for(timeout=60_000)
             page.screenshot(path=os.path.join(ARTIFACTS, "demo-no-face.png"), full_page=True)
 
             # The app keeps working after the error; a fresh page: two photos, each another person, side by side.
-            page.goto(url)
-            page.locator("#faces input[type=file]").set_input_files([str(astronaut), str(astronaut)])
+            page.close()
+            page = open_page(browser, url)
+            upload(page, astronaut, astronaut)
             page.wait_for_selector("#detected img", timeout=60_000)
             page.locator("#people input[type=checkbox]").check()
             page.locator("#generate").click()
