@@ -280,7 +280,7 @@ def test_tiny_faceid_sdxl_preset(tmp_path, cache, astronaut, capsys):
     meta = Image.open(out).text
     assert meta["method"] == "faceid-sdxl" and meta["id_scale"] == "1.0" and "identitynet" not in meta
     assert main(["generate", "--base", "tiny-faceid-sdxl", "--face", str(astronaut), "--prompt", "p",
-                 "--kps-image", str(astronaut), "--out", str(out)]) == 2
+                 "--kps-image", str(astronaut), "--out", str(tmp_path / "refused.png")]) == 2
     assert "--kps-image needs InstantID" in capsys.readouterr().err
 
 

@@ -215,11 +215,11 @@ def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
         assert main(["generate", *flags, *common]) == 2
         assert message in capsys.readouterr().err
     assert main(["generate", "--base", "tiny", "--adapter", str(checkpoint), "--face", str(astronaut), "--prompt",
-                 PROMPT, "--out", str(out)]) == 2
+                 PROMPT, "--out", str(tmp_path / "refused.png")]) == 2
     assert "made for SDXL" in capsys.readouterr().err
     # the offline preset: its own random PhotoMaker file
     assert main(["generate", "--base", "tiny-photomaker", "--face", str(astronaut), "--prompt", PROMPT, "--steps", "2",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--overwrite"]) == 0
     assert Image.open(out).text["method"] == "photomaker"
     assert Image.open(out).text["random_weights"].startswith("random weights in: base, adapter")
 
