@@ -14,7 +14,7 @@ from .loading import (
     init_identity_adapter_state_dict,
     load_adapter_state_dict,
 )
-from .lora import FusedLoRA, LoRALayers, peft_lora_state_dict
+from .lora import FusedLoRA, LoRALayers, holds_plain_weights, peft_lora_state_dict
 from .projection import FaceIDPlusProjection, FaceIDProjection, InstantIDResampler
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "check_portrait_faces",
     "detect_format",
     "FusedLoRA",
+    "holds_plain_weights",
     "faceid_lora_layers",
     "identity_adapter_state_dict",
     "init_identity_adapter_state_dict",

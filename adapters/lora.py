@@ -10,6 +10,7 @@ the model bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -22,6 +23,19 @@ LoRALayers = dict[str, tuple[torch.Tensor, torch.Tensor]]
 def _weight(model: nn.Module, path: str) -> nn.Parameter:
     layer = model.get_submodule(path)
     return cast(nn.Parameter, getattr(layer, "base_layer", layer).weight)  # under a peft wrapper: the base layer's
+
+
+def holds_plain_weights(model: nn.Module, paths: Iterable[str] | None = None) -> bool:
+    """Whether the linear layers at ``paths`` (default: all of ``model``'s) keep plain floating-point
+    weights a LoRA can be added to. Quantized weights (torchao's, bitsandbytes', GGUF's) live in
+    tensor types of their own: a LoRA on them runs unfused, through peft."""
+    if paths is None:
+        paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for path in paths:
+        weight = _weight(model, path)
+        if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
+            return False
+    return True
 
 
 class FusedLoRA:

@@ -64,7 +64,7 @@ from idgen.adapters.face_parsing import BiSeNet
 from idgen.adapters.lora import peft_lora_state_dict
 from idgen.apps.loras import LoRASpec, load_loras
 from idgen.apps.schedulers import make_scheduler
-from idgen.apps.session import compile_models
+from idgen.apps.tiers import compile_models
 from idgen.testing.presets import (
     get_preset,
     random_faceid_state_dict,

@@ -3,6 +3,7 @@ timeout, and the libraries it uses are asked not to phone home."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import urllib.request
@@ -24,10 +25,20 @@ QUIET_ENVIRONMENT = {
 }
 
 
+#: Loggers whose notices on import ask nothing of the user: torchao's, once installed, is imported by
+#: diffusers at start-up and reports its CUDA-only kernels missing on every machine without them.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
 def quiet_libraries() -> None:
-    """Set the switches of ``QUIET_ENVIRONMENT`` that the user has not set otherwise."""
+    """Set the switches of ``QUIET_ENVIRONMENT`` that the user has not set otherwise, and keep the
+    import notices of ``QUIET_LOGGERS`` to errors."""
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
 
 
 def offline() -> bool:

@@ -23,6 +23,7 @@ from idgen.adapters import (
     check_adapter,
     detect_format,
     faceid_lora_layers,
+    holds_plain_weights,
     load_adapter_state_dict,
     resolve_checkpoint_file,
 )
@@ -146,7 +147,8 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
         unfused exactly (the original weights come back) when you weigh it with
         ``set_adapters([..., "faceid"], [...])``, load another LoRA, save or unload, and from
         then on runs through peft as the adapter ``"faceid"``. ``fuse_lora=False`` keeps it in
-        peft from the start (to train it). A previously loaded identity adapter is replaced.
+        peft from the start (to train it); so do quantized UNet weights (torchao, bitsandbytes,
+        GGUF), which take no sum. A previously loaded identity adapter is replaced.
 
         FaceID-Plus also loads CLIP ViT-H (``image_encoder``, default h94/IP-Adapter's) as the
         pipeline's ``image_encoder``; ``shortcut`` marks PlusV2 (default: "plusv2" in the file
@@ -180,8 +182,9 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
                 shortcut = "plusv2" in os.path.basename(path).lower() or sdxl
 
         adapter = build_identity_adapter(self.unet, state_dict, spec, path, bool(shortcut))
-        parts = _IdentityParts(adapter, spec, faceid_lora_layers(self.unet, state_dict) or None, encoder, pulid,
-                               fuse_lora and not self._user_lora_names())
+        lora = faceid_lora_layers(self.unet, state_dict) or None
+        fuse_lora = fuse_lora and not self._user_lora_names() and (lora is None or holds_plain_weights(self.unet, lora))
+        parts = _IdentityParts(adapter, spec, lora, encoder, pulid, fuse_lora)
         # Everything is built and checked; now the old identity goes and the new one comes in. A
         # failure on the way takes out what came in and puts the old identity back.
         before = self._identity_parts()

@@ -87,10 +87,11 @@ def test_cli_few_step_recipe_is_recorded(cache, astronaut, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
-def test_compiled_models_give_the_eager_image_without_recompiling(base, cache, astronaut, tmp_path, monkeypatch):
-    """--compile: one graph for the UNet (and IdentityNet) with identity attention and a fused
-    LoRA; another identity reuses them; the image is the eager one."""
+@pytest.mark.parametrize("base, mode", [("tiny", "full"), ("tiny-sdxl", "full"), ("tiny", "regional")])
+def test_compiled_models_give_the_eager_image_without_recompiling(base, mode, cache, astronaut, tmp_path, monkeypatch):
+    """--compile full: one graph for the UNet (and IdentityNet) with identity attention and a fused
+    LoRA; --compile regional: one graph for the UNet's repeated transformer block, reused by each
+    of them. Another identity reuses the graphs; the image is the eager one."""
     import torch._dynamo
 
     compile_ = torch.compile
@@ -102,9 +103,13 @@ def test_compiled_models_give_the_eager_image_without_recompiling(base, cache, a
     eager = _generate(eager_session, eager_pipe, astronaut)
     other_id = embedding(1, float(eager_session.identity([astronaut]).norm()))
     eager_other = _generate(eager_session, eager_pipe, astronaut, id_embeds=other_id)
-    session = _session(base, lora=lora, compile=True)
+    session = _session(base, lora=lora, compile=mode)
     pipe = session.load()
-    assert pipe.unet._compiled_call_impl is not None
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in pipe.unet._repeated_blocks]
+    if mode == "full":
+        assert pipe.unet._compiled_call_impl is not None
+    else:
+        assert pipe.unet._compiled_call_impl is None and blocks and all(b._compiled_call_impl for b in blocks)
     if base == "tiny-sdxl":  # InstantID: IdentityNet too
         assert pipe.controlnet._compiled_call_impl is not None
     compiled = _generate(session, pipe, astronaut)

@@ -19,7 +19,7 @@ from idgen.formats import DEFAULT_FACE_PACK, METHODS
 from idgen.version import __version__
 
 from .loras import parse_lora
-from .options import SessionOptions, check_id_window, check_timesteps
+from .options import COMPILE, FBC_THRESHOLD, OFFLOAD, QUANTIZE, SessionOptions, check_id_window, check_timesteps, parse_cache
 
 #: Request bounds, checked before any model loads (--max-side and --max-images raise theirs).
 MAX_STEPS = 999
@@ -99,6 +99,13 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a fraction of the schedule between 0 and 1, got {value}")
     return value
+
+
+def _cache(text: str) -> str:
+    try:
+        return parse_cache(text)
+    except IDGenError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--cache {text}: ")) from None
 
 
 def _timesteps(text: str) -> list[int]:
@@ -206,9 +213,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
                         help="sample at exactly these timesteps, noisiest first (DMD2: 999,749,499,249); "
                         "sets the number of steps")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet (and IdentityNet), for GPUs: the first image waits a minute or "
-                        "more for the compiler (on CPU it is not faster: bench/README.md)")
+    tiers = parser.add_argument_group("memory and speed (README: Memory and speed tiers)")
+    tiers.add_argument("--compile", nargs="?", const="full", choices=COMPILE, default=None,
+                       help="torch.compile the UNet or FLUX transformer (and IdentityNet/InfuseNet), for GPUs: full "
+                       "(the default) compiles the whole model, regional its repeated block once, in a fraction of "
+                       "the time; the first image waits for the compiler (on CPU it is not faster: bench/README.md)")
+    tiers.add_argument("--quantize", choices=QUANTIZE, default=None,
+                       help="quantized denoiser weights (and FLUX's T5): int8 (torchao, weight-only), fp8 (float8 "
+                       "storage, computed in --dtype), nf4 (bitsandbytes, CUDA only); identity modules stay unquantized")
+    tiers.add_argument("--gguf", default=None, metavar="FILE",
+                       help="load the denoiser (FLUX transformer or UNet) from a GGUF file, e.g. flux1-dev-Q8_0.gguf")
+    tiers.add_argument("--offload", choices=OFFLOAD, default=None,
+                       help="keep models on the CPU between uses: model (one model at a time on the GPU), group "
+                       "(one block at a time, streamed), sequential (one layer at a time: least memory, slowest)")
+    tiers.add_argument("--cache", type=_cache, default=None, metavar="fbc[:THRESHOLD]|taylorseer",
+                       help=f"FLUX: skip work on steps that change little: fbc (first-block cache, threshold "
+                       f"{FBC_THRESHOLD}: higher is faster and drifts further) or taylorseer")
+    tiers.add_argument("--memory", choices=("auto",), default=None,
+                       help="auto: pick the fastest --quantize/--offload that fits the GPU's free memory (printed, "
+                       "and recorded in each image)")
     parser.add_argument("--height", type=_dimension, default=None)
     parser.add_argument("--width", type=_dimension, default=None)
     parser.add_argument("--max-side", type=_positive_int, default=MAX_SIDE, metavar="PIXELS",

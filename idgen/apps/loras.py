@@ -71,7 +71,8 @@ def _folder_weight_name(folder: str) -> str | None:
 
 
 def load_loras(pipe, loras: list[LoRASpec]) -> None:
-    """Load ``loras`` into ``pipe`` beside its identity LoRA, weigh them, and fuse all of them."""
+    """Load ``loras`` into ``pipe`` beside its identity LoRA, weigh them, and fuse all of them
+    (on quantized weights, which take no sum, they stay in peft)."""
     if not loras:
         return
     names = []
@@ -95,4 +96,7 @@ def load_loras(pipe, loras: list[LoRASpec]) -> None:
     weights = [lora.weight for lora in loras]
     identity = [ID_LORA_NAME] if ID_LORA_NAME in pipe.unet.peft_config else []  # at its full strength
     pipe.set_adapters(names + identity, weights + [1.0] * len(identity))
-    pipe.fuse_lora(adapter_names=names + identity)
+    from idgen.adapters import holds_plain_weights  # lazy: the command line parses LoRA flags without torch
+
+    if holds_plain_weights(pipe.unet):
+        pipe.fuse_lora(adapter_names=names + identity)

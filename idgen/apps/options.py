@@ -4,12 +4,22 @@ half of the loader, read by the command line before anything heavy is imported."
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS
+
+#: The memory and speed switches (idgen.apps.tiers applies them).
+QUANTIZE = ("int8", "fp8", "nf4")
+OFFLOAD = ("model", "group", "sequential")
+CACHES = ("fbc", "taylorseer")
+COMPILE = ("full", "regional")
+#: First-block cache: a step reuses the last residual of the other blocks while the first block's
+#: output changes by less than this (relative L1). Higher skips more steps, and drifts further.
+FBC_THRESHOLD = 0.12
 
 
 @dataclass
@@ -48,7 +58,12 @@ class SessionOptions:
     lora: list[str] = field(default_factory=list)  # style/speed LoRAs, each PATH_OR_ID[:WEIGHT] (idgen.apps.loras)
     scheduler: str | None = None  # a name of idgen.apps.schedulers (default: the base model's)
     timesteps: list[int] | None = None  # the exact timesteps to sample at (DMD2: 999,749,499,249)
-    compile: bool = False  # torch.compile the UNet and IdentityNet (the first image waits for it)
+    compile: str | None = None  # "full" or "regional": torch.compile the denoiser and ControlNet (idgen.apps.tiers)
+    quantize: str | None = None  # "int8" (torchao), "fp8" (float8 storage) or "nf4" (bitsandbytes, CUDA)
+    gguf: str | None = None  # a GGUF file of the denoiser (FLUX transformer or UNet), quantized
+    offload: str | None = None  # "model", "group" or "sequential": models on the CPU between uses
+    cache: str | None = None  # FLUX: "fbc", "fbc:THRESHOLD" or "taylorseer"
+    memory: str | None = None  # "auto": the fastest quantization and offload that fit the GPU's free memory
     trigger_word: str = "img"  # PhotoMaker: the word after the class word that marks the person
     start_merge_step: int | None = None  # PhotoMaker: steps with the prompt alone (default: 20% of the steps)
 
@@ -56,6 +71,21 @@ class SessionOptions:
     def from_namespace(cls, args: Any) -> SessionOptions:
         """The options found on a parsed argparse namespace."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def parse_cache(text: str) -> str:
+    """``--cache``: ``fbc``, ``fbc:THRESHOLD`` (a positive number) or ``taylorseer``."""
+    name, _, threshold = text.partition(":")
+    if name not in CACHES or (threshold and name != "fbc"):
+        raise IDGenError(f"--cache {text}: use fbc, fbc:THRESHOLD (e.g. fbc:{FBC_THRESHOLD}) or taylorseer")
+    if threshold:
+        try:
+            value = float(threshold)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise IDGenError(f"--cache {text}: the threshold is a positive number, e.g. fbc:{FBC_THRESHOLD}")
+    return text
 
 
 def check_id_window(start: float, end: float) -> None:

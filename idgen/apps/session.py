@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +39,7 @@ from idgen.formats import METHODS, Method, base_model_error, is_instantid, metho
 from idgen.testing.presets import TINY_PRESETS, get_preset
 from idgen.version import __version__
 
+from . import tiers
 from .loras import LoRASpec, load_loras, parse_lora
 from .options import SessionOptions, check_id_window, check_timesteps
 from .schedulers import make_scheduler, scheduler_spec, takes_timesteps
@@ -89,6 +91,7 @@ class Session:
     #: The adapter checkpoint as read and checked by ``start_session``, handed to the pipeline by the
     #: first ``load()`` (not read twice) and then dropped.
     adapter_state: dict | None = field(default=None, repr=False)
+    loaded_tier: tiers.Tier | None = None  # the memory and speed tier of the last load()
 
     def load(self):
         """The pipeline, on its device, with the identity adapter loaded and the analyzer set."""
@@ -105,11 +108,16 @@ class Session:
                 ) from None
         elif self.method.pipeline == "IDStableDiffusionXLPipeline":
             extra["controlnet"] = None
+        tier = self.tier(device)
         try:
             if self.method.family == "arc2face":
                 pipe = cls.from_arc2face(self.adapter, base_model=self.base, dtype=dtype)
             else:
-                pipe = cls.from_pretrained(self.base, dtype=dtype, **extra)
+                extra.update(tiers.gguf_denoiser(tier, self.base, self.method.family, dtype))
+                pipe = cls.from_pretrained(self.base, dtype=dtype, **extra,
+                                           quantization_config=tiers.quantization_config(tier, self.method.family, dtype))
+        except IDGenError:
+            raise
         except Exception as err:  # offline, missing repo, bad folder
             raise base_model_error(self.base, err) from None
         if self.options.scheduler:
@@ -130,12 +138,25 @@ class Session:
             pipe.load_identity_adapter(source, **extra)
             self.adapter_state = None
         pipe.set_face_analyzer(self.analyzer)
-        pipe.to(device)
+        tiers.place(pipe, tier, device)
         load_loras(pipe, self.loras)  # on the device: fusing is a matrix product per layer
-        if self.options.compile:
-            compile_models(pipe)
+        if tier.compile:
+            tiers.compile_models(pipe, regional=tier.compile == "regional")
+        self.loaded_tier = tier
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
+
+    def tier(self, device: str) -> tiers.Tier:
+        """The memory and speed tier the options ask for; ``--memory auto`` resolved for ``device``."""
+        options = self.options
+        tier = tiers.requested_tier(options)
+        if options.memory == "auto":
+            dtype = device_and_dtype(self.options.device, self.options.dtype)[1]
+            size = options.height * options.width if options.height and options.width else None
+            tier = tiers.auto_tier(tier, self.base, self.method.family, device, dtype, size)
+            if tier.chosen:
+                print(f"idgen: {tier}", file=sys.stderr)
+        return tier
 
     def _image_encoder(self, dtype):
         try:
@@ -264,7 +285,9 @@ class Session:
         scheduler = type(pipe.scheduler).__name__ + (f" ({self.options.scheduler})" if self.options.scheduler else "")
         denoiser = pipe.transformer if self.method.family == "flux" else pipe.unet
         meta.update(scheduler=scheduler, dtype=str(denoiser.dtype).removeprefix("torch."),
-                    device=str(pipe.device))
+                    device=str(pipe._execution_device), tier=str(self.loaded_tier or tiers.Tier()))
+        if getattr(pipe, "_id_lora", None) is not None:  # FaceID's LoRA: fused into plain weights, else run by peft
+            meta["id_lora"] = "fused" if pipe._fused_id_lora is not None else "unfused (peft)"
         return meta
 
     def save(self, image, path: str, pipe, seed: int, **settings: Any):
@@ -373,6 +396,8 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
             method = method_of(found, method.family) or method
     identitynet = _identitynet(method, adapter, options.identitynet)
     _check_method_options(method, options, adapter)
+    tiers.check_tier(tiers.requested_tier(options), method.family, method.checkpoint_format,
+                     torch.device(device_and_dtype(options.device, options.dtype)[0]).type)
     analyzer = FaceAnalyzer(face_pack(face_model or method.face_pack), detector=options.detector,
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:
@@ -416,17 +441,6 @@ def _flux_format(raw: dict, adapter_file: str) -> str:
     raise IDGenError(f"{adapter_file} is not a FLUX identity adapter: a FLUX base runs PuLID-FLUX "
                      "(pulid_flux_v0.9.1.safetensors) and InfiniteYou (ByteDance/InfiniteYou); SD1.5 and SDXL adapters "
                      "need their own --base")
-
-
-def compile_models(pipe) -> None:
-    """Compile the UNet and the ControlNet (IdentityNet), if any, in place: one graph each, identity
-    attention included; channels-last on CUDA. The first call waits for the compiler."""
-    for model in (getattr(pipe, "unet", None) or pipe.transformer, getattr(pipe, "controlnet", None)):
-        if model is None:
-            continue
-        if model.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        model.compile(fullgraph=True)
 
 
 def _identitynet(method: Method, adapter: str, identitynet: str | None) -> str | None:
