@@ -63,6 +63,7 @@ from idgen.adapters.eva_clip import EVAVisionTower
 from idgen.adapters.face_parsing import BiSeNet
 from idgen.adapters.lora import peft_lora_state_dict
 from idgen.apps.loras import LoRASpec, load_loras
+from idgen.apps.options import SessionOptions
 from idgen.apps.schedulers import make_scheduler
 from idgen.apps.tiers import compile_models
 from idgen.testing.presets import (
@@ -186,10 +187,12 @@ def measure(cases: list[Case], repeats: int, device: str) -> dict[str, dict]:
             if round_:
                 seconds[case.name].append(time.perf_counter() - start)
             if device.startswith("cuda"):
-                peaks[case.name] = (torch.cuda.max_memory_allocated() - before) / 2**30
+                peaks[case.name] = ((torch.cuda.max_memory_allocated() - before) / 2**30,
+                                    torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
             print(f"  round {round_}: {case.name} {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    return {case.name: {"seconds": statistics.median(seconds[case.name]), "peak_GiB": peaks.get(case.name),
-                        "images": images[case.name]} for case in cases}
+    return {case.name: {"seconds": statistics.median(seconds[case.name]), "images": images[case.name],
+                        **dict(zip(("peak_GiB", "allocated_GiB", "reserved_GiB"), peaks.get(case.name, (None,) * 3)))}
+            for case in cases}
 
 
 def table(title: str, cases: list[Case], results: dict, baseline: str, count: int, note: str) -> str:
@@ -389,6 +392,119 @@ def flux_cases(parts: dict, size: int, steps: int, device: str, dtype: torch.dty
     return cases
 
 
+
+# ------------------------------------------------------------------------------ FLUX memory and speed tiers
+#: (name, tier flags, GPU only): each run by plain FluxPipeline, PuLID-FLUX and InfiniteYou.
+TIERS = [
+    ("bf16 eager", {}, False),
+    ("model offload", {"offload": "model"}, False),
+    ("group offload", {"offload": "group"}, False),
+    ("int8", {"quantize": "int8"}, False),
+    ("int8 + model offload", {"quantize": "int8", "offload": "model"}, False),
+    ("fp8 storage + model offload", {"quantize": "fp8", "offload": "model"}, False),
+    ("nf4 + model offload", {"quantize": "nf4", "offload": "model"}, True),
+    ("nf4 + group offload", {"quantize": "nf4", "offload": "group"}, True),
+    ("first-block cache", {"cache": "fbc"}, False),
+    ("TaylorSeer cache", {"cache": "taylorseer"}, False),
+    ("regional compile", {"compile": "regional"}, True),
+    ("fast: first-block cache + regional compile", {"cache": "fbc", "compile": "regional"}, True),
+]
+
+
+def write_flux_folders(parts: dict, folder: str, div: int) -> dict[str, str]:
+    """The FLUX base, a PuLID-FLUX file (with its EVA tower and face parser) and an InfiniteYou
+    folder (projection, InfuseNet, IR-SE50), random at the official shapes, written in their
+    published layouts so that every tier loads them as users do (``start_session``)."""
+    from idgen.adapters.face_recognition import IRSEArcFace
+    from idgen.adapters.flux import INFINITEYOU_WEIGHT_NAME, INFUSENET_FOLDER
+    from idgen.testing.presets import FACE_PARSER_FILE, IRSE_FILE, PULID_FLUX_FILE
+
+    paths = {name: os.path.join(folder, name) for name in ("base", "pulid-flux", "eva", "infiniteyou")}
+    FluxPipeline(**parts).save_pretrained(paths["base"])
+    torch.manual_seed(1)
+    eva = EVAVisionTower(width=1024 // div, head_width=64, embed_dim=768 // div)
+    pulid = init_pulid_flux_adapter(parts["transformer"].cpu(), eva, dim=1024 // div, depth=10, num_queries=32)
+    for block in pulid.pulid_ca:  # a trained adapter's outputs are not zero
+        torch.nn.init.normal_(block.to_out.weight, std=block.to_out.in_features**-0.5)
+    eva.save_pretrained(paths["eva"])
+    os.makedirs(paths["pulid-flux"])
+    save_file({k: v.contiguous() for k, v in pulid.state_dict().items()}, os.path.join(paths["pulid-flux"], PULID_FLUX_FILE))
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in BiSeNet().state_dict().items()},
+               os.path.join(folder, FACE_PARSER_FILE))
+    config = parts["transformer"].config
+    projection = InstantIDResampler(dim=1280 // div, depth=4, heads=20 // div, num_queries=8,
+                                    output_dim=config.joint_attention_dim)
+    FluxControlNetModel(in_channels=64, num_layers=4, num_single_layers=10, attention_head_dim=128,
+                        num_attention_heads=config.num_attention_heads, joint_attention_dim=config.joint_attention_dim,
+                        pooled_projection_dim=config.pooled_projection_dim, guidance_embeds=True,
+                        axes_dims_rope=(16, 56, 56)).save_pretrained(os.path.join(paths["infiniteyou"], INFUSENET_FOLDER))
+    torch.save({"image_proj": dict(projection.state_dict())}, os.path.join(paths["infiniteyou"], INFINITEYOU_WEIGHT_NAME))
+    torch.save(IRSEArcFace().state_dict(), os.path.join(paths["infiniteyou"], IRSE_FILE))
+    paths.update(pulid_file=os.path.join(paths["pulid-flux"], PULID_FLUX_FILE), parser=os.path.join(folder, FACE_PARSER_FILE),
+                 irse=os.path.join(paths["infiniteyou"], IRSE_FILE))
+    return paths
+
+
+def tier_rows(paths: dict[str, str], size: int, steps: int, device: str, dtype: torch.dtype, repeats: int) -> str:
+    """For each tier that runs here: plain ``FluxPipeline``, PuLID-FLUX and InfiniteYou, loaded as
+    the CLI loads them and timed one pipeline in memory at a time (a tier's three rows one after
+    another); peak GiB is all the GPU held during the call (weights included), and the latent
+    difference is to the same method's bf16 eager latents."""
+    from idgen.apps import tiers
+    from idgen.apps.session import start_session
+    from idgen.errors import IDGenError
+
+    photo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "idgen", "assets", "astronaut.jpg")
+    common = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=128,
+                  output_type="latent")
+    methods = {"pulid-flux": dict(adapter=paths["pulid_file"], image_encoder=paths["eva"], face_parser=paths["parser"]),
+               "infiniteyou": dict(adapter=paths["infiniteyou"], face_recognizer=paths["irse"])}
+    cuda = device.startswith("cuda")
+    lines = ["| tier | pipeline | s / image | peak GiB allocated / reserved | time vs plain FLUX at the tier | "
+             "max latent diff vs its bf16 eager |", "|---|---|---|---|---|---|"]
+    anchors: dict[str, np.ndarray] = {}
+    for name, flags, gpu_only in TIERS:
+        if gpu_only and not cuda:
+            print(f"{name}: skipped (needs a CUDA GPU)", file=sys.stderr)
+            continue
+        rows: dict[str, dict] = {}
+        for method in ("plain", *methods):
+            try:
+                if method == "plain":
+                    tier = tiers.requested_tier(SessionOptions(**flags))
+                    family = "flux"
+                    pipe = FluxPipeline.from_pretrained(paths["base"], dtype=dtype,
+                                                        quantization_config=tiers.quantization_config(tier, family, dtype))
+                    tiers.place(pipe, tier, device)
+                    if tier.compile:
+                        tiers.compile_models(pipe, regional=tier.compile == "regional")
+                    call = dict(common)
+                else:
+                    session = start_session(base=paths["base"], face_model=get_preset("tiny").face_pack, device=device,
+                                            dtype=str(dtype).removeprefix("torch."), watermark=False, **methods[method],
+                                            **flags)
+                    pipe = session.load()
+                    call = dict(common, face_image=photo)
+            except IDGenError as err:  # a tier this method refuses (InfiniteYou and a block cache)
+                print(f"{name}, {method}: {err}", file=sys.stderr)
+                continue
+            pipe.set_progress_bar_config(disable=True)
+            case = Case(method, lambda pipe=pipe, call=call: pipe(PROMPT, generator=torch.Generator().manual_seed(0),
+                                                                  **call).images.float().cpu().numpy())
+            rows[method] = measure([case], repeats, device)[method]
+            del pipe, case
+            if cuda:
+                torch.cuda.empty_cache()
+        for method, result in rows.items():
+            anchors.setdefault(method, result["images"])
+            peak = (f"{result['allocated_GiB']:.2f} / {result['reserved_GiB']:.2f}" if result["allocated_GiB"] is not None
+                    else "n/a (CPU)")
+            ratio = f"{result['seconds'] / rows['plain']['seconds']:.3f}x" if "plain" in rows else "-"
+            difference = float(np.abs(result["images"] - anchors[method]).max())
+            lines.append(f"| {name} | {method} | {result['seconds']:.3f} | {peak} | {ratio} | {difference:.1e} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -397,7 +513,8 @@ def main() -> None:
                         help="full: the published configs at 512/1024 px; small: SD1.5 widths / 2, SDXL widths / 4, "
                         "256 px, 8 steps")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=("sd15", "sdxl", "flux"), nargs="*", default=["sd15", "sdxl", "flux"])
+    parser.add_argument("--only", choices=("sd15", "sdxl", "flux", "tiers"), nargs="*",
+                        default=["sd15", "sdxl", "flux", "tiers"])
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled cases")
     parser.add_argument("--instantid-repo", default=None, metavar="PATH",
                         help="a local copy of github.com/InstantID/InstantID, for the original pipeline")
@@ -449,7 +566,19 @@ def main() -> None:
             print(table(f"FLUX.1-dev {flux_px} px, {flux_steps} steps, guidance 3.5, 1 image, "
                         f"{str(flux_dtype).removeprefix('torch.')}{stand}", cases, results, cases[0].name, 1,
                         f"median of {args.repeats} interleaved calls{resident}; offload rows: their own models live on "
-                        "the CPU, so their peak is all the GPU they need"))
+                        "the CPU, so their peak is all the GPU they need") + "\n")
+            del parts, cases, results
+        if "tiers" in args.only:
+            flux_dtype = torch.bfloat16 if cuda else torch.float32
+            parts = build(flux_parts, flux_div, "cpu", flux_dtype)  # written to disk, then loaded per tier
+            paths = write_flux_folders(parts, folder, flux_div)
+            del parts
+            stand = "" if args.size == "full" else (f" -- SMALLER STAND-IN: heads and widths / {flux_div}, {flux_px} px, "
+                                                    f"{flux_steps} steps, not the published sizes")
+            print(f"### FLUX.1-dev memory and speed tiers, {flux_px} px, {flux_steps} steps, "
+                  f"{str(flux_dtype).removeprefix('torch.')}{stand}\n\nmedian of {args.repeats} calls, one pipeline "
+                  "in memory at a time\n")
+            print(tier_rows(paths, flux_px, flux_steps, device, flux_dtype, args.repeats))
 
 
 if __name__ == "__main__":

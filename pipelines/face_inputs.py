@@ -3,7 +3,8 @@ reads from its ``face_image=``, with the input types it accepts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -42,8 +43,31 @@ def as_tensor(embeds: Any) -> torch.Tensor | None:
     return torch.as_tensor(np.asarray(embeds, np.float32))
 
 
+def _offloaded_by_hooks(module: torch.nn.Module) -> bool:
+    """Whether offloading hooks move ``module`` already: accelerate's (model and sequential CPU
+    offload) or diffusers' group offloading, which refuses ``.to()``."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return hasattr(module, "_hf_hook") or _is_group_offload_enabled(module)
+
+
 class FaceInputMixin:
     """Face photos -> ArcFace ``id_embeds``: shared by every idgen pipeline."""
+
+    @contextlib.contextmanager
+    def _on(self, device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
+        """``modules`` on ``device`` inside the block, back where they were after: the identity's own
+        modules follow the pipeline's offloading (on the GPU while they run, on the CPU between), and
+        modules its hooks move are left to them."""
+        modules = tuple(m for m in modules if m is not None and not _offloaded_by_hooks(m))
+        places = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module, place in zip(modules, places):
+                module.to(place)
 
     _face_analyzer: FaceAnalyzer | None = None
     #: The base family this pipeline runs ("sd15", "sdxl", "flux", "arc2face"): with the loaded
@@ -273,14 +297,14 @@ class PuLIDInputMixin(FaceInputMixin):
         """PuLID's EVA02-CLIP features of each identity's photos: the normalised image embeddings
         (N, n, 768) and five hidden states (N, n * L, C), the photos' tokens side by side. Each
         photo's face is aligned to FFHQ's template at 512 px and parsed; EVA sees it grey on white."""
-        device = self._execution_device
-        parser, tower = self.face_parser.to(device), self.eva_encoder.to(device)
+        parser, tower = self.face_parser, self.eva_encoder
         embeds, hidden = [], []
-        for photos in self._face_groups(face_image, batch_size):
-            crops = self.face_analyzer.face_crops(photos, face_index, PULID_CROP_SIZE, template="ffhq")
-            embed, states = tower(eva_face_pixels(crops, parser, tower.config.image_size))
-            embeds.append(torch.nn.functional.normalize(embed.float(), dim=-1))
-            hidden.append([state.reshape(1, -1, state.shape[-1]) for state in states])
+        with self._on(self._execution_device, parser, tower):
+            for photos in self._face_groups(face_image, batch_size):
+                crops = self.face_analyzer.face_crops(photos, face_index, PULID_CROP_SIZE, template="ffhq")
+                embed, states = tower(eva_face_pixels(crops, parser, tower.config.image_size))
+                embeds.append(torch.nn.functional.normalize(embed.float(), dim=-1))
+                hidden.append([state.reshape(1, -1, state.shape[-1]) for state in states])
         return torch.stack(embeds), [torch.cat(level) for level in zip(*hidden)]
 
     def pulid_tokens(self, projection: torch.nn.Module, id_embeds: torch.Tensor, negative_id_embeds: torch.Tensor,

@@ -319,18 +319,6 @@ class IDFluxPipeline(PuLIDInputMixin, FluxPipeline):
         with self._on(device, projection):
             return projection(id_embeds.to(device, projection.dtype)[:, None]).to(dtype), None
 
-    @contextlib.contextmanager
-    def _on(self, device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
-        """``modules`` on ``device`` inside the block, back where they were after (CPU offload)."""
-        places = [next(m.parameters()).device for m in modules]
-        for module in modules:
-            module.to(device)
-        try:
-            yield
-        finally:
-            for module, place in zip(modules, places):
-                module.to(place)
-
     def kps_control(self, control_image: ImageInput | None, width: int, height: int, face_index: int = 0):
         """InfiniteYou's InfuseNet condition: the keypoints of ``control_image``'s face (its
         ``face_index``-th largest) where they fall once the photo is fitted, centred, into the

@@ -125,6 +125,16 @@ class IdentityPipelineMixin(IdentityLoRAMixin, IdentityTokensMixin, PuLIDInputMi
             new._face_analyzer = pipeline._face_analyzer
         return new
 
+    def to(self, *args: Any, **kwargs: Any):
+        """diffusers' ``to``, PuLID's EVA tower and face parser going with the UNet (under CPU
+        offload they are on the GPU only while they read the face)."""
+        super().to(*args, **kwargs)
+        if self.unet is not None:
+            for module, dtype in ((self.eva_encoder, self.unet.dtype), (self.face_parser, None)):
+                if module is not None:
+                    module.to(self.unet.device, dtype)
+        return self
+
     # ---------------------------------------------------------------- loading
     def load_identity_adapter(
         self,

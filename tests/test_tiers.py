@@ -15,6 +15,7 @@ from idgen.apps.cli import main
 from idgen.apps.session import start_session
 from idgen.apps.tiers import GIB, Tier, choose_tier, component_sizes
 from idgen.testing.gguf_files import write_gguf
+from idgen.testing.presets import TINY_PRESETS
 
 from .conftest import FP32_ATOL
 
@@ -147,3 +148,21 @@ def test_memory_auto_without_bitsandbytes_and_too_little_memory():
     chosen = choose_tier(FLUX_DEV, 1 * GIB, "flux", int(3.5 * GIB), ("int8",))
     assert (chosen.quantize, chosen.offload) == ("int8", "group") and "may not fit" in str(chosen)
     assert choose_tier(FLUX_DEV, 1 * GIB, "flux", 0, ()).quantize is None
+
+
+#: A combination of switches for each tiny preset: what its family can run on a CPU.
+PRESET_TIERS = {"tiny-arc2face": ["--quantize", "fp8", "--offload", "group"],
+                "tiny-flux": ["--quantize", "int8", "--offload", "model", "--cache", "fbc"],
+                "tiny-infiniteyou": ["--quantize", "int8", "--offload", "group", "--cache", "taylorseer"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", TINY_PRESETS)
+def test_switches_on_every_tiny_preset(base, cache, astronaut, tmp_path):
+    flags = PRESET_TIERS.get(base, ["--quantize", "int8", "--offload", "model"])
+    out = tmp_path / "tier.png"
+    prompt = "a photo of a woman img" if base == "tiny-photomaker" else "a photo"
+    assert main(["generate", "--base", base, "--face", str(astronaut), "--prompt", prompt, "--steps", "2",
+                 "--out", str(out), "--no-watermark", *flags]) == 0
+    recorded = Image.open(out).text["tier"]
+    assert recorded.startswith(f"{flags[1]} weights, {flags[3]} offload")
