@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 from idgen.adapters.eva_clip import EVAVisionTower, load_eva_tower
 from idgen.adapters.face_parsing import load_face_parser
@@ -46,8 +47,6 @@ def as_tensor(embeds: Any) -> torch.Tensor | None:
 def _offloaded_by_hooks(module: torch.nn.Module) -> bool:
     """Whether offloading hooks move ``module`` already: accelerate's (model and sequential CPU
     offload) or diffusers' group offloading, which refuses ``.to()``."""
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled
-
     return hasattr(module, "_hf_hook") or _is_group_offload_enabled(module)
 
 

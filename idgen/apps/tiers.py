@@ -21,7 +21,18 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import torch
+import transformers
+from diffusers import (
+    DiffusionPipeline,
+    FirstBlockCacheConfig,
+    FluxTransformer2DModel,
+    GGUFQuantizationConfig,
+    PipelineQuantizationConfig,
+    TaylorSeerCacheConfig,
+    UNet2DConditionModel,
+)
 
 from idgen.errors import IDGenError
 
@@ -111,13 +122,9 @@ def quantization_config(tier: Tier, family: str, dtype: torch.dtype) -> Any:
     (``fp8`` is float8 storage, applied after loading)."""
     if tier.quantize not in ("int8", "nf4"):
         return None
-    import diffusers
-    import transformers
-    from diffusers import PipelineQuantizationConfig
-
     def config(library: Any) -> Any:
         if tier.quantize == "int8":
-            from torchao.quantization import Int8WeightOnlyConfig
+            from torchao.quantization import Int8WeightOnlyConfig  # lazy: optional dependency (idgen[quantize])
 
             return library.TorchAoConfig(Int8WeightOnlyConfig())
         return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -132,8 +139,6 @@ def gguf_denoiser(tier: Tier, base: str, family: str, dtype: torch.dtype) -> dic
     model's folder or repo), for ``from_pretrained``; empty without ``--gguf``."""
     if not tier.gguf:
         return {}
-    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, UNet2DConditionModel
-
     name = denoiser_name(family)
     cls = FluxTransformer2DModel if family == "flux" else UNet2DConditionModel
     try:
@@ -164,8 +169,6 @@ def place(pipe: Any, tier: Tier, device: str) -> None:
     else:
         pipe.to(device)
     if tier.cache:
-        from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
         name, _, threshold = tier.cache.partition(":")
         config = (FirstBlockCacheConfig(threshold=float(threshold or FBC_THRESHOLD)) if name == "fbc"
                   else TaylorSeerCacheConfig())
@@ -261,8 +264,6 @@ def auto_tier(tier: Tier, base: str, family: str, device: str, dtype: torch.dtyp
     if torch.device(device).type != "cuda":
         return dataclasses.replace(tier, chosen=f"--memory auto: {torch.device(device).type} keeps every model in "
                                                 "memory")
-    from diffusers import DiffusionPipeline
-
     folder = base if os.path.isdir(base) else DiffusionPipeline.download(base)
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     pixels = pixels or (512 * 512 if family in ("sd15", "arc2face") else 1024 * 1024)

@@ -10,7 +10,7 @@ from torch import nn
 
 def write_gguf(model: nn.Module, path: str, architecture: str = "flux") -> int:
     """Write ``model``'s state dict to ``path``; return how many tensors went in as Q8_0."""
-    import gguf
+    import gguf  # lazy: optional dependency (idgen[quantize])
 
     writer = gguf.GGUFWriter(path, architecture)
     quantized = 0
