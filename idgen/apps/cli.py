@@ -17,9 +17,20 @@ from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
 from idgen.files import remove_stale_temporaries
 from idgen.formats import DEFAULT_FACE_PACK, METHODS
 from idgen.version import __version__
+from idgen.workers import Engine
 
 from .loras import parse_lora
-from .options import COMPILE, FBC_THRESHOLD, OFFLOAD, QUANTIZE, SessionOptions, check_id_window, check_timesteps, parse_cache
+from .options import (
+    COMPILE,
+    FBC_THRESHOLD,
+    OFFLOAD,
+    QUANTIZE,
+    SessionOptions,
+    check_call_options,
+    check_id_window,
+    check_timesteps,
+    parse_cache,
+)
 
 #: Request bounds, checked before any model loads (--max-side and --max-images raise theirs).
 MAX_STEPS = 999
@@ -213,6 +224,29 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
                         help="sample at exactly these timesteps, noisiest first (DMD2: 999,749,499,249); "
                         "sets the number of steps")
+    _add_tier_arguments(parser)
+    parser.add_argument("--height", type=_dimension, default=None)
+    parser.add_argument("--width", type=_dimension, default=None)
+    parser.add_argument("--max-side", type=_positive_int, default=MAX_SIDE, metavar="PIXELS",
+                        help=f"largest --height/--width accepted (default {MAX_SIDE}): a larger image needs more memory "
+                        "than most machines have")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    _add_marking_arguments(parser)
+
+
+def _add_marking_arguments(parser: argparse.ArgumentParser) -> None:
+    """What marks each image: idgen's watermark, Content Credentials."""
+    parser.add_argument("--c2pa-cert", default=None, metavar="PEM",
+                        help="sign each image with Content Credentials (C2PA): your certificate chain, signer first "
+                        '(needs pip install "idgen[c2pa]")')
+    parser.add_argument("--c2pa-key", default=None, metavar="PEM", help="the private key of --c2pa-cert")
+    parser.add_argument("--no-watermark", dest="watermark", action="store_false",
+                        help="write no invisible watermark (it marks every image as made by idgen; `idgen verify` reads it)")
+
+
+def _add_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """The memory and speed switches (idgen.apps.tiers)."""
     tiers = parser.add_argument_group("memory and speed (README: Memory and speed tiers)")
     tiers.add_argument("--compile", nargs="?", const="full", choices=COMPILE, default=None,
                        help="torch.compile the UNet or FLUX transformer (and IdentityNet/InfuseNet), for GPUs: full "
@@ -232,19 +266,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     tiers.add_argument("--memory", choices=("auto",), default=None,
                        help="auto: pick the fastest --quantize/--offload that fits the GPU's free memory (printed, "
                        "and recorded in each image)")
-    parser.add_argument("--height", type=_dimension, default=None)
-    parser.add_argument("--width", type=_dimension, default=None)
-    parser.add_argument("--max-side", type=_positive_int, default=MAX_SIDE, metavar="PIXELS",
-                        help=f"largest --height/--width accepted (default {MAX_SIDE}): a larger image needs more memory "
-                        "than most machines have")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    parser.add_argument("--c2pa-cert", default=None, metavar="PEM",
-                        help="sign each image with Content Credentials (C2PA): your certificate chain, signer first "
-                        '(needs pip install "idgen[c2pa]")')
-    parser.add_argument("--c2pa-key", default=None, metavar="PEM", help="the private key of --c2pa-cert")
-    parser.add_argument("--no-watermark", dest="watermark", action="store_false",
-                        help="write no invisible watermark (it marks every image as made by idgen; `idgen verify` reads it)")
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
@@ -255,7 +276,18 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         description="Make images of the person in --face. With no --base, runs the offline tiny preset "
         "(random weights: it checks the stack, its images are noise).",
     )
-    gen.add_argument("--face", action="append", required=True, metavar="PHOTO",
+    gen.add_argument("--overwrite", action="store_true", help="replace the --out files if they exist")
+    gen.add_argument("--out", default="out.png",
+                     help="output PNG; with --num-images N, OUT-0.png ... are written, image i with seed SEED+i")
+    _add_request_arguments(gen, face_required=True)
+    _add_model_arguments(gen)
+    gen.set_defaults(run=run_generate)
+
+
+def _add_request_arguments(gen: argparse.ArgumentParser, face_required: bool) -> None:
+    """What one generate request makes (the photos, prompt, seed, count): generate's, and each job's
+    of a batch."""
+    gen.add_argument("--face", action="append", required=face_required, metavar="PHOTO",
                      help="face photo; repeat for several photos of the same person (with --people: one per person)")
     gen.add_argument("--people", action="store_true",
                      help="each --face is a different person in the same image, placed by --face-region, else around "
@@ -271,10 +303,6 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
                      help="which face of the --negative-face photos, 0 = largest")
     gen.add_argument("--prompt", default=None, help="what to make (required, except for Arc2Face)")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--overwrite", action="store_true", help="replace the --out files if they exist")
-    gen.add_argument("--out", default="out.png",
-                     help="output PNG; with --num-images N, OUT-0.png ... are written, image i with seed SEED+i")
-    _add_model_arguments(gen)
     gen.add_argument("--kps-image", default=None, metavar="PHOTO",
                      help="InstantID: take the face position and pose from this photo; with --people, a photo with a "
                           "face per person that places them (any method)")
@@ -294,7 +322,39 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
                      help="then repaint every face found in each image with the identity (small faces in full-body "
                      "images), as `idgen fix` does")
     gen.add_argument("--fix-strength", type=_strength, default=0.6, help="strength of --fix-faces (default 0.6)")
-    gen.set_defaults(run=run_generate)
+
+
+def _add_batch(commands: argparse._SubParsersAction) -> None:
+    """The ``batch`` command's arguments: generate's, as every job's defaults, and the engine's."""
+    batch = commands.add_parser(
+        "batch", help="render many generate requests, one per row of a CSV or JSONL file",
+        description="Render each row of JOBS (face, prompt, seed and any generate option, e.g. id_scale; the "
+        "command line's options are every row's defaults) into DIR, with DIR/manifest.parquet (one row per image: "
+        "job, file, seed, settings, FaceSim, status, error). Run it again to resume: finished jobs are kept, the "
+        "rest rendered. Exit 1 when some jobs failed (their errors are in the manifest).")
+    batch.add_argument("jobs", metavar="JOBS", help="a .csv (header row) or .jsonl file, one job per row; relative "
+                       "photo paths are read from its folder; a face may be a photo, several (';' in CSV, a list in "
+                       "JSONL) or a folder")
+    batch.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/ID.png per job (ID-0.png ... "
+                       "with num_images), and the manifest")
+    _add_engine_arguments(batch)
+    _add_request_arguments(batch, face_required=False)
+    _add_model_arguments(batch)
+    batch.set_defaults(run=run_batch)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the work runs (idgen.workers)."""
+    engine = parser.add_argument_group("workers (README: Beyond one machine)")
+    engine.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="worker processes, each loading the models once (default 1; with several GPUs, one per GPU)")
+    engine.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="CPU threads per worker (default: the cores shared out); images are identical for the same "
+                        "--threads whatever --workers is")
+    engine.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="run the workers as Ray actors: on a cluster (its address, e.g. auto or "
+                        "ray://HOST:10001), or on an instance started here when no address is given "
+                        '(pip install "idgen[ray]")')
 
 
 def _add_fix(commands: argparse._SubParsersAction) -> None:
@@ -412,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_generate(commands)
+    _add_batch(commands)
     _add_fix(commands)
     _add_eval(commands)
     _add_demo(commands)
@@ -525,20 +586,6 @@ def _check_people(args: argparse.Namespace) -> None:
         raise IDGenError("--id-fusion merges the identity with the prompt: Arc2Face has no prompt")
 
 
-def _check_photomaker(args: argparse.Namespace) -> None:
-    """PhotoMaker's identity enters the prompt: the flags of adapter attention do not apply."""
-    unused = [flag for flag, given in (
-        ("--negative-face", args.negative_face), ("--people", args.people), ("--id-fusion", args.id_fusion),
-        ("--fix-faces", args.fix_faces), ("--kps-image", args.kps_image), ("--id-scale", args.id_scale is not None),
-        ("--id-start", args.id_start != 0.0), ("--id-end", args.id_end != 1.0)) if given]
-    if unused:
-        raise IDGenError(f"PhotoMaker puts the identity into the prompt; {', '.join(unused)} act on adapter attention: "
-                         "leave them out (--start-merge-step sets when the identity joins)")
-    if args.trigger_word not in args.prompt.split() and f" {args.trigger_word}" not in args.prompt:
-        raise IDGenError(f"PhotoMaker finds the person in the prompt as a class word followed by "
-                         f"'{args.trigger_word}': write e.g. --prompt \"a photo of a woman {args.trigger_word} ...\"")
-
-
 def run_eval(args: argparse.Namespace) -> None:
     from .eval.run import evaluate  # lazy: off `idgen --help`'s path
 
@@ -633,87 +680,109 @@ def _output_paths(out: str, count: int, overwrite: bool = False) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from idgen.adapters.regions import columns  # lazy: off `idgen --help`'s path
-
-    from .guard import finite_call  # lazy: off `idgen --help`'s path
+    from .generate import identity_inputs, render  # lazy: off `idgen --help`'s path
 
     paths = _output_paths(args.out, args.num_images, args.overwrite)
     # Inputs first: a bad photo or adapter file fails in seconds, before the base model loads.
     session = _session(args)
-    method = session.method
-    if method.prompt_identity:
-        _check_photomaker(args)
-    id_embeds = session.people(args.face) if args.people else session.identity(args.face)
-    negative_id_embeds = session.identity(args.negative_face, args.negative_face_index) if args.negative_face else None
-    identitynet = session.identitynet is not None
-    infusenet = method.checkpoint_format == "infiniteyou"  # InfiniteYou's InfuseNet reads the pose like IdentityNet
-    if args.kps_image and not (identitynet or infusenet) and not args.people:
-        raise IDGenError("--kps-image needs InstantID's IdentityNet (use an SDXL base with --adapter InstantX/InstantID) "
-                         "or InfiniteYou's InfuseNet, or --people to place several people around its faces")
-    if method.family == "flux" and (args.people or args.id_fusion or args.fix_faces):
-        raise IDGenError("--people, --id-fusion and --fix-faces run on SD1.5 and SDXL bases; a FLUX base makes one person")
+    identity = identity_inputs(session, args)
     pipe = session.load()
+    for path in render(session, pipe, args, paths, identity):
+        print(path)
 
-    identity = dict(session.clip_inputs(pipe, args.face, people=args.people), id_embeds=id_embeds)
-    call = dict(session.call_kwargs(args.prompt), **identity)
-    if negative_id_embeds is not None:
-        call.update(negative_id_embeds=negative_id_embeds)
-    kps_image = args.kps_image or (args.face if args.people else args.face[0])  # people: each posed in their region
-    regions = None
-    if args.people:
-        regions = args.face_region or ("faces" if args.kps_image else columns(len(args.face), *pipe.output_size(
-            None, args.height, args.width)))
-        call.update(regions=regions, kps_image=args.kps_image, face_order=args.face_order,
-                    face_index=session.options.face_index)
-    if method.uses_prompt:
-        call.update(negative_prompt=args.negative_prompt)
-    if args.id_fusion:
-        call.update(id_fusion=args.id_fusion,
-                    recover_words=[w.strip() for w in args.recover_words.split(",")] if args.recover_words else None)
-    if identitynet:
-        call.update(kps_image=kps_image, face_index=session.options.face_index,
-                    controlnet_conditioning_scale=args.identitynet_scale)
-    if infusenet:  # posed like --kps-image when given, else free (the reference's black control)
-        call.update(control_image=args.kps_image)
-    settings = dict(
-        prompt=args.prompt if method.uses_prompt else None,
-        negative_prompt=args.negative_prompt if method.uses_prompt else None,
-        faces=", ".join(args.face), face_index=session.options.face_index,
-        regions=None if regions is None else regions if isinstance(regions, str) else
-        "; ".join(",".join(f"{v:g}" for v in box) for box in regions),
-        face_order=",".join(map(str, args.face_order)) if args.face_order else None,
-        id_fusion=args.id_fusion, recover_words=args.recover_words,
-        negative_faces=", ".join(args.negative_face) if args.negative_face else None,
-        negative_face_index=args.negative_face_index if args.negative_face else None,
-        kps_image=((args.kps_image or "face photos") if args.people else kps_image) if identitynet else
-        args.kps_image if infusenet else None,
-        identitynet_scale=args.identitynet_scale if identitynet else None,
-    )
-    fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
-    fix_regions = None
-    if args.fix_faces and args.people:  # each face takes the identity of the region it lies in
-        from .facefix import people_identities  # lazy: off `idgen --help`'s path
 
-        fix_identity, fix_regions = people_identities(pipe, identity, regions, len(args.face), args.kps_image,
-                                                      args.face_order)
-    warning = session.prompt_warning(pipe, args.prompt if method.uses_prompt else None)
-    if warning:
-        print(f"idgen: warning: {warning}", file=sys.stderr)
-    for start in range(0, args.num_images, args.batch_size):  # memory follows the batch, not the count
-        count = min(args.batch_size, args.num_images - start)
-        images = finite_call(pipe, **call, num_images_per_prompt=count,
-                             generator=session.generators(args.seed + start, count)).images
-        for i, (image, path) in enumerate(zip(images, paths[start:start + count]), start):
-            extra: dict[str, str] = {}
-            if args.fix_faces:
-                from .facefix import fix_faces  # lazy: off `idgen --help`'s path
+class _RowParser(argparse.ArgumentParser):
+    """A jobs file row's options, parsed as generate's flags: an error is the row's, not an exit."""
 
-                image, extra = fix_faces(session, pipe, image, fix_identity, args.prompt, args.seed + i, args.fix_strength,
-                                         negative_prompt=args.negative_prompt, keep_faceless=True, regions=fix_regions)
-                if extra["face_fix"] == "no face found":
-                    print(f"idgen: warning: no face found to fix in {path}; it is kept as generated", file=sys.stderr)
-            session.save(image, path, pipe, args.seed + i, **settings, **extra)
-            print(path)
+    def error(self, message: str):  # type: ignore[override]
+        raise IDGenError(message)
+
+
+def _row_parser() -> _RowParser:
+    """generate's request and model flags, with no defaults: a row's namespace holds what it sets."""
+    parser = _RowParser(prog="job", add_help=False)
+    _add_request_arguments(parser, face_required=False)
+    _add_model_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser
+
+
+def _row_argv(row: dict[str, Any], parser: argparse.ArgumentParser, folder: str) -> list[str]:
+    """A row's options as generate's flags (``id_scale: 0.8`` -> ``--id-scale 0.8``; a list repeats
+    its flag; a true switch is its flag)."""
+    from .batch import PHOTO_KEYS, photos  # lazy: off `idgen --help`'s path
+
+    argv: list[str] = []
+    for key, value in row.items():
+        if key == "id":
+            continue
+        flag = "--" + str(key).replace("_", "-")
+        action = parser._option_string_actions.get(flag)
+        if action is None or key in ("out", "overwrite"):
+            raise IDGenError(f"unknown option {key!r} (a row takes generate's options, e.g. face, prompt, seed, id_scale)")
+        if key in PHOTO_KEYS:
+            value = photos(value, folder)
+        if action.nargs == 0:  # a switch: --people
+            argv += [flag] if str(value).lower() in ("true", "1", "yes") else []
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            argv += [flag, str(item)]
+    return argv
+
+
+def _jobs(args: argparse.Namespace, batch_options: SessionOptions) -> list:
+    """The jobs of ``args.jobs``, each parsed and checked as a generate request (``--out`` in DIR);
+    a row that is not one keeps its error."""
+    from .batch import Job, job_id, read_rows  # lazy: off `idgen --help`'s path
+
+    parser, folder, jobs, seen = _row_parser(), os.path.dirname(os.path.abspath(args.jobs)), [], set()
+    for line, row in read_rows(args.jobs):
+        if isinstance(row, str):
+            jobs.append(Job(f"line-{line:06d}", line, {}, error=row))
+            continue
+        try:
+            job = Job(job_id(row, line), line, row)
+        except IDGenError as err:
+            jobs.append(Job(f"line-{line:06d}", line, row, error=str(err)))
+            continue
+        if job.id in seen:
+            job.error = f"id {job.id} is taken by an earlier row: give each row its own id"
+        seen.add(job.id)
+        jobs.append(job)
+        if job.error:
+            continue
+        try:
+            request = argparse.Namespace(**vars(args))
+            vars(request).update(vars(parser.parse_args(_row_argv(row, parser, folder))))
+            if not request.face:
+                raise IDGenError("no face: give the row a face (a photo, several, or a folder)")
+            vars(request).update(command="generate", out=os.path.join(args.out, f"{job.id}.png"), overwrite=True)
+            check_arguments(request)
+            options = _options(request)
+            check_call_options(batch_options, options)
+            job.args, job.options = request, options
+        except IDGenError as err:
+            job.error = str(err)
+    return jobs
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    import torch  # lazy: off `idgen --help`'s path
+
+    from .batch import run_batch as render_batch  # lazy: off `idgen --help`'s path
+
+    os.makedirs(args.out, exist_ok=True)
+    options = _options(args)
+    jobs = _jobs(args, options)
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") and torch.cuda.device_count() > 1 else 0
+    engine = Engine(workers=args.workers or max(gpus, 1), ray=args.ray, gpus=gpus, threads=args.threads)
+    report = render_batch(jobs, args.out, options, engine)
+    for row in report.failed:
+        print(f"idgen: job {row['job']} (line {row['line']}) failed: {row['error']}", file=sys.stderr)
+    print(f"{report.rendered} job(s) run, {report.skipped} done before, {len(report.failed)} failed; manifest in "
+          f"{os.path.join(args.out, 'manifest.parquet')}")
+    return 1 if report.failed else 0
 
 
 def run_fix(args: argparse.Namespace) -> None:

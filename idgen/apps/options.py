@@ -22,6 +22,12 @@ COMPILE = ("full", "regional")
 FBC_THRESHOLD = 0.12
 
 
+#: The options one call may set for itself (each job of a batch); the others choose and place the
+#: models, once per worker.
+CALL_OPTIONS = ("num_zero", "ortho", "id_start_step", "true_cfg_scale", "face_index", "steps", "guidance", "id_scale",
+                "id_start", "id_end", "height", "width", "timesteps", "trigger_word", "start_merge_step")
+
+
 @dataclass
 class SessionOptions:
     """What to run and how: the flags ``idgen generate``, ``eval`` and ``demo`` share."""
@@ -71,6 +77,14 @@ class SessionOptions:
     def from_namespace(cls, args: Any) -> SessionOptions:
         """The options found on a parsed argparse namespace."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def check_call_options(options: SessionOptions, call: SessionOptions) -> None:
+    """A call (a batch's job) may change ``CALL_OPTIONS`` only: the others pick and place the models."""
+    changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(options)
+               if f.name not in CALL_OPTIONS and getattr(options, f.name) != getattr(call, f.name)]
+    if changed:
+        raise IDGenError(f"{', '.join(changed)}: the models are the batch's; set them on the command line, not per job")
 
 
 def parse_cache(text: str) -> str:

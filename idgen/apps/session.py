@@ -41,7 +41,7 @@ from idgen.version import __version__
 
 from . import tiers
 from .loras import LoRASpec, load_loras, parse_lora
-from .options import SessionOptions, check_id_window, check_timesteps
+from .options import SessionOptions, check_call_options, check_id_window, check_timesteps
 from .schedulers import make_scheduler, scheduler_spec, takes_timesteps
 
 
@@ -145,6 +145,16 @@ class Session:
         self.loaded_tier = tier
         pipe.set_progress_bar_config(desc="denoising")
         return pipe
+
+    def for_call(self, options: SessionOptions) -> Session:
+        """This session with another call's ``CALL_OPTIONS`` (steps, id_scale, size, ...): the same
+        models, analyzer and adapter; an option that picks or places a model is refused."""
+        check_call_options(self.options, options)
+        check_id_window(options.id_start, options.id_end)
+        if options.timesteps:
+            check_timesteps(options.timesteps, options.steps)
+        steps, guidance = _steps_and_guidance(self.method, options)
+        return dataclasses.replace(self, options=options, steps=steps, guidance=guidance)
 
     def tier(self, device: str) -> tiers.Tier:
         """The memory and speed tier the options ask for; ``--memory auto`` resolved for ``device``."""
@@ -402,10 +412,15 @@ def start_session(options: SessionOptions | None = None, **overrides: Any) -> Se
                             max_pixels=options.max_pixels)
     if analyzer.recognizer_random:
         random_parts.append("face recognizer")
-    steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
-    guidance = method.guidance if options.guidance is None else options.guidance
+    steps, guidance = _steps_and_guidance(method, options)
     return Session(options, method, base, adapter, weight_name, analyzer, adapter_file, steps, guidance, identitynet,
                    random_parts, signer, loras, adapter_state)
+
+
+def _steps_and_guidance(method: Method, options: SessionOptions) -> tuple[int, float]:
+    """The steps (as many as the timesteps, when given) and guidance: the options', else the method's."""
+    steps = len(options.timesteps) if options.timesteps else options.steps or method.steps
+    return steps, method.guidance if options.guidance is None else options.guidance
 
 
 def _check_method_options(method: Method, options: SessionOptions, adapter: str) -> None:
