@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .errors import IDGenError
@@ -57,6 +58,15 @@ class WorkerDied:
 
     def __str__(self) -> str:
         return f"its worker died {self.attempts} time(s) (killed, or out of memory)"
+
+
+def _as_is(work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return work
+
+
+def given(work: Callable[[Any], Any]) -> Callable[[], Callable[[Any], Any]]:
+    """The setup of work that needs none of its own (``work`` itself, pickled to each worker)."""
+    return partial(_as_is, work)
 
 
 def run(setup: Callable[[], Callable[[Any], Any]], items: Sequence[Any], engine: Engine) -> Iterator[tuple[Any, Any]]:
@@ -130,38 +140,44 @@ def _work_item(item: Any) -> Any:
 
 def _run_processes(setup: Callable[[], Callable[[Any], Any]], items: Sequence[Any],
                    engine: Engine) -> Iterator[tuple[Any, Any]]:
-    """Spawned processes (a fork would copy a parent's threads and CUDA state); a pool whose worker
-    died is replaced, and the items it held are tried again."""
+    """Spawned processes (a fork would copy a parent's threads and CUDA state), one item in flight
+    per worker. When a worker dies the pool is replaced and the items that were in flight are run
+    again one at a time, so that only the item that kills its worker is counted against it."""
     context = multiprocessing.get_context("spawn")
-    attempts = {i: 0 for i in range(len(items))}
-    pending = list(range(len(items)))
-    while pending:
+    attempts = dict.fromkeys(range(len(items)), 0)
+    pending, suspects = list(range(len(items)))[::-1], []
+    while pending or suspects:
         slots = context.Queue()
         for gpu in range(engine.gpus):
             slots.put(gpu)
         with ProcessPoolExecutor(engine.workers, mp_context=context, initializer=_start_worker,
                                  initargs=(setup, engine.threads_per_worker, slots)) as pool:
-            futures: dict[Future, int] = {pool.submit(_work_item, items[i]): i for i in pending}
-            pending = []
+            running: dict[Future, int] = {}
             broken = False
-            while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            while not broken and (pending or suspects or running):
+                alone = bool(suspects)
+                while (alone and not running) or (not alone and pending and len(running) < engine.workers):
+                    i = suspects.pop() if alone else pending.pop()
+                    running[pool.submit(_work_item, items[i])] = i
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    i = futures.pop(future)
+                    i = running.pop(future)
                     try:
                         result = future.result()
                     except BrokenProcessPool:
                         broken = True
-                        attempts[i] += 1
+                        attempts[i] += alone  # run alone, it was the one that died
                         if attempts[i] > engine.retries:
                             yield items[i], WorkerDied(attempts[i])
                         else:
-                            pending.append(i)
+                            suspects.append(i)
                         continue
                     yield items[i], result
             if broken:
+                for future, i in running.items():  # in flight beside the one that died: suspects too
+                    future.cancel()
+                    suspects.append(i)
                 pool.shutdown(wait=False, cancel_futures=True)
-        pending.sort()
 
 
 def _run_ray(setup: Callable[[], Callable[[Any], Any]], items: Sequence[Any], engine: Engine) -> Iterator[tuple[Any, Any]]:
@@ -209,4 +225,4 @@ class _RayWorker:
         return index, _guarded(self._work, item)
 
 
-__all__ = ["Engine", "Failed", "WorkerDied", "run"]
+__all__ = ["Engine", "Failed", "WorkerDied", "given", "run"]

@@ -70,7 +70,7 @@ def test_prepare_data_reports_and_is_idempotent(photos, data, analyzer, tmp_path
     captions = {row["file"]: row["caption"] for row in index}
     assert captions["astronaut.jpg"] == "an astronaut" and captions["person3.jpg"] == "a photo of person 3"
     dataset = FaceDataset(str(data), 64)
-    assert len(dataset) == 8 and torch.allclose(dataset.id_embeds.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert len(dataset) == 8 and torch.allclose(dataset.rows("id_embeds", 8).norm(dim=1), torch.ones(8), atol=1e-5)
     item = dataset[0]
     assert item["pixels"].shape == (3, 64, 64) and -1 <= item["pixels"].min() and item["pixels"].max() <= 1
     # A re-run only looks at new photos.

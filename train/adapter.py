@@ -548,9 +548,9 @@ class MetricsLog:
 def save_samples(config: AdapterTrainConfig, pipe, dataset: FaceDataset, step: int) -> str:
     """A row of images, one per fixed validation identity (the first photos of the dataset)."""
     count = min(config.num_validation_identities, len(dataset))
-    ids = dataset.id_embeds[:count]
+    ids = dataset.rows("id_embeds", count)
     if method_of(config.adapter_format).raw_id_embeds:
-        ids = ids * dataset.embedding_norm[:count, None]
+        ids = ids * dataset.rows("embedding_norm", count)[:, None]
     images = []
     for i in range(count):
         images += pipe(config.validation_prompt, id_embeds=ids[i], num_inference_steps=20, height=config.resolution,

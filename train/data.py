@@ -13,12 +13,16 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from idgen import workers
 from idgen.errors import IDGenError
 from idgen.faces import IMAGE_SUFFIXES, FaceAnalyzer, load_image
 from idgen.files import atomic_path, remove_stale_temporaries
@@ -137,11 +141,16 @@ def prepare_data(
     out: str,
     analyzer: FaceAnalyzer,
     min_face_size: int = 64,
-    shard_size: int = 1000,
+    shard_size: int = 256,
     progress: bool = True,
+    engine: workers.Engine | None = None,
 ) -> PrepareReport:
     """Embed the new photos of ``folder`` into ``out``; photos with no face, several faces, a face
-    under ``min_face_size`` pixels or no readable image are reported in ``skipped.jsonl``."""
+    under ``min_face_size`` pixels or no readable image are reported in ``skipped.jsonl``.
+
+    The new photos go in shards of ``shard_size``, each analysed by a worker of ``engine`` (local
+    processes or Ray; default: this process) and added to the index as it finishes, so a killed
+    run keeps its finished shards. The records do not depend on how many workers there are."""
     if not os.path.isdir(folder):
         raise IDGenError(f"{folder} is not a folder: pass the folder of face photos")
     info, sha256 = _read_info(out), _recognizer_sha256(analyzer)
@@ -153,31 +162,77 @@ def prepare_data(
     records = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, INDEX))]
     skipped = [_with_path(r, info) for r in _read_jsonl(os.path.join(out, SKIPPED))]
     if info.get("min_face_size") != min_face_size:  # a new threshold applies to every photo, old ones too
-        sizes = _face_sizes(out, records)
-        small = [r for r, size in zip(records, sizes) if size < min_face_size]
-        records = [r for r, size in zip(records, sizes) if size >= min_face_size]
-        # this folder's photos skipped as too small are looked at again below
-        skipped = [r for r in skipped if not (r["reason"].startswith("face too small")
-                                              and os.path.commonpath([r["path"], source]) == source)]
-        skipped += [{"file": r["file"], "path": r["path"], "signature": r["signature"],
-                     "reason": f"face too small (under {min_face_size} px)"} for r in small]
+        records, skipped = _apply_min_face_size(out, records, skipped, source, min_face_size)
     seen = {(r["path"], r["signature"]) for r in records + skipped}
     files = find_images(folder)
     captions = read_captions(folder, files)
     todo = [f for f in files if (os.path.join(source, f), _signature(os.path.join(folder, f))) not in seen]
+    first = _next_shard(out, records)
+    chunks = [_Chunk(f"shard-{first + i:05d}", todo[start:start + shard_size])
+              for i, start in enumerate(range(0, len(todo), shard_size))]
+    work = partial(_analyze_chunk, analyzer, folder, source, out, min_face_size, captions)
+    added, new_skipped = 0, []
+    sources = list(dict.fromkeys([*info.get("sources", [info["source"]] if "source" in info else []), source]))
+    info = {"sources": sources, "min_face_size": min_face_size, **analyzer.info, "recognizer_sha256": sha256}
+    bar = tqdm(total=len(todo), desc="preparing faces", unit="image", disable=not progress)
+    for chunk, result in workers.run(workers.given(work), chunks, engine or workers.Engine()):
+        if not isinstance(result, tuple):  # a worker's failure is the run's: the finished shards stay
+            raise IDGenError(f"preparing {chunk.name} failed: {result}")
+        chunk_records, chunk_skipped = result
+        records += chunk_records
+        skipped += chunk_skipped
+        added, new_skipped = added + len(chunk_records), new_skipped + chunk_skipped
+        _write_index(out, records, skipped, info)  # after its shard: a crash loses no index entry
+        bar.update(len(chunk.files))
+    bar.close()
+    _write_index(out, records, skipped, info)
+    return PrepareReport(added=added, skipped=new_skipped, total=len(records))
 
+
+@dataclass(frozen=True)
+class _Chunk:
+    name: str  # the shard it becomes
+    files: list[str]
+
+
+def _next_shard(out: str, records: list[dict]) -> int:
+    """The number of the next shard: past those the index names; a shard file it does not name is
+    what a killed run wrote after its last index, and goes."""
+    named = {r["shard"] for r in records}
+    for file in os.listdir(os.path.join(out, "shards")):
+        if file.endswith(".safetensors") and file[: -len(".safetensors")] not in named:
+            os.remove(os.path.join(out, "shards", file))
+    return 1 + max((int(name.split("-")[1]) for name in named if _SHARD.match(name)), default=-1)
+
+
+def _apply_min_face_size(out: str, records: list[dict], skipped: list[dict], source: str,
+                         min_face_size: int) -> tuple[list[dict], list[dict]]:
+    """A new ``min_face_size``: records under it are skipped, and this folder's photos skipped as
+    too small are looked at again."""
+    sizes = _face_sizes(out, records)
+    small = [r for r, size in zip(records, sizes) if size < min_face_size]
+    records = [r for r, size in zip(records, sizes) if size >= min_face_size]
+    skipped = [r for r in skipped if not (r["reason"].startswith("face too small")
+                                          and os.path.commonpath([r["path"], source]) == source)]
+    skipped += [{"file": r["file"], "path": r["path"], "signature": r["signature"],
+                 "reason": f"face too small (under {min_face_size} px)"} for r in small]
+    return records, skipped
+
+
+def _analyze_chunk(analyzer: FaceAnalyzer, folder: str, source: str, out: str, min_face_size: int,
+                   captions: dict[str, str], chunk: _Chunk) -> tuple[list[dict], list[dict]]:
+    """Detect, align and embed a chunk's photos; write its shard (atomically); its records and
+    skipped entries."""
     rows: dict[str, list] = {"id_embeds": [], "embedding_norm": [], "kps": [], "bbox": [], "aligned": []}
-    new_records: list[Record] = []
-    new_skipped: list[dict] = []
-    shard = f"shard-{len({r['shard'] for r in records}):05d}"
-    for file in tqdm(todo, desc="preparing faces", unit="image", disable=not progress):
+    records: list[dict] = []
+    skipped: list[dict] = []
+    for file in chunk.files:
         path = os.path.join(folder, file)
-        signature = _signature(path)
+        entry = {"file": file, "path": os.path.join(source, file), "signature": _signature(path)}
         try:
             faces = analyzer.analyze(load_image(path, analyzer.max_pixels))
         except IDGenError as err:
-            new_skipped.append({"file": file, "path": os.path.join(source, file), "signature": signature,
-                                "reason": f"unreadable: {err}"})
+            skipped.append({**entry, "reason": f"unreadable: {err}"})
             continue
         reason = None
         if not faces:
@@ -187,8 +242,7 @@ def prepare_data(
         elif _box_side(faces[0].bbox) < min_face_size:
             reason = f"face too small (under {min_face_size} px)"
         if reason:
-            new_skipped.append({"file": file, "path": os.path.join(source, file), "signature": signature,
-                                "reason": reason})
+            skipped.append({**entry, "reason": reason})
             continue
         face = faces[0]
         rows["id_embeds"].append(face.embedding)
@@ -196,22 +250,19 @@ def prepare_data(
         rows["kps"].append(face.kps.astype(np.float32))
         rows["bbox"].append(face.bbox.astype(np.float32))
         rows["aligned"].append(face.aligned)
-        new_records.append(Record(file, captions.get(os.path.normpath(file), ""), shard, len(new_records), signature,
-                                  os.path.join(source, file), _box_side(face.bbox)))
-
-    if new_records:  # the shard first, then the index that points at it: a crash loses no index entry
+        records.append(asdict(Record(file, captions.get(os.path.normpath(file), ""), chunk.name, len(records),
+                                     entry["signature"], entry["path"], _box_side(face.bbox))))
+    if records:
         tensors = {key: torch.from_numpy(np.stack(value)) for key, value in rows.items()}
-        with atomic_path(os.path.join(out, "shards", f"{shard}.safetensors")) as staging:
+        with atomic_path(os.path.join(out, "shards", f"{chunk.name}.safetensors")) as staging:
             save_file(tensors, staging)
-    records += [asdict(r) for r in new_records]
-    skipped += new_skipped
+    return records, skipped
+
+
+def _write_index(out: str, records: list[dict], skipped: list[dict], info: dict) -> None:
     _write_atomic(os.path.join(out, INDEX), "".join(json.dumps(r) + "\n" for r in records))
     _write_atomic(os.path.join(out, SKIPPED), "".join(json.dumps(r) + "\n" for r in skipped))
-    sources = [*info.get("sources", [info["source"]] if "source" in info else []), source]
-    _write_atomic(os.path.join(out, INFO), json.dumps({
-        "sources": list(dict.fromkeys(sources)), "min_face_size": min_face_size, **analyzer.info,
-        "recognizer_sha256": sha256}, indent=1))
-    return PrepareReport(added=len(new_records), skipped=new_skipped, total=len(records))
+    _write_atomic(os.path.join(out, INFO), json.dumps(info, indent=1))
 
 
 def _read_info(out: str) -> dict:
@@ -269,7 +320,9 @@ def _face_sizes(out: str, records: list[dict]) -> list[float]:
 
 
 class FaceDataset(torch.utils.data.Dataset):
-    """Prepared photos for training: pixels (C, H, W) in [-1, 1], caption and identity."""
+    """Prepared photos for training: pixels (C, H, W) in [-1, 1], caption and identity. Rows are
+    read from the shards as they are asked for (memory-mapped), so memory does not grow with the
+    dataset."""
 
     def __init__(self, prepared: str, resolution: int):
         index = _read_jsonl(os.path.join(prepared, INDEX))
@@ -280,17 +333,30 @@ class FaceDataset(torch.utils.data.Dataset):
             )
         info = _read_info(prepared)
         index = [_with_path(_checked_record(prepared, r, number), info) for number, r in enumerate(index, 1)]
-        shards = {name: load_file(_shard_file(prepared, name)) for name in {r["shard"] for r in index}}
+        lengths = {}
+        for name in {r["shard"] for r in index}:
+            with safe_open(_shard_file(prepared, name), "pt") as shard:
+                lengths[name] = shard.get_slice("id_embeds").get_shape()[0]
         for number, record in enumerate(index, 1):
-            if not 0 <= record["row"] < len(shards[record["shard"]]["id_embeds"]):
+            if not 0 <= record["row"] < lengths[record["shard"]]:
                 raise IDGenError(f"{os.path.join(prepared, INDEX)} record {number} points past the end of its shard "
                                  f"{record['shard']}: the dataset is damaged; prepare it again")
-        self.records = index
-        self.id_embeds = torch.stack([shards[r["shard"]]["id_embeds"][r["row"]] for r in index])
-        self.embedding_norm = torch.stack([shards[r["shard"]]["embedding_norm"][r["row"]] for r in index])
-        self.kps = torch.stack([shards[r["shard"]]["kps"][r["row"]] for r in index])
-        self.bbox = torch.stack([shards[r["shard"]]["bbox"][r["row"]] for r in index])
-        self.resolution = resolution
+        self.prepared, self.records, self.resolution = prepared, index, resolution
+        self._shards: dict[str, Any] = {}  # open shard files, per process (DataLoader workers open their own)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": {}}
+
+    def row(self, key: str, index: int) -> torch.Tensor:
+        """``key`` (id_embeds, embedding_norm, kps, bbox, aligned) of record ``index``, from its shard."""
+        record = self.records[index]
+        if record["shard"] not in self._shards:
+            self._shards[record["shard"]] = safe_open(_shard_file(self.prepared, record["shard"]), "pt")
+        return self._shards[record["shard"]].get_slice(key)[record["row"]]
+
+    def rows(self, key: str, count: int) -> torch.Tensor:
+        """``key`` of the first ``count`` records, stacked."""
+        return torch.stack([self.row(key, i) for i in range(count)])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -302,7 +368,7 @@ class FaceDataset(torch.utils.data.Dataset):
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         scale_xy = torch.tensor([size[0] / image.width, size[1] / image.height])
-        kps, bbox = self.kps[index] * scale_xy, self.bbox[index] * scale_xy.repeat(2)
+        kps, bbox = self.row("kps", index) * scale_xy, self.row("bbox", index) * scale_xy.repeat(2)
         image = image.resize(size)
         left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
@@ -317,6 +383,6 @@ class FaceDataset(torch.utils.data.Dataset):
             "kps": kps,
             "face_box": bbox,
             "caption": self.records[index]["caption"],
-            "id_embeds": self.id_embeds[index],
-            "embedding_norm": self.embedding_norm[index],
+            "id_embeds": self.row("id_embeds", index),
+            "embedding_norm": self.row("embedding_norm", index),
         }

@@ -343,6 +343,34 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
     batch.set_defaults(run=run_batch)
 
 
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    """The ``synth`` command's arguments."""
+    synth = commands.add_parser(
+        "synth", help="make a synthetic face dataset: many identities, several images each",
+        description="Sample identity vectors (or read them from --from-photos), render each with Arc2Face (or "
+        "FaceID), filter the images, and write DIR/identities/ID/K.jpg, WebDataset shards, records and a dataset "
+        "card. Offline default: --base tiny-arc2face (random weights: it checks the pipeline). Real data: --adapter "
+        "FoivosPar/Arc2Face --base stable-diffusion-v1-5/stable-diffusion-v1-5. Run it again to resume.")
+    synth.add_argument("--identities", type=_positive_int, default=None, metavar="N",
+                       help="identities to sample (not with --from-photos)")
+    synth.add_argument("--images-per-identity", type=_positive_int, required=True, metavar="K")
+    synth.add_argument("--out", required=True, metavar="DIR")
+    synth.add_argument("--from-photos", default=None, metavar="FOLDER",
+                       help="an identity per photo of FOLDER (or per subfolder of photos), instead of sampled ones")
+    synth.add_argument("--min-angle", type=_finite, default=75.0, metavar="DEGREES",
+                       help="smallest angle between two sampled identities (default 75)")
+    synth.add_argument("--seed", type=_seed, default=0, help="of the identities and of every image (default 0)")
+    synth.add_argument("--min-face-sim", type=_finite, default=0.5, metavar="X",
+                       help="keep an image whose FaceSim to its identity is at least X (default 0.5)")
+    synth.add_argument("--max-other-sim", type=_finite, default=0.4, metavar="X",
+                       help="and whose FaceSim to every other identity is at most X (default 0.4)")
+    synth.add_argument("--no-filter", dest="filter", action="store_false", help="keep every image")
+    synth.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard")
+    _add_engine_arguments(synth)
+    _add_model_arguments(synth)
+    synth.set_defaults(run=run_synth, base="tiny-arc2face")
+
+
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the work runs (idgen.workers)."""
     engine = parser.add_argument_group("workers (README: Beyond one machine)")
@@ -463,6 +491,10 @@ def _add_prepare_data(commands: argparse._SubParsersAction) -> None:
                       help=f"insightface pack name or folder, or 'tiny' for the offline preset's (default {DEFAULT_FACE_PACK})")
     prep.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
     prep.add_argument("--min-face-size", type=_positive_int, default=64, help="smallest face side kept, in pixels")
+    prep.add_argument("--shard-size", type=_positive_int, default=256, metavar="N",
+                      help="photos per shard (default 256): each shard is one worker's task, added to the index as it "
+                      "finishes")
+    _add_engine_arguments(prep)
     prep.set_defaults(run=run_prepare_data)
 
 
@@ -473,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_generate(commands)
     _add_batch(commands)
+    _add_synth(commands)
     _add_fix(commands)
     _add_eval(commands)
     _add_demo(commands)
@@ -653,7 +686,7 @@ def run_prepare_data(args: argparse.Namespace) -> None:
     from .session import face_pack  # lazy: off `idgen --help`'s path
 
     report = prepare_data(args.folder, args.out, FaceAnalyzer(face_pack(args.face_model), detector=args.detector),
-                          min_face_size=args.min_face_size)
+                          min_face_size=args.min_face_size, shard_size=args.shard_size, engine=_engine(args))
     for item in report.skipped:
         print(f"skipped {item['file']}: {item['reason']}", file=sys.stderr)
     print(f"{report.added} photo(s) added, {len(report.skipped)} skipped, {report.total} in {args.out}")
@@ -689,6 +722,11 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe = session.load()
     for path in render(session, pipe, args, paths, identity):
         print(path)
+
+
+def _engine(args: argparse.Namespace, gpus: int = 0) -> Engine:
+    """Where the work runs: --workers (default 1, or one per GPU), --threads, --ray."""
+    return Engine(workers=args.workers or max(gpus, 1), ray=args.ray, gpus=gpus, threads=args.threads)
 
 
 class _RowParser(argparse.ArgumentParser):
@@ -776,13 +814,24 @@ def run_batch(args: argparse.Namespace) -> int:
     options = _options(args)
     jobs = _jobs(args, options)
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") and torch.cuda.device_count() > 1 else 0
-    engine = Engine(workers=args.workers or max(gpus, 1), ray=args.ray, gpus=gpus, threads=args.threads)
-    report = render_batch(jobs, args.out, options, engine)
+    report = render_batch(jobs, args.out, options, _engine(args, gpus))
     for row in report.failed:
         print(f"idgen: job {row['job']} (line {row['line']}) failed: {row['error']}", file=sys.stderr)
     print(f"{report.rendered} job(s) run, {report.skipped} done before, {len(report.failed)} failed; manifest in "
           f"{os.path.join(args.out, 'manifest.parquet')}")
     return 1 if report.failed else 0
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from .synth import SynthSettings, synthesize  # lazy: off `idgen --help`'s path
+
+    if (args.identities is None) == (args.from_photos is None):
+        raise IDGenError("give --identities N (sampled identities) or --from-photos FOLDER, one of them")
+    settings = SynthSettings(args.identities or 0, args.images_per_identity, args.min_angle, args.seed, args.filter,
+                             args.min_face_sim, args.max_other_sim, args.shard_size)
+    card = synthesize(_options(args), settings, args.out, _engine(args), args.from_photos)
+    print(f"{card['images_kept']} of {card['images_rendered']} images kept, {card['identities_kept']} of "
+          f"{card['identities']} identities; card in {os.path.join(args.out, 'card.md')}")
 
 
 def run_fix(args: argparse.Namespace) -> None:

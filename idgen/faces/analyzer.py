@@ -182,6 +182,12 @@ class FaceAnalyzer:
         else:
             self.detector = DlibDetector()
         self.recognizer_random = onnx_metadata(self.recognizer.model_file).get(RANDOM_WEIGHTS_KEY) == "true"
+        self._recipe = (self.pack_dir, None, detector, list(providers), det_size, det_thresh, max_pixels)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its recipe, and built anew where it lands (a worker process): ONNX sessions do
+        not travel."""
+        return (FaceAnalyzer, self._recipe)
 
     @property
     def info(self) -> dict[str, Any]:
