@@ -55,6 +55,7 @@ def test_identity_replaces_the_id_token_embedding(arc2face):
     assert (states[0] - states[1]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_generation_from_photos_and_embeddings(arc2face, analyzer, astronaut):
     from_photo = run(arc2face, face_image=str(astronaut))
     emb = torch.from_numpy(analyzer.get_face(astronaut).embedding)
@@ -86,6 +87,7 @@ def test_arcface_onnx_wins_in_an_antelopev2_pack(tmp_path, preset):
     shutil.rmtree(pack)
 
 
+@pytest.mark.slow
 def test_cli_arc2face(tmp_path, cache, astronaut, capsys):
     from PIL import Image
 

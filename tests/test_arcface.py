@@ -28,6 +28,7 @@ def export(model, path):
 
 
 @pytest.mark.parametrize("layers", [(1, 1, 1, 1), (2, 2, 2, 2)])
+@pytest.mark.slow
 def test_onnx_runner_matches_onnxruntime(tmp_path, layers):
     torch.manual_seed(0)
     model = randomise_batchnorm(IResNet(layers, width=16 if layers == (1, 1, 1, 1) else 64))

@@ -74,6 +74,7 @@ def test_bad_rows_are_recorded_and_the_rest_rendered(one_worker):
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_images_follow_the_job_not_the_worker(one_worker, tmp_path):
     """Two workers: the same files, byte for byte, and the same manifest."""
     folder, out = one_worker
@@ -137,6 +138,7 @@ def test_killed_runs_resume_exactly_once(one_worker, tmp_path):
     assert _images(worker_killed) == _images(out) and _manifest(worker_killed) == _manifest(out)
 
 
+@pytest.mark.slow
 def test_csv_jobs(tmp_path, cache, astronaut):
     """A CSV file: a header row, empty cells unset, several photos with ';', a switch as true."""
     shutil.copy(astronaut, tmp_path / "a.jpg")

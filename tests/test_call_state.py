@@ -43,6 +43,7 @@ def _sd(pipe, seed: int | None, **kwargs) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0), **identity, **kwargs).images
 
 
+@pytest.mark.slow
 def test_threads_sharing_a_unet_get_their_own_identity(pipe):
     """Two idgen pipelines sharing one UNet and adapter (each with its own scheduler and tokenizer,
     ``_per_thread``) and a plain diffusers pipeline sharing them too, called at once from three
@@ -90,6 +91,7 @@ def test_outside_a_call_the_unet_runs_plain(pipe):
 
 
 @pytest.mark.parametrize("offload", ["block_level", "leaf_level"])
+@pytest.mark.slow
 def test_group_offloading_keeps_the_identity(preset, offload):
     """diffusers' group offloading (onto the same CPU here) with an identity: the image is the one
     without offloading."""
@@ -158,6 +160,7 @@ class _Counter:
             handle.remove()
 
 
+@pytest.mark.slow
 def test_first_block_cache_skips_pulid_with_its_blocks(flux_presets, analyzer, astronaut):
     """With diffusers' first-block cache on PuLID-FLUX, PuLID's cross-attention runs exactly when
     the block it follows is computed (and is restored with the cached output otherwise); with a
@@ -181,6 +184,7 @@ def test_first_block_cache_skips_pulid_with_its_blocks(flux_presets, analyzer, a
     assert counter.cross == counter.blocks < 4 * positions  # some blocks were skipped, their identity with them
 
 
+@pytest.mark.slow
 def test_a_cache_enabled_before_loading_is_refused(flux_presets, analyzer, astronaut):
     """A block cache registered before PuLID's hooks would sit inside them and skip the blocks but
     not the identity: refused in one line, which says to enable it after loading."""
@@ -199,6 +203,7 @@ def test_a_cache_enabled_before_loading_is_refused(flux_presets, analyzer, astro
     _flux_run(pipe, face_image=str(astronaut))
 
 
+@pytest.mark.slow
 def test_taylorseer_runs_pulid_every_step(flux_presets, analyzer, astronaut):
     """TaylorSeer caches attention inside the blocks, never the blocks: PuLID's cross-attention
     runs after every block call, and the identity still changes the image."""
@@ -226,6 +231,7 @@ def test_infiniteyou_refuses_a_block_cache(flux_presets, analyzer):
         pipe.transformer.disable_cache()
 
 
+@pytest.mark.slow
 def test_flux_threads_and_plain_pipeline(flux_presets, analyzer, astronaut):
     """A PuLID-FLUX call and a plain FluxPipeline sharing the transformer, at once in two threads:
     each equals its call alone."""
@@ -382,6 +388,7 @@ def _batch_and_singles(pipe, photos, prompts, **kwargs):
     return np.asarray(batch), np.stack(singles)
 
 
+@pytest.mark.slow
 def test_instantid_batch_takes_each_photos_pose(cache, analyzer, astronaut):
     """InstantID with one photo per prompt: each sample takes its own photo's identity and its own
     photo's keypoints for IdentityNet, as run alone; a kps_image list poses each prompt too."""
@@ -407,6 +414,7 @@ def test_instantid_batch_takes_each_photos_pose(cache, analyzer, astronaut):
         pipe(prompts, face_image=photos[0], kps_image=photos + photos[:1], num_inference_steps=1, height=128, width=128)
 
 
+@pytest.mark.slow
 def test_pulid_batch_equals_single_runs(cache, analyzer, astronaut):
     from idgen.pipelines import IDStableDiffusionXLPipeline
 
@@ -442,6 +450,7 @@ def test_photomaker_batch_equals_single_runs(cache, analyzer, astronaut, tmp_pat
     assert_close(np.asarray(batch), np.stack(singles))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pulid-flux", "infiniteyou"])
 def test_flux_batch_equals_single_runs(flux_presets, analyzer, astronaut, method):
     pipe = _flux(flux_presets[method == "infiniteyou"], analyzer)

@@ -104,6 +104,7 @@ def sdxl_lora(tmp_path_factory, cache) -> str:
         ("seed-overflow", "--seed 18446744073709551615 with --num-images 2 runs past the largest seed"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(case, expected, tmp_path, preset, astronaut, bad_adapter, sdxl_lora, capsys):
     face, extra = str(astronaut), []
     if case == "missing":
@@ -162,6 +163,7 @@ def test_help_lists_the_flags():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
     mirrored = tmp_path / "mirrored.jpg"
     Image.open(astronaut).transpose(Image.FLIP_LEFT_RIGHT).save(mirrored)
@@ -182,6 +184,7 @@ def test_identity_control_flags(tmp_path, preset, astronaut, capsys):
     assert "--id-start (0.6) must be below --id-end (0.5)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_image_i_is_reproduced_alone_from_its_seed(tmp_path, preset, astronaut, capsys):
     common = ["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "2", "--height", "64", "--width", "64"]
     assert main([*common, "--out", str(tmp_path / "batch.png"), "--num-images", "3", "--seed", "10"]) == 0
@@ -221,6 +224,7 @@ def test_unusable_numbers_are_refused_before_anything_loads(flag, value, expecte
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_face_index_is_per_photo_and_not_applied_to_the_negative_face(tmp_path, preset, analyzer, astronaut, group_photo,
                                                                       capsys):
     out = tmp_path / "out.png"
@@ -255,6 +259,7 @@ def test_arguments_are_checked_before_the_models_are_imported(tmp_path, astronau
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 def test_trained_instantid_adapter_pairs_with_an_identitynet(tmp_path, cache, astronaut, capsys):
     xl = get_preset("tiny-sdxl")
     shutil.copy(os.path.join(xl.adapter, INSTANTID_FILE), tmp_path / "trained.bin")
@@ -273,6 +278,7 @@ def test_trained_instantid_adapter_pairs_with_an_identitynet(tmp_path, cache, as
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "folder.png")))
 
 
+@pytest.mark.slow
 def test_tiny_faceid_sdxl_preset(tmp_path, cache, astronaut, capsys):
     out = tmp_path / "faceid-xl.png"
     assert main(["generate", "--base", "tiny-faceid-sdxl", "--face", str(astronaut), "--prompt", "p", "--steps", "1",
@@ -308,6 +314,7 @@ def test_nan_weights_stop_before_a_black_image_is_written(part, expected, tmp_pa
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".png")]
 
 
+@pytest.mark.slow
 def test_out_files_are_never_replaced_silently(tmp_path, preset, astronaut, capsys, monkeypatch):
     """--out refuses to replace a file unless --overwrite; a killed run's half-written files go on
     the next start (a live writer's stay); a full disk is one line, exit 2, and no file."""
@@ -342,6 +349,7 @@ def test_out_files_are_never_replaced_silently(tmp_path, preset, astronaut, caps
                    "and folders this user may read and write (--out, output_dir)"]
 
 
+@pytest.mark.slow
 def test_a_prompt_past_the_text_encoder_is_said(tmp_path, preset, astronaut, capsys):
     """diffusers cuts a prompt at the CLIP text encoder's 77 tokens without a word: the CLI says how
     many tokens are left out; a prompt that fits says nothing."""

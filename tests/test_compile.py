@@ -35,6 +35,7 @@ def compiled_calls(pipe, run) -> tuple[list, list]:
     return eager, compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_qkv", [False, True], ids=["plain", "fused_qkv"])
 def test_sd15_faceid_compiles_to_one_graph(preset, fused_qkv):
     pipe = IDStableDiffusionPipeline.from_pretrained(preset.base)
@@ -53,6 +54,7 @@ def test_sd15_faceid_compiles_to_one_graph(preset, fused_qkv):
     assert np.abs(compiled[0] - compiled[1]).max() > 1e-2  # the second call's settings acted
 
 
+@pytest.mark.slow
 def test_sdxl_instantid_compiles_to_one_graph(cache):
     xl = get_preset("tiny-sdxl", root=str(cache))
     pipe = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))

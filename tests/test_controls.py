@@ -32,6 +32,7 @@ def mirrored(astronaut):
     return ImageOps.mirror(Image.open(astronaut))
 
 
+@pytest.mark.slow
 def test_several_photos_of_one_person(pipe, analyzer, astronaut, mirrored):
     photos = [str(astronaut), mirrored]
     a, b = analyzer.get_face(astronaut).embedding, analyzer.get_face(mirrored).embedding

@@ -48,6 +48,7 @@ def upload(page, *photos) -> None:
         time.sleep(0.25)
 
 
+@pytest.mark.slow
 def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     """The click handlers themselves: a preview with the face drawn, images with captions, and
     gr.Error (a message in the page) for a photo with no face."""
@@ -107,6 +108,7 @@ def test_demo_app_without_a_browser(preset, analyzer, astronaut, group_photo):
     assert field.value == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
 def test_demo_in_headless_chromium(tmp_path, preset, astronaut):
     pytest.importorskip("gradio")

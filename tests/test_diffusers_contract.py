@@ -53,6 +53,7 @@ def faceid_xl(xl, faceid_xl_file, **kwargs):
     return pipe
 
 
+@pytest.mark.slow
 def test_save_pretrained_writes_a_plain_base_and_unload_restores_it(tmp_path, preset):
     from diffusers import StableDiffusionPipeline
 
@@ -262,6 +263,7 @@ def test_other_pipelines_sharing_the_unet_run_it_plain(preset, pipe):
         pipe.identity_adapter.attach(pipe.unet)
 
 
+@pytest.mark.slow
 def test_unload_lora_weights_keeps_the_identity_lora(tmp_path, preset):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig

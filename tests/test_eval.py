@@ -12,6 +12,7 @@ from idgen.apps.cli import main
 from idgen.apps.eval import ClipScorer, DlibRecognizer, face_similarity
 
 
+@pytest.mark.slow
 def test_independent_recognizer_ranks_same_person_above_different(astronaut, group_photo, analyzer):
     """dlib's real recognizer: the astronaut against a smaller recompressed copy and her mirror
     image scores above her against each of six other people."""
@@ -44,6 +45,7 @@ def test_clip_t_is_a_cosine(preset, astronaut):
     assert -1 <= score <= 1 and score != scorer.score(Image.open(astronaut), "a red car")
 
 
+@pytest.mark.slow
 def test_eval_report_on_the_tiny_preset(tmp_path, preset, astronaut, group_photo, capsys):
     refs = tmp_path / "refs"
     (refs / "eileen").mkdir(parents=True)

@@ -18,6 +18,7 @@ def _fix(session, pipe, photo, faces, identity, **options):
     return face_fix(pipe, photo, session.analyzer, faces, FaceFixOptions(**options), **call)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
 def test_only_the_chosen_faces_change(base, cache, group_photo, astronaut):
     session = start_session(base=base, steps=3)
@@ -40,6 +41,7 @@ def test_only_the_chosen_faces_change(base, cache, group_photo, astronaut):
     assert np.abs(np.asarray(other, int) - fixed).max() > 3  # the identity decides what is painted
 
 
+@pytest.mark.slow
 def test_faces_are_checked(cache, group_photo):
     session = start_session(steps=2)
     pipe = session.load()
@@ -57,6 +59,7 @@ def test_faces_are_checked(cache, group_photo):
         _fix(session, pipe, Image.new("RGB", (256, 256), (90, 140, 200)), None, embedding(0))
 
 
+@pytest.mark.slow
 def test_fix_from_the_command_line(cache, tmp_path, group_photo, astronaut, capsys):
     out = tmp_path / "fixed.png"
     common = ["fix", "--image", str(group_photo), "--face", str(astronaut), "--steps", "2"]
@@ -88,6 +91,7 @@ def test_arc2face_has_no_face_fix(cache, tmp_path, astronaut, capsys):
     assert code == 2 and len(err) == 1 and "--fix-faces inpaints with FaceID or InstantID" in err[0]
 
 
+@pytest.mark.slow
 def test_several_people_each_face_takes_its_region_identity(cache, group_photo, astronaut):
     """With regions, each face of the group photo is repainted with the identity of the region its
     centre lies in: the left faces as with person A alone, the right ones as with person B alone."""

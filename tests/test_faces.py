@@ -91,6 +91,7 @@ def test_several_photos_average_and_report_the_faceless_one(analyzer, astronaut)
         analyzer.identity([astronaut, Image.new("RGB", (128, 128))])
 
 
+@pytest.mark.slow
 def test_detection_matches_dlib_identity_on_real_photos(analyzer, astronaut, group_photo):
     """dlib's real recognizer confirms the faces we find: the astronaut found in a
     smaller, recompressed copy is the same person; the six people of t1 are not."""

@@ -42,6 +42,7 @@ def _write_lora(base: str, path, **kwargs) -> str:
     return write_lora(unet, path, RANK, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-faceid-sdxl", "tiny-sdxl", "tiny-arc2face"])
 def test_lora_is_fused_at_its_weight_beside_the_identity(base, cache, astronaut, tmp_path):
     """A kohya LoRA (alpha = rank/2) at weight 1.4, fused with the identity's own LoRA, gives the
@@ -70,6 +71,7 @@ def test_lora_is_fused_at_its_weight_beside_the_identity(base, cache, astronaut,
     assert np.abs(fused - without).max() > 1e-2  # the LoRA acted
 
 
+@pytest.mark.slow
 def test_cli_few_step_recipe_is_recorded(cache, astronaut, tmp_path, capsys):
     """The DMD2 recipe on SDXL InstantID, from the command line: LCM scheduler, 4 fixed timesteps,
     no guidance; the image records the LoRA, sampler and timesteps."""

@@ -64,6 +64,7 @@ def plain(pipe, **kwargs):
                                  generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
+@pytest.mark.slow
 def test_both_methods_load_by_keys_and_change_the_image(pulid, infiniteyou, astronaut):
     assert (pulid.adapter_format, infiniteyou.adapter_format) == ("pulid_flux", "infiniteyou")
     assert pulid.default_sample_size * pulid.vae_scale_factor == 128  # the VAE's size, not FLUX's 1024 on a tiny base
@@ -75,6 +76,7 @@ def test_both_methods_load_by_keys_and_change_the_image(pulid, infiniteyou, astr
     assert pulid.transformer._diffusers_hook.get_hook("idgen_identity") is None  # plain again after the call
 
 
+@pytest.mark.slow
 def test_pulid_scales_windows_and_true_cfg(pulid, astronaut):
     full = run(pulid, face_image=astronaut)
     double = run(pulid, face_image=astronaut, id_scale={"double": 1.0})
@@ -95,6 +97,7 @@ def test_pulid_scales_windows_and_true_cfg(pulid, astronaut):
         run(pulid, face_image=astronaut, infusenet_conditioning_scale=0.5)
 
 
+@pytest.mark.slow
 def test_several_photos_and_one_identity_per_prompt(pulid, astronaut, group_photo):
     two = pulid([PROMPT, PROMPT], face_image=[astronaut, group_photo], num_inference_steps=2, height=64, width=64,
                 output_type="latent", generator=torch.Generator().manual_seed(0)).images
@@ -103,6 +106,7 @@ def test_several_photos_and_one_identity_per_prompt(pulid, astronaut, group_phot
     assert one.shape == two[:1].shape and not torch.allclose(one, run(pulid, face_image=astronaut), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
     free = run(infiniteyou, face_image=astronaut)
     posed = run(infiniteyou, face_image=astronaut, control_image=astronaut)
@@ -126,6 +130,7 @@ def test_infiniteyou_control_and_scales(infiniteyou, astronaut, tmp_path):
         run(infiniteyou, face_image=astronaut, negative_face_image=astronaut)
 
 
+@pytest.mark.slow
 def test_infiniteyou_reads_photos_with_its_own_arcface(infiniteyou, analyzer, astronaut, group_photo, tmp_path):
     """InfiniteYou's identity comes from the recognizer it was trained on (facexlib's IR-SE, on the
     face aligned at 112 px, in BGR), not from the face pack's; several photos are averaged."""
@@ -190,6 +195,7 @@ def test_infiniteyou_from_its_hub_layout(infiniteyou, presets, monkeypatch, tmp_
         assert asked[0][0] == "ByteDance/InfiniteYou" and infiniteyou.adapter_format == "infiniteyou"
 
 
+@pytest.mark.slow
 def test_from_pipe_keeps_the_identity(pulid, astronaut):
     again = IDFluxPipeline.from_pipe(pulid)
     again.set_progress_bar_config(disable=True)
@@ -207,6 +213,7 @@ def test_save_pretrained_writes_the_plain_base(pulid, tmp_path):
     assert not any("pulid" in name for name in os.listdir(tmp_path / "saved"))
 
 
+@pytest.mark.slow
 def test_cli_eval_and_demo(cache, astronaut, tmp_path, capsys):
     from PIL import Image
 
@@ -380,6 +387,7 @@ def test_infiniteyou_parity_with_the_reference(monkeypatch):
             assert error <= 1e-4
 
 
+@pytest.mark.slow
 def test_one_photo_for_a_batch_of_prompts(pulid, infiniteyou, astronaut):
     """One face photo and N prompts: every prompt gets that identity (diffusers' rule for one
     image and a batch of prompts), each sample as its prompt alone with that photo."""
@@ -407,6 +415,7 @@ def _flux_ip_adapter_state_dict(transformer, clip_dim: int = 16, seed: int = 0) 
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", [0, 1], ids=["pulid-flux", "infiniteyou"])
 def test_diffusers_ip_adapter_beside_the_identity(presets, analyzer, astronaut, which):
     """diffusers' FLUX IP-Adapter (a style or image reference) loads beside PuLID-FLUX or

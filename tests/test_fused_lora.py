@@ -26,6 +26,7 @@ def base_weights(unet) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.slow
 def test_fused_equals_peft_and_unfuses_exactly(preset, dtype):
     pipe = IDStableDiffusionPipeline.from_pretrained(preset.base, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -18,6 +18,7 @@ def latents(pipe, **kwargs):
 
 
 @pytest.mark.parametrize("mode", ["adain", "freecure"])
+@pytest.mark.slow
 def test_fusion_acts_through_the_identity_only(pipe, mode):
     """Off is today's call exactly; on changes the image; with the identity off (id_scale 0) both
     streams are the same model, so fusing them changes nothing but rounding."""
@@ -84,6 +85,7 @@ def test_fusion_errors(pipe):
         pipe.unfuse_qkv_projections()
 
 
+@pytest.mark.slow
 def test_instantid_fusion(cache, analyzer):
     """SDXL InstantID: IdentityNet acts in the identity stream only; with the identity attention and
     IdentityNet off, fusing changes nothing but rounding."""
@@ -106,6 +108,7 @@ def test_instantid_fusion(cache, analyzer):
         assert (run(id_fusion=mode) - run()).abs().max() > 10 * FP32_ATOL
 
 
+@pytest.mark.slow
 def test_cli_id_fusion(tmp_path, astronaut, capsys):
     from PIL import Image
 

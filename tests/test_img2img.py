@@ -111,6 +111,7 @@ def test_faceid_sdxl_matches_diffusers(kind, cache, tmp_path, photo, mask):
 
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.slow
 def test_instantid_redraws_with_identitynet(kind, cache, analyzer, astronaut, photo, mask):
     """InstantID img2img / inpainting: IdentityNet gets the keypoints drawn at the input image's
     size; the identity and the keypoints both change the image; an argument the loop does not

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("idgen", "pipelines", "adapters", "train")
 
 
+@pytest.mark.slow
 def test_face_analysis_runs_without_diffusers_or_torch(preset, astronaut):
     """``idgen.faces`` detects, aligns and embeds a real photo in a process where diffusers,
     transformers, torch, accelerate and peft cannot be imported."""
@@ -177,6 +178,7 @@ def test_methods_table_resolves_each_method(monkeypatch, sdxl, adapter, weight_n
     assert resolved_adapter == (adapter or found.default_adapter)
 
 
+@pytest.mark.slow
 def test_session_loads_each_tiny_preset_with_its_method_defaults(preset):
     from idgen import start_session
 
@@ -206,6 +208,7 @@ def test_the_adapter_checkpoint_is_read_once(monkeypatch, preset):
     assert pipe.adapter_spec.format == "instantid"
 
 
+@pytest.mark.slow
 def test_python_and_cli_defaults_come_from_one_registry_row(preset, astronaut):
     """InstantID's call without ``id_scale`` is its registry row's 0.8, the scale the CLI's session uses."""
     from idgen import start_session

@@ -55,6 +55,7 @@ def test_loads_the_official_layout(pipe, checkpoint):
     assert "photomaker" in pipe.unet.peft_config and all(k.startswith("unet.") for k in lora)
 
 
+@pytest.mark.slow
 def test_class_word_copies_and_the_merge_step(pipe, astronaut):
     """"woman img" -> "woman" once per identity token (2 per photo); before the merge step the
     prompt without the trigger word denoises alone; each photo changes the result."""
@@ -189,6 +190,7 @@ def test_parity_with_the_reference_pipeline(tmp_path, astronaut, monkeypatch, re
     assert float((expected - other).abs().max()) > 10 * FP32_ATOL  # another identity: the comparison can fail
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
     """`idgen generate --adapter photomaker-v2.bin` on the tiny SDXL preset: the image equals the
     Python call; the file is recognised by its keys under any name; wrong pairings are one line."""
@@ -224,6 +226,7 @@ def test_cli(tmp_path, checkpoint, pipe, astronaut, capsys):
     assert Image.open(out).text["random_weights"].startswith("random weights in: base, adapter")
 
 
+@pytest.mark.slow
 def test_demo(cache, astronaut):
     """The demo runs PhotoMaker: its merge step follows the steps slider (20% of it)."""
     from idgen.apps.demo import DemoApp, build_demo

@@ -19,6 +19,7 @@ def run(pipe, seed=0, **kwargs):
     return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
+@pytest.mark.slow
 def test_parity_with_diffusers_faceid(preset, pipe):
     """The same official-format checkpoint in diffusers' load_ip_adapter and in idgen gives
     the same images: our proof of compatibility with the format."""
@@ -43,6 +44,7 @@ def test_parity_with_diffusers_faceid(preset, pipe):
     assert np.abs(other - ours).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_id_scale_and_lora_each_change_the_output(pipe):
     base = run(pipe, id_embeds=embedding(1)).images
     assert np.abs(run(pipe, id_embeds=embedding(1), id_scale=0.0).images - base).max() > 1e-2
@@ -54,6 +56,7 @@ def test_id_scale_and_lora_each_change_the_output(pipe):
     assert_close(run(pipe, id_embeds=embedding(1)).images, base)  # now through peft, no longer fused
 
 
+@pytest.mark.slow
 def test_face_image_equals_its_embedding(pipe, analyzer, astronaut):
     from_photo = run(pipe, face_image=str(astronaut)).images
     emb = torch.from_numpy(analyzer.get_face(astronaut).embedding)
@@ -62,6 +65,7 @@ def test_face_image_equals_its_embedding(pipe, analyzer, astronaut):
     assert np.abs(negative - from_photo).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_batches_and_per_prompt_identities(pipe):
     ids = torch.stack([embedding(1), embedding(2)])
     batch = run(pipe, prompt=["a photo", "a photo"], id_embeds=ids).images

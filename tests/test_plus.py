@@ -33,6 +33,7 @@ def _pipe(base: str, encoder, shortcut: bool, fuse_lora: bool = True):
     return pipe, checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base, shortcut", [("tiny", False), ("tiny", True), ("tiny-faceid-sdxl", True)])
 def test_plus_matches_diffusers_faceid_plus_path(base, shortcut, encoder, cache, astronaut):
     """The same random checkpoint in diffusers' FaceID-Plus path (its projection's clip_embeds,
@@ -63,6 +64,7 @@ def test_plus_matches_diffusers_faceid_plus_path(base, shortcut, encoder, cache,
     assert (other - latents).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_plus_needs_the_face_for_clip_and_an_encoder(encoder, cache, astronaut, monkeypatch):
     pipe, checkpoint = _pipe("tiny", encoder, False)
     with pytest.raises(IdentityInputError, match="FaceID-Plus also reads CLIP features of the face"):
@@ -84,6 +86,7 @@ def test_plusv2_is_told_by_its_file_name(encoder, cache, tmp_path):
         assert pipe.identity_adapter.projection.config.shortcut is shortcut
 
 
+@pytest.mark.slow
 def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys):
     unet = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base).unet
     adapter = tmp_path / "ip-adapter-faceid-plusv2_sd15.safetensors"
@@ -106,6 +109,7 @@ def test_plus_from_the_command_line(encoder, cache, tmp_path, astronaut, capsys)
     assert len(err) == 1 and f"could not load the image encoder {tmp_path / 'encoder'}" in err[0], err
 
 
+@pytest.mark.slow
 def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
     pytest.importorskip("gradio")
     from idgen.apps.demo import DemoApp
@@ -121,6 +125,7 @@ def test_plus_in_the_demo(encoder, cache, tmp_path, astronaut):
     assert Image.open(results[0][0]).text["method"] == "faceid-plus"
 
 
+@pytest.mark.slow
 def test_unloading_plus_takes_its_image_encoder_out(encoder, cache):
     pipe, checkpoint = _pipe("tiny", encoder, False)
     assert pipe.image_encoder is encoder and pipe.components["image_encoder"] is encoder

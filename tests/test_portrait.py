@@ -46,6 +46,7 @@ def test_portrait_matches_diffusers_faceid_path(base, cache):
     assert (one_face - latents).abs().max() > 1e-2  # every face's tokens count
 
 
+@pytest.mark.slow
 def test_portrait_photos_stay_apart(cache, analyzer, astronaut, group_photo):
     pipe = IDStableDiffusionPipeline.from_pretrained(get_preset("tiny").base)
     pipe.load_identity_adapter(random_faceid_state_dict(pipe.unet, lora_rank=None, num_tokens=16))
@@ -78,6 +79,7 @@ def test_portrait_is_told_from_faceid_by_its_keys(preset):
     assert resolve_method(preset.base, FACEID_REPO, None)[0].name == "faceid"
 
 
+@pytest.mark.slow
 def test_portrait_from_the_command_line(tmp_path, preset, astronaut, group_photo, capsys):
     from diffusers import UNet2DConditionModel
 

@@ -61,6 +61,7 @@ def test_loads_both_official_layouts(pipe, pulid_preset, tmp_path):
     assert other.pulid_settings(None, None) == (8, "v2") and pipe.pulid_settings(None, None) == (20, "v2")
 
 
+@pytest.mark.slow
 def test_identity_and_settings_change_the_image(pipe, astronaut, group_photo):
     base = latents(pipe, str(astronaut))
     assert torch.isfinite(base).all()  # the empty negative prompt's zero text output does not divide by zero
@@ -87,6 +88,7 @@ def test_identity_scale_zero_with_ortho_off_is_the_base_model(pipe, astronaut):
     torch.testing.assert_close(plain, expected, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_wrong_uses_fail_with_one_line(pipe, pulid_preset, astronaut, cache):
     with pytest.raises(IdentityInputError, match="pass face_image="):
         pipe("x", id_embeds=torch.randn(1, 512), num_inference_steps=1)
@@ -260,6 +262,7 @@ def test_face_parser_parity_with_facexlib(monkeypatch, tmp_path):
             torch.testing.assert_close(mine, expected, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_and_demo(cache, astronaut, tmp_path, capsys):
     """The offline preset from the command line (its own random EVA tower and face parser, named in
     the metadata with the settings run), PuLID's flags refused for other methods, and the demo."""

@@ -44,6 +44,7 @@ def assert_each_identity_acts_in_its_half(run, a, b, other_a, other_b, factor=1.
     assert right > factor * left, (left, right)
 
 
+@pytest.mark.slow
 def test_each_identity_acts_in_its_region(pipe):
     assert_each_identity_acts_in_its_half(lambda ids: latents(pipe, ids, regions=HALVES),
                                           embedding(0), embedding(1), embedding(2), embedding(3))
@@ -88,6 +89,7 @@ def test_attention_is_masked_exactly():
     assert torch.allclose(mixed[0][:, :, 8:], only_b[:, :, 8:], atol=1e-6)  # B's own cross-attention there
 
 
+@pytest.mark.slow
 def test_full_frame_region_equals_unmasked_call(pipe):
     """One person whose mask covers the whole image: the same arithmetic as the plain call."""
     plain = latents(pipe, embedding(0))
@@ -103,6 +105,7 @@ def test_outside_every_region_no_identity_acts(pipe):
     assert left > 2.0 * right, (left, right)
 
 
+@pytest.mark.slow
 def test_photos_people_and_batches(pipe, astronaut, group_photo):
     """face_image= holds one entry per person (a photo or a list of photos), the same people in
     every prompt; regions='faces' takes the people's parts from a group photo's faces."""
@@ -116,6 +119,7 @@ def test_photos_people_and_batches(pipe, astronaut, group_photo):
     assert faces.shape[1:3] == (height, width) and width > height  # the group photo's aspect
 
 
+@pytest.mark.slow
 def test_face_regions_from_group_photo(pipe, group_photo):
     """'faces': every pixel goes to the nearest chosen face; default the largest faces left to right,
     face_order picks faces counting left to right."""
@@ -194,6 +198,7 @@ def instantid(cache, analyzer):
     return pipe
 
 
+@pytest.mark.slow
 def test_instantid_people_in_their_regions(instantid):
     """Both the identity attention and IdentityNet's take each person's tokens in their region."""
     kps = np.array([[40.0, 50.0], [88.0, 50.0], [64.0, 75.0], [46.0, 98.0], [82.0, 98.0]])
@@ -214,6 +219,7 @@ def test_instantid_full_frame_region_equals_unmasked_call(instantid):
     assert current(instantid.controlnet) is None  # nothing of the call is left: IdentityNet runs plain
 
 
+@pytest.mark.slow
 def test_instantid_keypoints_of_every_person(instantid, astronaut, group_photo):
     """IdentityNet's image holds every person's keypoints: from the group photo's faces, or each
     person's face photo posed in their region."""
@@ -234,6 +240,7 @@ def test_instantid_keypoints_of_every_person(instantid, astronaut, group_photo):
 
 
 # ---------------------------------------------------------------------------- command line
+@pytest.mark.slow
 def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
     """--face-region places each --face's person; the image equals the Python call with the same
     regions. --people --kps-image takes the regions from a group photo (--face-order)."""
@@ -271,6 +278,7 @@ def test_cli_people(tmp_path, pipe, astronaut, group_photo, capsys):
     assert Image.open(out).text["face_fix"] == "no face found"
 
 
+@pytest.mark.slow
 def test_cli_instantid_people(tmp_path, astronaut):
     """InstantID with --people and no pose photo: equal columns, each person's face posed in theirs."""
     from idgen.apps.cli import main
@@ -283,6 +291,7 @@ def test_cli_instantid_people(tmp_path, astronaut):
     assert meta["regions"] == "0,0,64,128; 64,0,128,128; 128,0,192,128" and meta["kps_image"] == "face photos"
 
 
+@pytest.mark.slow
 def test_faceid_sdxl_people(cache):
     """FaceID-SDXL (no IdentityNet) places each person in their region too."""
     from idgen.testing.presets import get_preset
@@ -295,6 +304,7 @@ def test_faceid_sdxl_people(cache):
     assert_each_identity_acts_in_its_half(lambda e: latents(pipe, e, regions=HALVES), *(embedding(i) for i in range(4)))
 
 
+@pytest.mark.slow
 def test_negative_face_for_several_people(pipe, astronaut):
     """One negative identity serves every person: a negative photo equals its embedding given."""
     two = torch.stack([embedding(0), embedding(1)])

@@ -33,6 +33,7 @@ def test_identity_reward_reproduces_the_analyzer_and_penalises_no_face(analyzer,
     assert rewards[1] == -0.5
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_trained_parameters_only(tmp_path, data):  # noqa: F811
     from accelerate import Accelerator
 
@@ -56,6 +57,7 @@ def test_gradients_reach_the_trained_parameters_only(tmp_path, data):  # noqa: F
         assert 0 < metrics["identity_reward"] <= 1
 
 
+@pytest.mark.slow
 def test_held_out_identity_reward_rises(tmp_path, data):  # noqa: F811
     path, before, after = train(reward_config(data, tmp_path / "run", max_train_steps=30, checkpointing_steps=10))
     print(f"held-out identity reward: before {before['identity_reward']:.4f}, after {after['identity_reward']:.4f}")
@@ -67,6 +69,7 @@ def test_held_out_identity_reward_rises(tmp_path, data):  # noqa: F811
     pipe.load_identity_adapter(path)  # the export loads like any adapter
 
 
+@pytest.mark.slow
 def test_aesthetic_reward_with_a_tiny_clip(tmp_path, data):  # noqa: F811
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

@@ -102,6 +102,7 @@ def test_identitynet_sees_identity_tokens_and_keypoints(instantid, analyzer, ast
     assert np.abs(cond[1].permute(1, 2, 0).numpy() - expected).max() < 1e-6
 
 
+@pytest.mark.slow
 def test_pose_from_another_photo_and_explicit_kps(instantid, analyzer, astronaut, tmp_path):
     mirrored = ImageOps.mirror(Image.open(astronaut))
     own = run(instantid, face_image=str(astronaut))
@@ -165,6 +166,7 @@ def test_lora_with_its_scheduler(tmp_path, xl, instantid):
     pipe.unload_lora_weights()
 
 
+@pytest.mark.slow
 def test_cpu_offload_and_half_precision(xl, instantid):
     reference = run(instantid, id_embeds=embedding(1), face_kps=KPS)
     offloaded = IDStableDiffusionXLPipeline.from_pretrained(xl.base, controlnet=load_identitynet(xl.adapter))
@@ -237,6 +239,7 @@ def test_mismatched_adapters(tmp_path, xl, preset, instantid):
         instantid.load_identity_adapter(str(tmp_path / "faceid_sd15.bin"))
 
 
+@pytest.mark.slow
 def test_cli_sdxl(tmp_path, xl, astronaut, capsys):
     from idgen.apps.cli import main
 

@@ -49,6 +49,7 @@ def _tier_and_plain(base, face, **tier):
     ({"offload": "model"}, TOLERANCE["offload"]),
     ({"offload": "group"}, TOLERANCE["offload"]),
 ])
+@pytest.mark.slow
 def test_tier_keeps_the_identity(base, tier, tolerance, cache, astronaut):
     session, pipe, plain = _tier_and_plain(base, astronaut, **tier)
     image = _image(session, pipe, astronaut)
@@ -63,6 +64,7 @@ def test_tier_keeps_the_identity(base, tier, tolerance, cache, astronaut):
         assert any(p.dtype == torch.float8_e4m3fn for p in pipe.unet.parameters()) if base == "tiny" else True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-flux"])
 def test_gguf_denoiser(base, cache, astronaut, tmp_path):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
@@ -79,6 +81,7 @@ def test_gguf_denoiser(base, cache, astronaut, tmp_path):
     assert np.abs(image - _image(session, pipe, astronaut, id_scale=0.0)).max() > 0.05
 
 
+@pytest.mark.slow
 def test_flux_caches(cache, astronaut, tmp_path):
     """--cache on PuLID-FLUX and (TaylorSeer) InfiniteYou: the images are written, the tier is
     recorded, and a cache that never skips gives the plain image."""

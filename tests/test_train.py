@@ -191,6 +191,7 @@ def test_partial_checkpoint_is_never_resumed(tmp_path):
         resolve_resume(str(folder / ".tmp-checkpoint-8"), str(folder / ".tmp-checkpoint-8"))
 
 
+@pytest.mark.slow
 def test_export_loads_in_idgen_and_diffusers(tmp_path, data, preset):
     from diffusers import StableDiffusionPipeline
 
@@ -217,6 +218,7 @@ def test_export_loads_in_idgen_and_diffusers(tmp_path, data, preset):
     assert np.abs(a - b).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_identity_enhanced_and_ema(tmp_path, data):
     plain = load_file(train(config(data, tmp_path / "plain", max_train_steps=2)))
     enhanced = load_file(train(config(data, tmp_path / "enhanced", max_train_steps=2, identity_enhanced=True)))
@@ -225,6 +227,7 @@ def test_identity_enhanced_and_ema(tmp_path, data):
     assert not torch.equal(plain[key], enhanced[key]) and not torch.equal(plain[key], ema[key])
 
 
+@pytest.mark.slow
 def test_instantid_style_adapter_on_sdxl(tmp_path, data):
     """adapter_format instantid trains a Resampler adapter on an SDXL base; the export loads."""
     from idgen import IDStableDiffusionXLPipeline
@@ -238,6 +241,7 @@ def test_instantid_style_adapter_on_sdxl(tmp_path, data):
     assert isinstance(pipe.id_projection, InstantIDResampler) and pipe.adapter_spec.num_tokens == 16
 
 
+@pytest.mark.slow
 def test_pulid_style_adapter_on_flux(tmp_path, data, astronaut, analyzer):
     """adapter_format pulid_flux trains PuLID-FLUX's ID encoder and cross-attention on the tiny FLUX
     base (rectified-flow loss; the identity read from EVA features of each photo's aligned face);
@@ -272,6 +276,7 @@ def test_pulid_style_adapter_on_flux(tmp_path, data, astronaut, analyzer):
         config(data, tmp_path / "gc", **flux, gradient_checkpointing=True).check()
 
 
+@pytest.mark.slow
 def test_accumulation_and_gradient_checkpointing(tmp_path, data):
     """Two micro-batches per step with gradient checkpointing: same loss curve length, finite."""
     train(config(data, tmp_path / "acc", max_train_steps=2, gradient_accumulation_steps=2, gradient_checkpointing=True))
@@ -288,6 +293,7 @@ def test_accumulation_and_gradient_checkpointing(tmp_path, data):
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in mixed.values())
 
 
+@pytest.mark.slow
 def test_ema_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, data):
     kwargs = dict(use_ema=True, ema_decay=0.5, checkpointing_steps=3, checkpoints_total_limit=3)
     whole = load_file(train(config(data, tmp_path / "whole", max_train_steps=6, **kwargs)))
@@ -308,6 +314,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors", "ema.safetensors", "train_state.json"])
 def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, data, name):
     kwargs = dict(use_ema=True, max_train_steps=2, checkpointing_steps=2)
@@ -319,6 +326,7 @@ def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, data, name):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_prepare_data_keeps_each_photo_and_one_recognizer(photos, analyzer, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
@@ -357,6 +365,7 @@ def test_prepare_data_keeps_each_photo_and_one_recognizer(photos, analyzer, tmp_
     assert prepare_data(str(first), str(out), analyzer, progress=False).total == 1 + len(back)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_restarted_by_accident(tmp_path, data):
     run = tmp_path / "run"
     train(config(data, run, max_train_steps=2))
@@ -375,6 +384,7 @@ def test_instantid_ignores_a_faceid_lora_rank(capsys):
     assert cfg.lora_rank is None and "lora_rank (4) is FaceID's LoRA" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_errors_are_one_line_under_accelerate_launch(tmp_path):
     """`accelerate launch -q` (as the README runs it): our one error line, no launcher traceback."""
     bad = tmp_path / "bad.yaml"
@@ -407,6 +417,7 @@ def test_masked_diffusion_loss():
     assert torch.allclose(prediction.grad, expected, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_face_loss_weight_trains_other_weights(tmp_path, data):
     for item in FaceDataset(data, 64):  # the face box moves with the crop, around the keypoints
         (x1, y1, x2, y2), kps = item["face_box"].tolist(), item["kps"]
@@ -421,6 +432,7 @@ def test_face_loss_weight_trains_other_weights(tmp_path, data):
         train(config(data, tmp_path / "bad", face_loss_weight=-1.0))
 
 
+@pytest.mark.slow
 def test_editing_direction_loss(tmp_path, data, preset):
     """MasterWeaver's loss: 0 when the identity model's edit direction matches the base model's, 2
     when opposite; the base prediction is the plain UNet's (adapter and LoRA off); training with it
@@ -448,6 +460,7 @@ def test_editing_direction_loss(tmp_path, data, preset):
         train(config(data, tmp_path / "bad", editing_direction_weight=1.0, edit_prompts="smiling"))
 
 
+@pytest.mark.slow
 def test_face_attention_loss(tmp_path, data):
     """SeFi-IDE's face-wise attention loss: it reads the joint text+identity attention map of
     every identity layer; descending its gradient moves the identity tokens' map into the face box

@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ def _photos(tmp_path, astronaut):
     return folder
 
 
+@pytest.mark.slow
 def test_tune_exports_a_lora_that_generate_loads(cache, tmp_path, astronaut, capsys):
     photos = _photos(tmp_path, astronaut)
     out = tmp_path / "person"

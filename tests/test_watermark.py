@@ -69,6 +69,7 @@ def test_pipeline_option(pipe):
         pipe.set_watermark(False)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_mark_and_verify_reads_it(tmp_path, preset, astronaut, capsys):
     common = ["generate", "--face", str(astronaut), "--prompt", "p", "--steps", "1", "--height", "64", "--width", "64"]
     assert main([*common, "--out", str(tmp_path / "marked.png")]) == 0
@@ -127,6 +128,7 @@ def _throwaway_certificate(folder):
     return cert, private
 
 
+@pytest.mark.slow
 def test_content_credentials_are_signed_and_read_back(tmp_path, preset, astronaut, capsys):
     pytest.importorskip("c2pa")
     cert, key = _throwaway_certificate(tmp_path)

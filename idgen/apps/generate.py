@@ -48,9 +48,10 @@ def check_photomaker(args: argparse.Namespace) -> None:
                          f"'{args.trigger_word}': write e.g. --prompt \"a photo of a woman {args.trigger_word} ...\"")
 
 
-def _call(session: Session, pipe: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """The pipeline call of the request, the settings that acted (for each image's metadata, and
-    the people's ``regions``) and the identity arguments alone (for face fix)."""
+def _call(session: Session, pipe: Any, args: argparse.Namespace,
+          inputs: dict[str, Any]) -> tuple[dict, dict, dict, Any]:
+    """The pipeline call of the request, the settings that acted (for each image's metadata), the
+    identity arguments alone and the people's regions (for face fix)."""
     method = session.method
     identitynet = session.identitynet is not None
     infusenet = method.checkpoint_format == "infiniteyou"  # InfiniteYou's InfuseNet reads the pose like IdentityNet
@@ -89,15 +90,14 @@ def _call(session: Session, pipe: Any, args: argparse.Namespace, inputs: dict[st
         args.kps_image if infusenet else None,
         identitynet_scale=args.identitynet_scale if identitynet else None,
     )
-    return call, dict(settings, regions=regions), identity
+    return call, settings, identity, regions
 
 
 def render(session: Session, pipe: Any, args: argparse.Namespace, paths: list[str],
            inputs: dict[str, Any]) -> Iterator[str]:
     """Render the request's ``--num-images`` into ``paths`` (``--batch-size`` at a time, so memory
     follows the batch, not the count), face-fixed when asked; yield each path once written."""
-    call, settings, identity = _call(session, pipe, args, inputs)
-    regions = settings.pop("regions")
+    call, settings, identity, regions = _call(session, pipe, args, inputs)
     fix_identity: dict[str, Any] | list[dict[str, Any]] = identity
     fix_regions = None
     if args.fix_faces and args.people:  # each face takes the identity of the region it lies in
