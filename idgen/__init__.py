@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from .apps import session  # lazy: as the pipelines
 
         return getattr(session, name)
+    if name == "protect":  # idgen.protect.protect(image, analyzer, ...)
+        from .apps import protect  # lazy: as the pipelines
+
+        return protect
     raise AttributeError(f"module 'idgen' has no attribute {name!r}")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
-from idgen.files import remove_stale_temporaries
+from idgen.files import remove_stale_temporaries, save_png
 from idgen.formats import DEFAULT_FACE_PACK, METHODS
 from idgen.version import __version__
 from idgen.workers import Engine
@@ -371,6 +371,31 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.set_defaults(run=run_synth, base="tiny-arc2face")
 
 
+def _add_protect(commands: argparse._SubParsersAction) -> None:
+    """The ``protect`` command's arguments."""
+    protect = commands.add_parser(
+        "protect", help="perturb a photo so face encoders no longer read the person (a mitigation, not a guarantee)",
+        description="Write a copy of PHOTO whose face is changed within a budget so that ArcFace (what identity "
+        "adapters read) reads another person, robust to JPEG, resizing and small shifts; or, with --check, measure "
+        "how protected PHOTO is against its --reference original.")
+    protect.add_argument("photo", metavar="PHOTO")
+    protect.add_argument("--out", default=None, help="the protected PNG (required unless --check)")
+    protect.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    bound = protect.add_mutually_exclusive_group()
+    bound.add_argument("--budget", default="8/255", help="largest change of a pixel, e.g. 8/255 (default) or 0.03")
+    bound.add_argument("--psnr", type=_finite, default=None, metavar="DB",
+                       help="instead of --budget: the smallest PSNR of the protected photo, in dB (20-60)")
+    protect.add_argument("--against", default="arcface", help="encoders to fool, comma-separated (arcface)")
+    protect.add_argument("--steps", type=_positive_int, default=60, help="gradient steps (default 60)")
+    protect.add_argument("--seed", type=_seed, default=0)
+    protect.add_argument("--check", action="store_true", help="measure PHOTO against --reference instead")
+    protect.add_argument("--reference", default=None, metavar="ORIGINAL", help="with --check: the original photo")
+    protect.add_argument("--face-model", default=DEFAULT_FACE_PACK,
+                         help=f"insightface pack name or folder, or 'tiny' (default {DEFAULT_FACE_PACK})")
+    protect.add_argument("--detector", choices=("auto", "scrfd", "dlib"), default="auto")
+    protect.set_defaults(run=run_protect)
+
+
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the work runs (idgen.workers)."""
     engine = parser.add_argument_group("workers (README: Beyond one machine)")
@@ -506,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_batch(commands)
     _add_synth(commands)
+    _add_protect(commands)
     _add_fix(commands)
     _add_eval(commands)
     _add_demo(commands)
@@ -832,6 +858,28 @@ def run_synth(args: argparse.Namespace) -> None:
     card = synthesize(_options(args), settings, args.out, _engine(args), args.from_photos)
     print(f"{card['images_kept']} of {card['images_rendered']} images kept, {card['identities_kept']} of "
           f"{card['identities']} identities; card in {os.path.join(args.out, 'card.md')}")
+
+
+def run_protect(args: argparse.Namespace) -> None:
+    from .protect import ProtectSettings, check, parse_budget, protect  # lazy: off `idgen --help`'s path
+    from .session import face_pack  # lazy: off `idgen --help`'s path
+
+    against = tuple(name.strip() for name in args.against.split(",") if name.strip())
+    settings = ProtectSettings(budget=parse_budget(args.budget), psnr=args.psnr, steps=args.steps, seed=args.seed,
+                               against=against)
+    analyzer = FaceAnalyzer(face_pack(args.face_model), detector=args.detector)
+    if args.check:
+        if not args.reference:
+            raise IDGenError("--check measures PHOTO against its original: add --reference ORIGINAL")
+        for encoder, cosines in check(args.photo, args.reference, analyzer, settings.against).items():
+            print(f"{encoder}: cosine to the original " + ", ".join(f"{k} {v:.4f}" for k, v in cosines.items()))
+        return
+    if not args.out:
+        raise IDGenError("--out is required: the protected photo is written there (or pass --check)")
+    _output_paths(args.out, 1, args.overwrite)
+    result = protect(args.photo, analyzer, settings)
+    save_png(result.image, args.out, {"protected": "idgen protect", "against": ",".join(against), **result.summary()})
+    print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in result.summary().items()))
 
 
 def run_fix(args: argparse.Namespace) -> None:
