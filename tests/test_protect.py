@@ -54,7 +54,7 @@ def test_check_recomputes(protected, analyzer, astronaut, tmp_path):
     report = check(str(path), astronaut, analyzer)
     model = encoders(analyzer, ("arcface",))["arcface"]
 
-    def embed(image):
+    def embed(image):  # one face in the photo: the largest is the one
         kps = torch.from_numpy(np.asarray(analyzer.get_face(image).kps, np.float32))[None]
         with torch.no_grad():
             return model(_tensor(load_image(image)), kps)

@@ -197,11 +197,21 @@ def protect(image: ImageInput, analyzer: FaceAnalyzer, settings: ProtectSettings
     return ProtectResult(protected, float(linf), psnr(x1, x0), ssim(x1, x0), cosine)
 
 
+def _same_face(analyzer: FaceAnalyzer, image: Image.Image, kps: np.ndarray) -> np.ndarray:
+    """The keypoints of the face of ``image`` nearest ``kps`` (where the original face lies, in
+    this image's pixels): in a group photo, the same person."""
+    faces = analyzer.analyze(image)
+    if not faces:
+        raise IDGenError("no face found in the photo to check: it may be too small or cut off")
+    nearest = min(faces, key=lambda f: float(np.linalg.norm(f.kps.mean(0) - kps.mean(0))))
+    return np.asarray(nearest.kps, np.float32)
+
+
 def check(photo: ImageInput, reference: ImageInput, analyzer: FaceAnalyzer,
           against: tuple[str, ...] = ENCODERS) -> dict[str, dict[str, float]]:
     """How protected ``photo`` is against the identity of ``reference`` (its original): per encoder,
-    the cosine between the two faces as they are, after JPEG 75 and after a 0.5 resize (each face
-    found anew)."""
+    the cosine between the two faces as they are, after JPEG 75 and after a 0.5 resize (the face
+    found anew in each, the one where the original's is)."""
     original = load_image(reference, analyzer.max_pixels)
     shared = load_image(photo, analyzer.max_pixels)
     models = encoders(analyzer, against)
@@ -215,6 +225,6 @@ def check(photo: ImageInput, reference: ImageInput, analyzer: FaceAnalyzer,
             target = model(x0, kps0)
             report[name] = {}
             for variant, image in variants.items():
-                kps = torch.from_numpy(np.asarray(analyzer.get_face(image).kps, np.float32))[None]
+                kps = torch.from_numpy(_same_face(analyzer, image, face.kps * image.width / original.width))[None]
                 report[name][variant] = float((model(_tensor(image), kps) * target).sum())
     return report
