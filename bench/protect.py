@@ -36,7 +36,7 @@ def _variants(image: Image.Image) -> dict[str, Image.Image]:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=75)
     return {"as is": image, "jpeg 75": Image.open(buffer).convert("RGB"),
-            "resize 0.5": image.resize((image.width // 2, image.height // 2), Image.BILINEAR)}
+            "resize 0.5": image.resize((image.width // 2, image.height // 2), Image.Resampling.BILINEAR)}
 
 
 def main() -> None:

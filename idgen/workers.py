@@ -145,7 +145,8 @@ def _run_processes(setup: Callable[[], Callable[[Any], Any]], items: Sequence[An
     again one at a time, so that only the item that kills its worker is counted against it."""
     context = multiprocessing.get_context("spawn")
     attempts = dict.fromkeys(range(len(items)), 0)
-    pending, suspects = list(range(len(items)))[::-1], []
+    pending: list[int] = list(range(len(items)))[::-1]
+    suspects: list[int] = []
     while pending or suspects:
         slots = context.Queue()
         for gpu in range(engine.gpus):

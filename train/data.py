@@ -171,7 +171,7 @@ def prepare_data(
     chunks = [_Chunk(f"shard-{first + i:05d}", todo[start:start + shard_size])
               for i, start in enumerate(range(0, len(todo), shard_size))]
     work = partial(_analyze_chunk, analyzer, folder, source, out, min_face_size, captions)
-    added, new_skipped = 0, []
+    added, new_skipped = 0, list[dict]()
     sources = list(dict.fromkeys([*info.get("sources", [info["source"]] if "source" in info else []), source]))
     info = {"sources": sources, "min_face_size": min_face_size, **analyzer.info, "recognizer_sha256": sha256}
     bar = tqdm(total=len(todo), desc="preparing faces", unit="image", disable=not progress)

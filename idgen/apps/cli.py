@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from idgen.errors import IDGenError
 from idgen.faces import DEFAULT_MAX_PIXELS, FaceAnalyzer, load_image
@@ -758,7 +758,7 @@ def _engine(args: argparse.Namespace, gpus: int = 0) -> Engine:
 class _RowParser(argparse.ArgumentParser):
     """A jobs file row's options, parsed as generate's flags: an error is the row's, not an exit."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise IDGenError(message)
 
 

@@ -165,7 +165,7 @@ def protect(image: ImageInput, analyzer: FaceAnalyzer, settings: ProtectSettings
     models = encoders(analyzer, settings.against)
     x0 = _tensor(original)
     kps = torch.from_numpy(np.asarray(face.kps, np.float32))[None]
-    mask = face_mask(x0.shape[-2:], face.bbox, settings.margin)
+    mask = face_mask((x0.shape[-2], x0.shape[-1]), face.bbox, settings.margin)
     with torch.no_grad():
         targets = {name: model(x0, kps) for name, model in models.items()}
     rng = np.random.default_rng(settings.seed)
@@ -218,7 +218,7 @@ def check(photo: ImageInput, reference: ImageInput, analyzer: FaceAnalyzer,
     face = analyzer.get_face(original)
     x0, kps0 = _tensor(original), torch.from_numpy(np.asarray(face.kps, np.float32))[None]
     variants = {"as is": shared, "jpeg 75": _image(_jpeg(_tensor(shared))),
-                "resize 0.5": shared.resize((max(1, shared.width // 2), max(1, shared.height // 2)), Image.BILINEAR)}
+                "resize 0.5": shared.resize((max(1, shared.width // 2), max(1, shared.height // 2)), Image.Resampling.BILINEAR)}
     report: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for name, model in models.items():
