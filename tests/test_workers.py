@@ -91,3 +91,30 @@ def test_prepare_data_workers_and_resume(photos, tmp_path, cache):
     assert f"{12 - kept} photo(s) added" in done.stdout
     assert _records(killed) == _records(one)
     assert sorted(os.listdir(killed / "shards")) == sorted(os.listdir(one / "shards"))
+
+
+@pytest.mark.slow
+def test_prepare_data_and_synth_on_ray(photos, tmp_path, cache, analyzer):
+    """Both on a local Ray instance (ray.init(num_cpus=2), two actors): the records prepare-data
+    writes in this process, and synth's files and card as one local worker writes them."""
+    ray = pytest.importorskip("ray")
+    from idgen.apps.cli import main
+    from idgen.train.data import prepare_data
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    prepare_data(str(photos), str(here), analyzer, shard_size=4, progress=False)
+    synth = ["synth", "--identities", "3", "--images-per-identity", "2", "--steps", "2", "--no-filter", "--threads", "1"]
+    assert main([*synth, "--out", str(tmp_path / "synth-here")]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        prepare_data(str(photos), str(there), analyzer, shard_size=4, progress=False,
+                     engine=Engine(workers=2, ray="local", threads=1))
+        assert main([*synth, "--out", str(tmp_path / "synth-there"), "--workers", "2", "--ray"]) == 0
+    finally:
+        ray.shutdown()
+    assert _records(there) == _records(here)
+    for name in ("card.json", "records.jsonl"):
+        assert (tmp_path / "synth-there" / name).read_text() == (tmp_path / "synth-here" / name).read_text()
+    here_images = sorted((tmp_path / "synth-here" / "identities").rglob("*.jpg"))
+    there_images = sorted((tmp_path / "synth-there" / "identities").rglob("*.jpg"))
+    assert [p.read_bytes() for p in there_images] == [p.read_bytes() for p in here_images] and len(here_images) == 6
